@@ -14,7 +14,7 @@ def tiny_llama_config(**overrides):
         vocab_size=128,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=6,
+        num_hidden_layers=8,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
