@@ -1,0 +1,52 @@
+"""What produced a cache: settings fingerprint, producer and package versions."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from importlib import metadata
+from typing import Any, Mapping
+
+from . import CACHE_SEMANTICS_VERSION, __version__
+
+# The settings that decide a shard's bytes (given the tokenized data and the draft vocabulary).
+SHARD_SETTING_KEYS = (
+    "target_model",
+    "revision",
+    "trust_remote_code",
+    "aux_layer_ids",
+    "dtype",
+    "target_probs_topk",
+    "seq_length",
+    "shard_size",
+    "cache_semantics_version",
+)
+RECORDED_PACKAGES = ("torch", "transformers", "safetensors", "h5py", "datasets", "tokenizers", "numpy", "snakemake")
+
+
+def settings_fingerprint(settings: Mapping[str, Any]) -> str:
+    """sha256 of the shard-shaping settings, so shards built under other settings are caught."""
+    chosen = {key: settings[key] for key in SHARD_SETTING_KEYS}
+    return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()
+
+
+def ids_fingerprint(token_ids: list[int]) -> str:
+    """sha256 of an ordered id list (the draft vocabulary's column order matters)."""
+    return hashlib.sha256(json.dumps(token_ids).encode()).hexdigest()
+
+
+def producer() -> dict[str, Any]:
+    """This package's identity."""
+    return {"name": "eagle3-cache", "version": __version__, "cache_semantics_version": CACHE_SEMANTICS_VERSION}
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of the packages that shape the numbers, and Python's."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in RECORDED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
