@@ -1,0 +1,133 @@
+"""The manifest: the commit point of a cache, written only once every shard of the run exists.
+
+Before writing it we check that the shards were all built under the same settings, target and
+draft vocabulary (their stats files record these), and remove shards an older configuration left
+beyond the current count, so a cache never mixes stale and fresh shards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .errors import CacheConfigError
+from .provenance import ids_fingerprint, package_versions, producer, settings_fingerprint
+from .shard_format import (
+    FORMAT_VERSION,
+    leftover_temp_files,
+    num_shards,
+    samples_in_shard,
+    shard_file_name,
+    shard_indices_in,
+)
+from .tokenized import TokenizedInfo
+
+log = logging.getLogger(__name__)
+
+
+def read_shard_stats(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """The stats files of a run's shards, in shard order."""
+    stats = [json.loads(Path(p).read_text()) for p in paths]
+    return sorted(stats, key=lambda s: s["shard"])
+
+
+def inconsistent_shards(
+    stats: Sequence[Mapping[str, Any]], settings: Mapping[str, Any], selected_token_ids: list[int], info: TokenizedInfo
+) -> list[str]:
+    """Why the shards cannot form one cache (empty when they can)."""
+    expected_fingerprint = settings_fingerprint(settings)
+    expected_vocab = ids_fingerprint(selected_token_ids)
+    first_model = stats[0]["model_identity"] if stats else None
+    reasons = []
+    for s in stats:
+        name = shard_file_name(s["shard"])
+        want_samples = samples_in_shard(s["shard"], info.num_samples, settings["shard_size"])
+        if s["settings_fingerprint"] != expected_fingerprint:
+            reasons.append(f"{name} was built under other settings")
+        if s["selected_token_ids_sha256"] != expected_vocab:
+            reasons.append(f"{name} was built with another draft vocabulary")
+        if s["model_identity"] != first_model:
+            reasons.append(f"{name} was built with another target ({s['model_identity']} vs {first_model})")
+        if s["num_samples"] != want_samples:
+            reasons.append(f"{name} holds {s['num_samples']} samples, expected {want_samples}")
+    return reasons
+
+
+def remove_stale_files(cache_dir: Path, shard_count: int) -> list[Path]:
+    """Delete shards beyond the current count and temp files killed writers left; returns them."""
+    stale = [cache_dir / shard_file_name(i) for i in shard_indices_in(cache_dir) if i >= shard_count]
+    stale += leftover_temp_files(cache_dir)
+    for path in stale:
+        log.info("removing stale %s", path)
+        path.unlink()
+    return stale
+
+
+def build_manifest(
+    settings: Mapping[str, Any],
+    stats: Sequence[Mapping[str, Any]],
+    selected_token_ids: list[int],
+    target_vocab_size: int,
+    info: TokenizedInfo,
+) -> dict[str, Any]:
+    """Automodel's manifest fields, plus integrity and provenance records."""
+    first = stats[0]
+    return {
+        "format_version": FORMAT_VERSION,
+        "target_model": settings["target_model"],
+        "target_vocab_size": target_vocab_size,
+        "draft_vocab_size": len(selected_token_ids),
+        "seq_length": settings["seq_length"],
+        "dtype": settings["dtype"],
+        "num_samples": info.num_samples,
+        "shard_size": settings["shard_size"],
+        "target_probs_topk": settings["target_probs_topk"],
+        "aux_hidden_dim": first["aux_hidden_dim"],
+        "aux_layer_ids": first["aux_layer_ids"],
+        "selected_token_ids": selected_token_ids,
+        "input_data": settings["input_data"],
+        "split": settings["split"],
+        "shuffle_seed": settings["shuffle_seed"],
+        "mask_reasoning_content": settings["mask_reasoning_content"],
+        "mask_generation_prompt": settings["mask_generation_prompt"],
+        # Beyond Automodel's fields (its reader ignores them):
+        "revision": settings["revision"],
+        "trust_remote_code": settings["trust_remote_code"],
+        "target_model_identity": first["model_identity"],
+        "tokenizer_sha256": info.tokenizer_hash,
+        "chat_template_sha256": info.chat_template_hash,
+        "settings_fingerprint": settings_fingerprint(settings),
+        "producer": producer(),
+        "packages": package_versions(),
+        "shards": [
+            {"file": shard_file_name(s["shard"]), "num_samples": s["num_samples"], "bytes": s["bytes"], "sha256": s["sha256"]}
+            for s in stats
+        ],
+    }
+
+
+def checked_manifest(
+    cache_dir: Path,
+    settings: Mapping[str, Any],
+    stats: Sequence[Mapping[str, Any]],
+    selected_token_ids: list[int],
+    target_vocab_size: int,
+    info: TokenizedInfo,
+) -> dict[str, Any]:
+    """The manifest for a complete, consistent shard set; stale files are removed first."""
+    shard_count = num_shards(info.num_samples, settings["shard_size"])
+    if [s["shard"] for s in stats] != list(range(shard_count)):
+        raise CacheConfigError(
+            f"{cache_dir}: expected stats for shards 0..{shard_count - 1}, got {[s['shard'] for s in stats]}. "
+            "Re-run the workflow so every shard is built."
+        )
+    reasons = inconsistent_shards(stats, settings, selected_token_ids, info)
+    if reasons:
+        raise CacheConfigError(
+            f"{cache_dir}: shards do not form one cache: " + "; ".join(reasons)
+            + ". Delete the listed shards (or re-run with --forcerun compute_shard) and run again."
+        )
+    remove_stale_files(cache_dir, shard_count)
+    return build_manifest(settings, stats, selected_token_ids, target_vocab_size, info)

@@ -1,0 +1,189 @@
+"""Compute one shard: length-bucketed batches through the target, rows streamed to disk by a writer thread.
+
+The main thread only feeds the target. A bounded queue hands each finished batch to a writer
+thread that copies it to the host and writes its rows, so disk I/O overlaps the next forward and
+at most a few batches are ever in memory, whatever the shard size.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .shard_format import ShardLayout, ShardWriter, samples_in_shard
+from .target import CacheBatch, CacheSpec, compute_cache_batch
+from .timing import PhaseTimer
+from .tokenized import TokenBlock, read_token_block
+
+log = logging.getLogger(__name__)
+
+QUEUE_DEPTH = 2
+
+
+def length_buckets(lengths: torch.Tensor, batch_size: int) -> list[list[int]]:
+    """Rows grouped into batches of similar length, longest first, so trimming saves the most.
+
+    Ties keep row order, so the grouping (and thus the bytes written) is deterministic.
+    """
+    order = sorted(range(len(lengths)), key=lambda row: (-int(lengths[row]), row))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def token_rows(block: TokenBlock, rows: list[int]) -> TokenBlock:
+    """The selected rows of a token block."""
+    index = torch.tensor(rows)
+    return TokenBlock(
+        input_ids=block.input_ids[index],
+        attention_mask=block.attention_mask[index],
+        loss_mask=block.loss_mask[index],
+    )
+
+
+def host_batch(batch: CacheBatch, ready: torch.cuda.Event | None, stream: torch.cuda.Stream | None) -> CacheBatch:
+    """`batch` on the CPU; on CUDA copied on a side stream into pinned memory, off the compute stream."""
+    if stream is None:
+        return batch.cpu()
+    with torch.cuda.stream(stream):
+        stream.wait_event(ready)
+        computed = {
+            name: torch.empty(values.shape, dtype=values.dtype, pin_memory=True).copy_(values, non_blocking=True)
+            for name, values in batch.computed.items()
+        }
+    stream.synchronize()
+    return CacheBatch(batch.input_ids, batch.attention_mask, batch.loss_mask, computed, batch.lengths)
+
+
+def write_batch_rows(writer: ShardWriter, batch: CacheBatch, rows: list[int]) -> None:
+    """Write each sample's full-width fields and the content prefix of its computed fields."""
+    for i, row in enumerate(rows):
+        length = int(batch.lengths[i])
+        for name, values in batch.full_width_fields.items():
+            writer.write_row(row, name, values[i])
+        for name, values in batch.computed.items():
+            writer.write_row(row, name, values[i, :length])
+
+
+class RowWriterThread:
+    """Consumes finished batches from a bounded queue: host copy, then row writes."""
+
+    def __init__(self, writer: ShardWriter, device: torch.device):
+        self.writer = writer
+        self.timer = PhaseTimer(torch.device("cpu"))
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, batch: CacheBatch, rows: list[int]) -> None:
+        ready = None
+        if self.stream is not None:
+            ready = torch.cuda.Event()
+            ready.record()
+        self._put((batch, rows, ready))
+
+    def finish(self) -> None:
+        """Wait until every submitted batch is on disk; re-raise a writer failure."""
+        self._put(None)
+        self.thread.join()
+        self._raise_if_failed()
+
+    def _put(self, item) -> None:
+        while True:
+            self._raise_if_failed()
+            try:
+                self.queue.put(item, timeout=1.0)
+                return
+            except queue.Full:
+                continue
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise RuntimeError("the shard writer thread failed") from self.error
+
+    def _run(self) -> None:
+        try:
+            while (item := self.queue.get()) is not None:
+                batch, rows, ready = item
+                with self.timer.phase("copy"):
+                    batch = host_batch(batch, ready, self.stream)
+                with self.timer.phase("write"):
+                    write_batch_rows(self.writer, batch, rows)
+        except BaseException as error:  # handed to the main thread, which raises it
+            self.error = error
+
+
+@dataclass
+class ShardResult:
+    """What one shard job did, for the shard's stats file and the report."""
+
+    num_samples: int
+    first_sample: int
+    bytes: int
+    sha256: str
+    real_tokens: int
+    computed_tokens: int
+    padded_tokens: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def compute_shard(
+    model: nn.Module,
+    spec: CacheSpec,
+    layout: ShardLayout,
+    *,
+    tokenized_path: str | Path,
+    num_samples: int,
+    shard_index: int,
+    shard_size: int,
+    batch_size: int,
+    shard_path: str | Path,
+) -> ShardResult:
+    """Compute shard `shard_index` of a tokenized dataset and write it to `shard_path` atomically."""
+    device = model.get_input_embeddings().weight.device
+    timer = PhaseTimer(device)
+    first = shard_index * shard_size
+    count = samples_in_shard(shard_index, num_samples, shard_size)
+    with timer.phase("read"):
+        block = read_token_block(tokenized_path, first, first + count)
+    lengths = block.attention_mask.sum(dim=1)
+    buckets = length_buckets(lengths, batch_size)
+    computed_tokens = 0
+    started = time.perf_counter()
+    with ShardWriter(shard_path, layout, count) as writer:
+        writer_thread = RowWriterThread(writer, device)
+        for done, rows in enumerate(buckets, start=1):
+            batch = compute_cache_batch(model, spec, token_rows(block, rows), timer=timer)
+            computed_tokens += len(rows) * batch.computed["aux_hidden_states"].shape[1]
+            writer_thread.submit(batch, rows)
+            log_progress(done, len(buckets), started)
+        with timer.phase("drain"):
+            writer_thread.finish()
+        with timer.phase("commit"):
+            sha256 = writer.commit()
+    seconds = {**timer.seconds, **writer_thread.timer.seconds}
+    return ShardResult(
+        num_samples=count,
+        first_sample=first,
+        bytes=writer.size,
+        sha256=sha256,
+        real_tokens=int(lengths.sum()),
+        computed_tokens=computed_tokens,
+        padded_tokens=count * layout.seq_length,
+        seconds=dict(seconds),
+    )
+
+
+def log_progress(done: int, total: int, started: float) -> None:
+    """A progress line with an ETA, about ten per shard."""
+    if done == total or done % max(1, total // 10) == 0:
+        elapsed = time.perf_counter() - started
+        eta = elapsed / done * (total - done)
+        log.info("batch %d/%d, %.1fs elapsed, ETA %.1fs", done, total, elapsed, eta)
