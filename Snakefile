@@ -1,0 +1,26 @@
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/tokenize.smk"
+include: "workflow/rules/vocab.smk"
+include: "workflow/rules/shards.smk"
+include: "workflow/rules/manifest.smk"
+include: "workflow/rules/validate.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        expand(rules.validate.output.report, run=config["runs"]),
+        every_run_shard,
+    localrule: True

@@ -1,0 +1,81 @@
+import math
+import re
+import sys
+from pathlib import Path
+
+# The rule scripts' package; appended (not prepended) so that script names such
+# as tokenize.py never shadow the standard library in this process.
+sys.path.append(str(Path(workflow.basedir, "workflow", "scripts")))
+
+from eagle3_cache import CACHE_SEMANTICS_VERSION
+
+DEMO_MODEL = "resources/models/SmolLM2-135M-Instruct"
+LOCAL_DATA_SUFFIXES = {".json", ".jsonl", ".parquet"}
+
+
+wildcard_constraints:
+    run="|".join(re.escape(run) for run in config["runs"]),
+    shard=r"\d{6}",
+
+
+def run_settings(run: str) -> dict:
+    """The settings of one run, defaults filled in by the config schema."""
+    return config["runs"][run]
+
+
+def setting(name: str):
+    """A params function giving the run's value of `name`."""
+    return lambda wildcards: run_settings(wildcards.run)[name]
+
+
+def is_local_data(input_data: str) -> bool:
+    """Whether input_data names a local file or folder rather than a hub dataset."""
+    path = Path(input_data)
+    return path.exists() or path.suffix in LOCAL_DATA_SUFFIXES
+
+
+def data_input(wildcards) -> list[str]:
+    """The local data file, so that editing it reruns tokenization (nothing for a hub id)."""
+    input_data = run_settings(wildcards.run)["input_data"]
+    return [input_data] if is_local_data(input_data) else []
+
+
+def model_input(wildcards) -> list[str]:
+    """The local model directory (nothing for a hub id); for the demo model this
+    makes its conversion run first."""
+    target_model = run_settings(wildcards.run)["target_model"]
+    is_local = target_model == DEMO_MODEL or Path(target_model).is_dir()
+    return [target_model] if is_local else []
+
+
+def gpus_per_job(wildcards) -> int:
+    """GPUs a target-model job holds: none when the config pins the CPU."""
+    return 0 if config["device"] == "cpu" else config["gpus_per_job"]
+
+
+def num_shards(run: str) -> int:
+    """ceil(samples / shard_size), known once the tokenize checkpoint has run."""
+    tokenized = checkpoints.tokenize.get(run=run).output.tokenized
+    # Imported only now: the module pulls in torch, which a dry run before
+    # tokenization should not pay for.
+    from eagle3_cache.tokenized import read_tokenized_info
+
+    num_samples = read_tokenized_info(tokenized).num_samples
+    return math.ceil(num_samples / run_settings(run)["shard_size"])
+
+
+def expand_shards(pattern: str, run: str) -> list[str]:
+    """`pattern` (with a {shard} wildcard) for every shard of the run."""
+    shards = [f"{index:06d}" for index in range(num_shards(run))]
+    return expand(pattern, run=run, shard=shards)
+
+
+def every_shard(pattern: str):
+    """An input function giving `pattern` for every shard of the job's run."""
+    return lambda wildcards: expand_shards(pattern, wildcards.run)
+
+
+def every_run_shard(wildcards) -> list[str]:
+    """Every shard of every run, so that a deleted shard is rebuilt."""
+    shard = rules.compute_shard.output.shard
+    return [path for run in config["runs"] for path in expand_shards(shard, run)]

@@ -1,0 +1,32 @@
+rule validate:
+    input:
+        manifest=rules.manifest.output.manifest,
+        tokenized=rules.tokenize.output.tokenized,
+        selection=rules.select_vocab.output.selection,
+        counts=rules.select_vocab.output.counts,
+        stats=every_shard(rules.compute_shard.output.stats),
+        benchmarks=every_shard(rules.compute_shard.benchmark),
+    output:
+        report=report(
+            "results/{run}/validation_report.html",
+            category="Validation",
+            subcategory="{run}",
+        ),
+        json="results/{run}/validation.json",
+    log:
+        "logs/{run}/validate.log",
+    conda:
+        "../../envs/eagle3-cache.yaml"
+    threads: 4
+    resources:
+        gpu=gpus_per_job,
+    params:
+        num_samples=config["validation"]["num_samples"],
+        seed=config["validation"]["seed"],
+        strict=config["validation"]["strict"],
+        target_model=setting("target_model"),
+        revision=setting("revision"),
+        trust_remote_code=setting("trust_remote_code"),
+        cache_dir=subpath(input.manifest, parent=True),
+    script:
+        "../scripts/validate.py"

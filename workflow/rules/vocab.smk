@@ -1,0 +1,14 @@
+rule select_vocab:
+    input:
+        tokenized=rules.tokenize.output.tokenized,
+    output:
+        selection="results/{run}/vocab_selection.pt",
+        counts="results/{run}/vocab_counts.npy",
+    log:
+        "logs/{run}/select_vocab.log",
+    conda:
+        "../../envs/eagle3-cache.yaml"
+    params:
+        draft_vocab_size=setting("draft_vocab_size"),
+    script:
+        "../scripts/select_vocab.py"
