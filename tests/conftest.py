@@ -153,7 +153,7 @@ def smollm2_tokenizer():
 
 def write_token_store(path, block, *, target_vocab_size: int = 128, pad_id: int = 2) -> None:
     """A tokenized store holding exactly the rows of `block` (for shard tests without a tokenizer)."""
-    from eagle3_cache.chat import TokenizedSample
+    from eagle3_cache.tokenized import TokenizedSample
     from eagle3_cache.tokenized import TokenizedHeader, write_tokenized
 
     seq_length = block.input_ids.shape[1]
@@ -179,3 +179,90 @@ def write_token_store(path, block, *, target_vocab_size: int = 128, pad_id: int 
         for row, length in enumerate(lengths)
     ]
     write_tokenized(path, header, samples, len(samples))
+
+
+# Conversations for the Automodel parity tests: both row schemas, system turns, several assistant
+# turns, reasoning, list-of-parts content, and rows long enough to be truncated mid-turn.
+PARITY_ROWS = [
+    {"messages": [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "I am fine."}]},
+    {
+        "messages": [
+            {"role": "system", "content": "You think step by step."},
+            {"role": "user", "content": "What is two plus two?"},
+            {"role": "assistant", "content": "Four.", "reasoning_content": "two plus two is four"},
+            {"role": "user", "content": "Thanks"},
+            {"role": "assistant", "content": "You are welcome."},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "The quick"}, {"type": "text", "text": "fox"}]},
+            {"role": "assistant", "content": "jumps over the lazy dog."},
+        ]
+    },
+    {
+        "conversations": [
+            {"from": "human", "value": "How are you today?"},
+            {"from": "gpt", "value": "Fine, thanks for asking."},
+            {"from": "human", "value": "Good."},
+            {"from": "gpt", "value": "Today is a good day."},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "Tell me about the fox."},
+            {"role": "assistant", "content": "The quick brown fox jumps over the lazy dog. " * 6},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "Let me think about it step by step. " * 8},
+            {"role": "assistant", "content": "Sure."},
+        ]
+    },
+]
+
+
+@pytest.fixture
+def parity_jsonl(tmp_path):
+    """PARITY_ROWS as a JSON Lines file."""
+    import json
+
+    path = tmp_path / "parity.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in PARITY_ROWS))
+    return path
+
+
+def tokenize_to_store(
+    path, tokenizer, input_data, seq_length, *, vocab_size=None, split=None, shuffle_seed=42, **mask_options
+):
+    """What the tokenize rule does, on an already loaded tokenizer (vocab_size defaults to its length)."""
+    from eagle3_cache.chat import ChatTokenizer, chat_template_hash, special_token_ids, tokenizer_hash
+    from eagle3_cache.data import iter_conversations, load_rows
+    from eagle3_cache.tokenized import TokenizedHeader, write_tokenized
+
+    chat = ChatTokenizer(tokenizer, seq_length, **mask_options)
+    header = TokenizedHeader(
+        seq_length=seq_length,
+        target_vocab_size=vocab_size or len(tokenizer),
+        special_token_ids=special_token_ids(tokenizer),
+        pad_token_id=chat.pad_token_id,
+        tokenizer_hash=tokenizer_hash(tokenizer),
+        chat_template_hash=chat_template_hash(tokenizer),
+        source={"input_data": str(input_data), "split": split, "shuffle_seed": shuffle_seed},
+        mask_reasoning_content=chat.mask_reasoning_content,
+        mask_generation_prompt=chat.mask_generation_prompt,
+    )
+    rows = load_rows(str(input_data), split, shuffle_seed)
+    write_tokenized(path, header, (chat(c) for c in iter_conversations(rows)), len(rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def automodel_eagle3():
+    """Automodel's EAGLE-3 data module (the oracle), or a skip when it is not installed."""
+    return pytest.importorskip(
+        "nemo_automodel.components.datasets.llm.eagle3",
+        reason="nemo-automodel 0.7.0 (the oracle) is not installed; "
+        "pip install --no-deps -r envs/requirements-nodeps-oracle.txt",
+    )

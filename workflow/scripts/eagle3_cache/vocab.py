@@ -1,0 +1,82 @@
+"""Draft-vocabulary selection, identical to Automodel's `build_eagle3_token_mapping`."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from eagle3_cache.atomic import atomic_output, torch_save_atomic
+from eagle3_cache.errors import CacheConfigError
+from eagle3_cache.tokenized import iter_token_blocks
+
+# Rows per read while counting; bounds RAM to a few such blocks of int64 [rows, seq_length].
+COUNT_BLOCK_ROWS = 256
+
+
+def count_supervised_tokens(path_h5: str | os.PathLike, vocab_size: int) -> np.ndarray:
+    """int64 [vocab_size]: how often each id sits at a loss-masked position (unshifted ids).
+
+    Ids outside [0, vocab_size) are ignored, as in Automodel.
+    """
+    counts = torch.zeros(vocab_size, dtype=torch.int64)
+    for block in iter_token_blocks(path_h5, COUNT_BLOCK_ROWS):
+        supervised = block.input_ids[block.loss_mask.bool()]
+        supervised = supervised[(supervised >= 0) & (supervised < vocab_size)]
+        counts += torch.bincount(supervised, minlength=vocab_size)
+    return counts.numpy()
+
+
+def select_draft_vocab(
+    counts: np.ndarray,
+    special_token_ids: Sequence[int | None],
+    draft_vocab_size: int | None,
+    vocab_size: int,
+) -> torch.LongTensor:
+    """Target ids of the draft vocabulary; column j of target_probs is target id `result[j]`.
+
+    Order: the special ids (kept even when never seen), then ids by descending count with ties
+    to the lower id, then the lowest unused ids; cut to draft_vocab_size and NOT sorted.
+    None or a size >= vocab_size selects the whole vocabulary.
+    """
+    if draft_vocab_size is not None and draft_vocab_size < 1:
+        raise CacheConfigError(f"draft_vocab_size must be >= 1 or null (whole vocabulary), got {draft_vocab_size}")
+    if draft_vocab_size is None or draft_vocab_size >= vocab_size:
+        return torch.arange(vocab_size, dtype=torch.long)
+    if len(counts) != vocab_size:
+        raise ValueError(f"counts cover {len(counts)} ids, the vocabulary has {vocab_size}")
+    specials = list(dict.fromkeys(i for i in special_token_ids if i is not None and 0 <= i < vocab_size))
+    taken = np.zeros(vocab_size, dtype=bool)
+    taken[specials] = True
+    by_count = np.argsort(-counts, kind="stable")
+    frequent = by_count[(counts[by_count] > 0) & ~taken[by_count]]
+    taken[frequent] = True
+    unused = np.flatnonzero(~taken)
+    selected = np.concatenate([np.asarray(specials, dtype=np.int64), frequent, unused])
+    return torch.from_numpy(selected[:draft_vocab_size].astype(np.int64))
+
+
+def write_vocab_selection(path: str | os.PathLike, selected: torch.Tensor, target_vocab_size: int) -> None:
+    """The selection in the file layout Automodel's `selected_token_ids_path` loads."""
+    torch_save_atomic(
+        path, {"selected_token_ids": selected.detach().cpu().long(), "target_vocab_size": int(target_vocab_size)}
+    )
+
+
+def read_vocab_selection(path: str | os.PathLike) -> tuple[torch.LongTensor, int]:
+    """(selected_token_ids, target_vocab_size) from a file written by write_vocab_selection."""
+    saved = torch.load(path, weights_only=True)
+    if not isinstance(saved, dict) or not {"selected_token_ids", "target_vocab_size"} <= saved.keys():
+        raise CacheConfigError(
+            f"{path}: not a vocab selection (needs selected_token_ids and target_vocab_size); "
+            "rerun the select_vocab rule"
+        )
+    return saved["selected_token_ids"].long(), int(saved["target_vocab_size"])
+
+
+def write_vocab_counts(path: str | os.PathLike, counts: np.ndarray) -> None:
+    """The per-id counts as .npy, for the report's coverage curve."""
+    with atomic_output(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, counts)
