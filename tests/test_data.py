@@ -254,6 +254,17 @@ def test_pad_falls_back_to_eos_and_one_trailing_eos_is_content(make_chat_tokeniz
     assert sample.length == len(full) + 1
 
 
+def test_pad_id_zero_still_marks_padding(make_chat_tokenizer):
+    # Automodel 0.7.0 takes a pad id of 0 for "no pad id" (`... or eos_token_id`) and so attends to
+    # all of the padding; since the draft is causal and pads are unsupervised, we keep the true mask.
+    tokenizer = make_chat_tokenizer(pad_token="<unk>")
+    messages = chat("Hello", "I am fine")
+    full = tokenizer.apply_chat_template(messages)["input_ids"]
+    sample = ChatTokenizer(tokenizer, len(full) + 3)(conversation(messages))
+    assert sample.input_ids.tolist() == full + [0] * 3
+    assert sample.length == len(full)
+
+
 def test_template_that_rewrites_history_is_refused(make_chat_tokenizer):
     template = "{{ messages | length }}" + CHATML_GENERATION_TEMPLATE.replace("{% generation %}", "").replace(
         "{% endgeneration %}", ""
@@ -384,37 +395,54 @@ def test_a_file_that_is_not_a_store_is_refused(tmp_path):
 # --- The rule script ---------------------------------------------------------------------------
 
 
-def test_tokenize_rule_script(tmp_path, make_chat_tokenizer):
-    model_dir = tmp_path / "model"
-    make_chat_tokenizer().save_pretrained(model_dir)
-    tiny_llama_config(vocab_size=384).save_pretrained(model_dir)
-    rows = [
-        {"messages": chat("Hello", "I am fine")},
-        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]},
-    ]
-    data_path = write_jsonl(tmp_path / "chats.jsonl", rows)
-    params = dict(
-        target_model=str(model_dir),
+def rule_job(tmp_path: Path, **params) -> SimpleNamespace:
+    """The `snakemake` object the tokenize rule hands its script."""
+    defaults = dict(
         revision=None,
         trust_remote_code=False,
-        input_data=str(data_path),
         split="train",
         shuffle_seed=42,
         seq_length=32,
         mask_reasoning_content=False,
         mask_generation_prompt=False,
     )
-    output = tmp_path / "results" / "tokenized.h5"
-    snakemake = SimpleNamespace(
-        params=SimpleNamespace(**params),
-        output=SimpleNamespace(tokenized=str(output)),
+    return SimpleNamespace(
+        params=SimpleNamespace(**{**defaults, **params}),
+        output=SimpleNamespace(tokenized=str(tmp_path / "results" / "tokenized.h5")),
         log=[str(tmp_path / "tokenize.log")],
     )
+
+
+@pytest.fixture
+def model_dir(tmp_path, make_chat_tokenizer) -> Path:
+    """A local model folder holding the tiny tokenizer and a config whose vocab_size (384) exceeds it."""
+    path = tmp_path / "model"
+    make_chat_tokenizer().save_pretrained(path)
+    tiny_llama_config(vocab_size=384).save_pretrained(path)
+    return path
+
+
+def test_tokenize_rule_script(tmp_path, model_dir):
+    rows = [
+        {"messages": chat("Hello", "I am fine")},
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]},
+    ]
+    data_path = write_jsonl(tmp_path / "chats.jsonl", rows)
+    snakemake = rule_job(tmp_path, target_model=str(model_dir), input_data=str(data_path))
     runpy.run_path(str(SCRIPTS / "tokenize.py"), init_globals={"snakemake": snakemake})
-    info = read_tokenized_info(output)
+    info = read_tokenized_info(snakemake.output.tokenized)
     assert info.num_samples == 2 and info.target_vocab_size == 384
     assert info.source == {"input_data": str(data_path), "split": "train", "shuffle_seed": 42}
     assert "2 samples, 0 truncated" in (tmp_path / "tokenize.log").read_text()
+
+
+def test_tokenize_rule_script_names_the_input_of_a_bad_sample(tmp_path, model_dir):
+    rows = [{"messages": chat("Hi", "Yo")}, {"messages": [{"role": "user", "content": "Hi"}]}]
+    data_path = write_jsonl(tmp_path / "chats.jsonl", rows)
+    snakemake = rule_job(tmp_path, target_model=str(model_dir), input_data=str(data_path))
+    with pytest.raises(CacheConfigError, match="chats.jsonl.*sample 1 has no assistant turn"):
+        runpy.run_path(str(SCRIPTS / "tokenize.py"), init_globals={"snakemake": snakemake})
+    assert list((tmp_path / "results").iterdir()) == []
 
 
 # --- Parity with Automodel's ChatDataset (the oracle) ------------------------------------------
@@ -424,6 +452,10 @@ MASK_OPTIONS = [
     for reasoning in (False, True)
     for prompt in (False, True)
 ]
+
+
+def option_names(options: dict) -> str:
+    return "-".join(name for name, on in options.items() if on) or "no-options"
 
 
 def automodel_rows(automodel_eagle3, tokenizer, input_data, seq_length, split=None, shuffle_seed=42, **options):
@@ -449,18 +481,14 @@ def assert_same_rows(ours_path, theirs) -> None:
 
 
 @pytest.mark.automodel
-@pytest.mark.parametrize("template", ["plain", "generation"])
-@pytest.mark.parametrize("options", MASK_OPTIONS, ids=lambda o: "-".join(k for k, v in o.items() if v) or "none")
+@pytest.mark.parametrize("template", [CHATML_TEMPLATE, CHATML_GENERATION_TEMPLATE], ids=["prefixes", "generation"])
+@pytest.mark.parametrize("options", MASK_OPTIONS, ids=option_names)
 def test_parity_tiny_tokenizer(tmp_path, automodel_eagle3, make_chat_tokenizer, parity_jsonl, template, options):
-    make = (
-        (lambda: make_chat_tokenizer(template=CHATML_GENERATION_TEMPLATE))
-        if template == "generation"
-        else make_chat_tokenizer
-    )
-    ours = tokenize_to_store(tmp_path / "t.h5", make(), parity_jsonl, 40, **options)
+    ours = tokenize_to_store(tmp_path / "t.h5", make_chat_tokenizer(template), parity_jsonl, 40, **options)
     info = read_tokenized_info(ours)
     assert info.truncated.any() and (info.lengths < 40).any()
-    assert_same_rows(ours, automodel_rows(automodel_eagle3, make(), parity_jsonl, 40, **options))
+    theirs = automodel_rows(automodel_eagle3, make_chat_tokenizer(template), parity_jsonl, 40, **options)
+    assert_same_rows(ours, theirs)
 
 
 @pytest.mark.automodel
@@ -472,7 +500,7 @@ def test_parity_without_pad_token(tmp_path, automodel_eagle3, make_chat_tokenize
 
 
 @pytest.mark.automodel
-@pytest.mark.parametrize("options", MASK_OPTIONS, ids=lambda o: "-".join(k for k, v in o.items() if v) or "none")
+@pytest.mark.parametrize("options", MASK_OPTIONS, ids=option_names)
 def test_parity_smollm2(tmp_path, automodel_eagle3, smollm2_tokenizer, parity_jsonl, options):
     ours = tokenize_to_store(tmp_path / "t.h5", smollm2_tokenizer, parity_jsonl, 64, **options)
     assert read_tokenized_info(ours).truncated.any()

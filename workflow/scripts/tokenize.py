@@ -45,7 +45,10 @@ def main(snakemake) -> None:
     rows = load_rows(params.input_data, params.split, params.shuffle_seed)
     logger.info("Tokenizing %d samples from %s at seq_length %d", len(rows), params.input_data, params.seq_length)
     samples = (chat(conversation) for conversation in iter_conversations(rows))
-    write_tokenized(snakemake.output.tokenized, header, with_progress(samples, len(rows), logger), len(rows))
+    try:
+        write_tokenized(snakemake.output.tokenized, header, with_progress(samples, len(rows), logger), len(rows))
+    except CacheConfigError as error:
+        raise CacheConfigError(f"input_data {params.input_data!r}: {error}") from error
     log_summary(snakemake.output.tokenized, logger)
 
 
