@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -266,3 +269,172 @@ def automodel_eagle3():
         reason="nemo-automodel 0.7.0 (the oracle) is not installed; "
         "pip install --no-deps -r envs/requirements-nodeps-oracle.txt",
     )
+
+
+# --- A finished cache, built without Snakemake (report and end-to-end tests) -------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_target(tmp_path_factory, chat_tokenizer_json):
+    """A random 8-layer Llama saved with the ChatML test tokenizer: a local target_model directory."""
+    from tokenizers import Tokenizer
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-chat-target")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(chat_tokenizer_json),
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    config = tiny_llama_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@dataclass(frozen=True)
+class TinyCache:
+    """A finished run laid out as `results/{run}/`: tokenized store, vocabulary files, shards, shard stats."""
+
+    run_dir: Path
+
+    @property
+    def tokenized(self) -> Path:
+        return self.run_dir / "tokenized.h5"
+
+    @property
+    def selection(self) -> Path:
+        return self.run_dir / "vocab_selection.pt"
+
+    @property
+    def counts(self) -> Path:
+        return self.run_dir / "vocab_counts.npy"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.run_dir / "shards"
+
+    @property
+    def stats(self) -> list[Path]:
+        return sorted((self.run_dir / "shard_stats").glob("shard-*.json"))
+
+
+def build_tiny_cache(
+    run_dir: Path,
+    target_dir: Path,
+    rows: list[dict],
+    *,
+    seq_length: int = 40,
+    shard_size: int = 3,
+    batch_size: int = 2,
+    draft_vocab_size: int | None = 64,
+    dtype: str = "bf16",
+    target_probs_topk: int = 0,
+) -> TinyCache:
+    """What the workflow's rules do, in-process on the CPU: tokenize `rows`, select the draft
+    vocabulary, compute every shard, store the embeddings and write the manifest."""
+    import json
+    from dataclasses import asdict
+
+    from transformers import AutoTokenizer
+
+    from eagle3_cache import CACHE_SEMANTICS_VERSION
+    from eagle3_cache.atomic import write_json_atomic
+    from eagle3_cache.manifest import checked_manifest, read_shard_stats
+    from eagle3_cache.pipeline import compute_shard
+    from eagle3_cache.provenance import ids_fingerprint, settings_fingerprint
+    from eagle3_cache.shard_format import (
+        EMBEDDINGS_FILE,
+        MANIFEST_FILE,
+        ShardLayout,
+        num_shards,
+        shard_file_name,
+        write_target_embeddings,
+    )
+    from eagle3_cache.target import (
+        CacheSpec,
+        hidden_size,
+        input_embeddings,
+        load_target,
+        model_identity,
+        resolve_aux_layer_ids,
+    )
+    from eagle3_cache.tokenized import read_tokenized_info
+    from eagle3_cache.vocab import (
+        count_supervised_tokens,
+        select_draft_vocab,
+        write_vocab_counts,
+        write_vocab_selection,
+    )
+
+    cache = TinyCache(Path(run_dir))
+    cache.run_dir.mkdir(parents=True, exist_ok=True)
+    data = cache.run_dir / "conversations.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    tokenize_to_store(cache.tokenized, tokenizer, data, seq_length)
+    info = read_tokenized_info(cache.tokenized)
+    counts = count_supervised_tokens(cache.tokenized, info.target_vocab_size)
+    selected = select_draft_vocab(counts, info.special_token_ids, draft_vocab_size, info.target_vocab_size)
+    write_vocab_counts(cache.counts, counts)
+    write_vocab_selection(cache.selection, selected, info.target_vocab_size)
+
+    # The manifest rule's params (the shard rule's, plus the data and mask settings).
+    settings = {
+        "target_model": str(target_dir),
+        "revision": None,
+        "trust_remote_code": False,
+        "aux_layer_ids": None,
+        "dtype": dtype,
+        "target_probs_topk": target_probs_topk,
+        "seq_length": seq_length,
+        "shard_size": shard_size,
+        "cache_semantics_version": CACHE_SEMANTICS_VERSION,
+        "input_data": str(data),
+        "split": None,
+        "shuffle_seed": 42,
+        "mask_reasoning_content": False,
+        "mask_generation_prompt": False,
+    }
+    device = torch.device("cpu")
+    model = load_target(str(target_dir), revision=None, trust_remote_code=False, device=device)
+    spec = CacheSpec(resolve_aux_layer_ids(model, None), selected, info.target_vocab_size, dtype, target_probs_topk)
+    layout = ShardLayout(seq_length, 3 * hidden_size(model), spec.draft_vocab_size, dtype, target_probs_topk)
+    stats_paths = []
+    for index in range(num_shards(info.num_samples, shard_size)):
+        result = compute_shard(
+            model,
+            spec,
+            layout,
+            tokenized_path=cache.tokenized,
+            num_samples=info.num_samples,
+            shard_index=index,
+            shard_size=shard_size,
+            batch_size=batch_size,
+            shard_path=cache.cache_dir / shard_file_name(index),
+        )
+        # The rule script adds these: its model load, and the job's wall time.
+        result.seconds.update(load=0.01, total=sum(result.seconds.values()) + 0.01)
+        stats = {
+            **asdict(result),
+            "shard": index,
+            "aux_layer_ids": spec.aux_layer_ids,
+            "aux_hidden_dim": layout.aux_hidden_dim,
+            "target_vocab_size": info.target_vocab_size,
+            "selected_token_ids_sha256": ids_fingerprint(selected.tolist()),
+            "settings_fingerprint": settings_fingerprint(settings),
+            "model_identity": model_identity(str(target_dir), None, model),
+            "device": str(device),
+        }
+        stats_paths.append(cache.run_dir / "shard_stats" / f"shard-{index:06d}.json")
+        write_json_atomic(stats_paths[-1], stats)
+    embeddings = input_embeddings(str(target_dir), revision=None, trust_remote_code=False)
+    write_target_embeddings(cache.cache_dir / EMBEDDINGS_FILE, embeddings)
+    stats = read_shard_stats(stats_paths)
+    manifest = checked_manifest(cache.cache_dir, settings, stats, selected.tolist(), info.target_vocab_size, info)
+    write_json_atomic(cache.cache_dir / MANIFEST_FILE, manifest)
+    return cache

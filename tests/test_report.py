@@ -1,0 +1,326 @@
+"""The validation report on a small real cache: a clean cache passes, each kind of damage fails its check."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import runpy
+import shutil
+import struct
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import TinyCache, build_tiny_cache
+from eagle3_cache.report import (
+    ValidationInputs,
+    coverage_curve,
+    failed_path,
+    parity_sample_indices,
+    render_html,
+    validate_cache,
+)
+from eagle3_cache.shard_format import MANIFEST_FILE, file_sha256, read_manifest, shard_file_name
+from eagle3_cache.target import load_target
+
+REPO = Path(__file__).resolve().parents[1]
+VALIDATE_SCRIPT = REPO / "workflow" / "scripts" / "validate.py"
+SHARD_SIZE = 3
+PARITY_SAMPLES = 4
+# The random target's top-1 is spread over the whole vocabulary, so its draft vocabulary must be
+# most of it for most supervised positions to train the draft.
+DRAFT_VOCAB = 300
+WORDS = "the quick brown fox jumps over the lazy dog hello there how are you today fine thanks".split()
+
+
+def text(start: int, length: int) -> str:
+    return " ".join(WORDS[(start + 3 * i) % len(WORDS)] for i in range(length))
+
+
+# 8 samples in shards of 3, 3, 2: sample 5's user turn fills seq_length (truncated, nothing supervised),
+# sample 6's assistant turn is cut.
+ROWS = [
+    {
+        "messages": [
+            {"role": "user", "content": text(i, 2 + i % 3)},
+            {"role": "assistant", "content": text(2 * i, 3 + i)},
+        ]
+    }
+    for i in range(8)
+]
+ROWS[5]["messages"][0]["content"] = text(1, 40)
+ROWS[6]["messages"][1]["content"] = text(4, 40)
+TRUNCATED, UNSUPERVISED = [5, 6], [5]
+
+
+@pytest.fixture(scope="session")
+def target_model(tiny_chat_target):
+    return load_target(str(tiny_chat_target), revision=None, trust_remote_code=False, device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def built_cache(tmp_path_factory, tiny_chat_target) -> TinyCache:
+    run_dir = tmp_path_factory.mktemp("built") / "results" / "tiny"
+    return build_tiny_cache(run_dir, tiny_chat_target, ROWS, shard_size=SHARD_SIZE, draft_vocab_size=DRAFT_VOCAB)
+
+
+@pytest.fixture
+def cache(built_cache, tmp_path) -> TinyCache:
+    """A private copy of the built cache, free to damage."""
+    run_dir = tmp_path / "results" / "tiny"
+    shutil.copytree(built_cache.run_dir, run_dir)
+    return TinyCache(run_dir)
+
+
+def validate(cache: TinyCache, model, *, num_samples: int = PARITY_SAMPLES, benchmarks: list[Path] = ()):
+    """Every check on `cache`, with `model` as the live target."""
+    inputs = ValidationInputs(
+        run="tiny",
+        cache_dir=cache.cache_dir,
+        tokenized=cache.tokenized,
+        selection=cache.selection,
+        counts=cache.counts,
+        stats=cache.stats,
+        benchmarks=list(benchmarks),
+        num_samples=num_samples,
+        seed=0,
+        batch_size=2,
+    )
+    return validate_cache(inputs, lambda: contextlib.nullcontext(model))
+
+
+def failed(report) -> set[str]:
+    return {check.key for check in report.checks if not check.passed}
+
+
+# --- Damage, written the way it happens: bytes changed in place ------------------------------
+
+
+def element_offset(shard: Path, field: str, index: tuple[int, ...]) -> tuple[int, torch.dtype]:
+    """The byte offset in the shard file of `field[index]` (a full index), and the field's dtype."""
+    with open(shard, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        entry = json.loads(handle.read(length))[field]
+    dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[entry["dtype"]]
+    flat = 0
+    for position, size in zip(index, entry["shape"], strict=True):
+        flat = flat * size + position
+    return 8 + length + entry["data_offsets"][0] + flat * torch.empty((), dtype=dtype).element_size(), dtype
+
+
+def overwrite_value(shard: Path, field: str, index: tuple[int, ...], value: float) -> None:
+    offset, dtype = element_offset(shard, field, index)
+    with open(shard, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(torch.tensor([value], dtype=dtype).view(torch.uint8).numpy().tobytes())
+
+
+def rerecord_hashes(cache: TinyCache) -> None:
+    """Make the manifest agree with the shards again: damage done before hashing, as a buggy build would."""
+    manifest = read_manifest(cache.cache_dir)
+    for record in manifest["shards"]:
+        record["sha256"] = file_sha256(cache.cache_dir / record["file"])
+    (cache.cache_dir / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+# --- The checks --------------------------------------------------------------------------------
+
+
+def test_a_clean_cache_passes_every_check(cache, target_model):
+    benchmark = cache.run_dir / "benchmark-000000.tsv"
+    benchmark.write_text("s\th:m:s\tmax_rss\tmax_vms\n1.5\t0:00:01\t812.3\tNA\n")
+    report = validate(cache, target_model, benchmarks=[benchmark])
+    assert failed(report) == set(), [c.summary for c in report.checks]
+    parity = report.check("parity")
+    assert parity.figures["samples_checked"] == PARITY_SAMPLES
+    assert {s["shard"] for s in parity.series["samples"]} == {0, 1, 2}
+    supervision = report.check("supervision")
+    assert supervision.series["truncated_samples"] == TRUNCATED
+    assert supervision.series["unsupervised_samples"] == UNSUPERVISED
+    cost = report.check("cost").series["shards"]
+    assert cost[0]["max_rss_mb"] == pytest.approx(812.3) and cost[1]["max_rss_mb"] is None
+    disk = report.check("disk").figures
+    assert disk["shard_bytes"] == sum(p.stat().st_size for p in cache.cache_dir.glob("shard-*"))
+
+
+def test_a_topk_cache_passes_every_check(tmp_path, tiny_chat_target, target_model):
+    topk_cache = build_tiny_cache(
+        tmp_path, tiny_chat_target, ROWS, shard_size=SHARD_SIZE, draft_vocab_size=DRAFT_VOCAB, target_probs_topk=5
+    )
+    report = validate(topk_cache, target_model)
+    assert failed(report) == set(), [c.summary for c in report.checks]
+
+
+def test_a_draft_vocabulary_missing_most_target_predictions_fails_supervision(tmp_path, tiny_chat_target, target_model):
+    small = build_tiny_cache(tmp_path, tiny_chat_target, ROWS, shard_size=SHARD_SIZE, draft_vocab_size=64)
+    report = validate(small, target_model, num_samples=0)
+    assert failed(report) == {"supervision"}
+    assert report.check("supervision").figures["in_draft_share"] < 0.5
+
+
+def test_flipped_bytes_fail_the_checksum(cache, target_model):
+    shard = cache.cache_dir / shard_file_name(1)
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    report = validate(cache, target_model, num_samples=0)
+    assert "integrity" in failed(report)
+    assert any("sha256" in line and shard.name in line for line in report.check("integrity").details)
+
+
+def test_a_value_beyond_tolerance_fails_live_parity(cache, target_model):
+    sample, position = 3, 2  # shard 1, row 0: in the parity set
+    assert sample in parity_sample_indices(8, SHARD_SIZE, PARITY_SAMPLES, seed=0)
+    shard = cache.cache_dir / shard_file_name(1)
+    offset, _ = element_offset(shard, "aux_hidden_states", (0, position, 7))
+    stored = torch.frombuffer(bytearray(shard.read_bytes()[offset : offset + 2]), dtype=torch.bfloat16)
+    overwrite_value(shard, "aux_hidden_states", (0, position, 7), float(stored) + 0.5)
+    rerecord_hashes(cache)
+    report = validate(cache, target_model)
+    assert failed(report) == {"parity"}
+    [problem] = report.check("parity").details
+    assert f"sample {sample} " in problem and "aux_hidden_states" in problem and f"position {position}" in problem
+
+
+def test_a_deleted_shard_fails_completeness_and_still_gives_a_report(cache, target_model):
+    (cache.cache_dir / shard_file_name(1)).unlink()
+    report = validate(cache, target_model)
+    assert {"integrity", "sanity"} <= failed(report)
+    assert any(shard_file_name(1) in line and "missing" in line for line in report.check("integrity").details)
+    assert "FAIL" in render_html(report)
+
+
+def test_a_nan_fails_the_sanity_check(cache, target_model):
+    sample = 4  # shard 1, row 1: not in the parity set
+    assert sample not in parity_sample_indices(8, SHARD_SIZE, PARITY_SAMPLES, seed=0)
+    overwrite_value(cache.cache_dir / shard_file_name(1), "target_probs", (1, 3, 0), float("nan"))
+    rerecord_hashes(cache)
+    report = validate(cache, target_model)
+    assert failed(report) == {"sanity"}
+    assert any("target_probs: 1 NaN or Inf" in line for line in report.check("sanity").details)
+
+
+def test_parity_samples_are_distinct_seeded_and_spread_over_the_shards():
+    picks = parity_sample_indices(num_samples=100, shard_size=10, count=8, seed=3)
+    assert len(set(picks)) == 8 and len({p // 10 for p in picks}) == 8
+    assert picks == parity_sample_indices(100, 10, 8, seed=3) != parity_sample_indices(100, 10, 8, seed=4)
+    assert parity_sample_indices(num_samples=5, shard_size=2, count=8, seed=0) == [0, 1, 2, 3, 4]
+
+
+def test_the_coverage_curve_rises_to_one_and_holds_the_chosen_size():
+    counts = torch.tensor([0, 50, 30, 0, 15, 5]).numpy()
+    curve = coverage_curve(counts, marked_size=3)
+    assert [3, 0.95] in curve and curve[-1] == [6, 1.0]
+    assert all(a[1] <= b[1] for a, b in zip(curve, curve[1:]))
+
+
+# --- The HTML ----------------------------------------------------------------------------------
+
+
+class TagCollector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def test_the_html_parses_and_fetches_nothing(cache, target_model):
+    (cache.cache_dir / shard_file_name(2)).unlink()
+    document = render_html(validate(cache, target_model))
+    parser = TagCollector()
+    parser.feed(document)
+    parser.close()
+    names = [tag for tag, _ in parser.tags]
+    assert "script" not in names and "link" not in names and "img" not in names and "iframe" not in names
+    references = [attrs.get(key) for _, attrs in parser.tags for key in ("src", "href") if attrs.get(key)]
+    assert all(reference.startswith("#") for reference in references), references
+    assert names.count("svg") == 3 and "url(" not in document and "@import" not in document
+
+
+# --- The rule script ---------------------------------------------------------------------------
+
+
+def run_rule_script(cache: TinyCache, target_dir: Path, strict: bool) -> SimpleNamespace:
+    """validate.py as Snakemake's `script:` directive runs it, with the rule's names."""
+    out = cache.run_dir
+    snakemake = SimpleNamespace(
+        input=SimpleNamespace(
+            manifest=str(cache.cache_dir / MANIFEST_FILE),
+            tokenized=str(cache.tokenized),
+            selection=str(cache.selection),
+            counts=str(cache.counts),
+            stats=[str(p) for p in cache.stats],
+            benchmarks=[],
+        ),
+        output=SimpleNamespace(report=str(out / "validation_report.html"), json=str(out / "validation.json")),
+        log=[str(out / "validate.log")],
+        params=SimpleNamespace(
+            num_samples=2,
+            seed=0,
+            strict=strict,
+            target_model=str(target_dir),
+            revision=None,
+            trust_remote_code=False,
+            cache_dir=str(cache.cache_dir),
+        ),
+        config={"device": "cpu", "gpus_per_job": 1, "runs": {"tiny": {"batch_size": 2}}},
+        wildcards=SimpleNamespace(run="tiny"),
+    )
+    runpy.run_path(str(VALIDATE_SCRIPT), init_globals={"snakemake": snakemake})
+    return snakemake.output
+
+
+def test_strict_mode_fails_the_job_and_keeps_the_report(cache, tiny_chat_target):
+    (cache.cache_dir / shard_file_name(0)).unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        run_rule_script(cache, tiny_chat_target, strict=True)
+    kept = failed_path(cache.run_dir / "validation_report.html")
+    message = str(exit_info.value.code)
+    assert "Complete and intact" in message and str(kept) in message
+    assert kept.exists() and failed_path(cache.run_dir / "validation.json").exists()
+    assert not (cache.run_dir / "validation_report.html").exists()
+
+
+def test_lenient_mode_writes_the_marked_report_and_a_pass_clears_old_failures(cache, tiny_chat_target):
+    shard = cache.cache_dir / shard_file_name(0)
+    saved = shard.read_bytes()
+    shard.unlink()
+    output = run_rule_script(cache, tiny_chat_target, strict=False)
+    assert "Complete and intact" in json.loads(Path(output.json).read_text())["failed_checks"]
+    assert "FAIL" in Path(output.report).read_text()
+    kept = failed_path(Path(output.report))
+    kept.write_text("left by an earlier failure")
+    shard.write_bytes(saved)
+    run_rule_script(cache, tiny_chat_target, strict=True)
+    assert json.loads(Path(output.json).read_text())["passed"] and not kept.exists()
+
+
+# --- A look at it in a browser -----------------------------------------------------------------
+
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--window-size=1200,2400",
+]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_the_report_renders_in_headless_chromium(cache, target_model, tmp_path):
+    """Also a way to look at a report: REPORT_SCREENSHOT=out.png keeps the screenshot."""
+    html_path = tmp_path / "report.html"
+    html_path.write_text(render_html(validate(cache, target_model)))
+    screenshot = Path(os.environ.get("REPORT_SCREENSHOT", tmp_path / "report.png"))
+    command = ["chromium", *CHROMIUM_FLAGS, f"--screenshot={screenshot}", html_path.as_uri()]
+    subprocess.run(command, check=True, timeout=120, capture_output=True)
+    assert screenshot.stat().st_size > 10_000

@@ -1,0 +1,56 @@
+"""Rule script: validate a run's finished cache and write its report (see eagle3_cache.report).
+
+With `validation.strict` (the default) a failed check fails the job; the report is then kept as
+`validation_report.FAILED.html` beside the declared output, and the error names it.
+"""
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Iterator
+
+from torch import nn
+
+from eagle3_cache.gpu_lease import lease_gpus
+from eagle3_cache.logs import setup_logging
+from eagle3_cache.report import ValidationInputs, failure_message, validate_cache, write_report
+from eagle3_cache.target import load_target, resolve_device
+
+snakemake = snakemake  # noqa: F821 (injected by Snakemake's script directive)
+log = setup_logging(snakemake.log[0])
+params = snakemake.params
+config = snakemake.config
+run = snakemake.wildcards.run
+
+
+@contextlib.contextmanager
+def leased_target() -> Iterator[nn.Module]:
+    """The target on the GPUs this job leases (or the CPU), held only while the parity check runs."""
+    gpus_wanted = 0 if config["device"] == "cpu" else config["gpus_per_job"]
+    with lease_gpus(gpus_wanted, device=config["device"]) as gpus:
+        yield load_target(
+            params.target_model,
+            revision=params.revision,
+            trust_remote_code=params.trust_remote_code,
+            device=resolve_device(config["device"]),
+            num_gpus=max(1, len(gpus)),
+        )
+
+
+inputs = ValidationInputs(
+    run=run,
+    cache_dir=Path(params.cache_dir),
+    tokenized=Path(snakemake.input.tokenized),
+    selection=Path(snakemake.input.selection),
+    counts=Path(snakemake.input.counts),
+    stats=[Path(p) for p in snakemake.input.stats],
+    benchmarks=[Path(p) for p in snakemake.input.benchmarks],
+    num_samples=params.num_samples,
+    seed=params.seed,
+    batch_size=config["runs"][run]["batch_size"],
+)
+report = validate_cache(inputs, leased_target)
+kept = write_report(report, Path(snakemake.output.report), Path(snakemake.output.json), strict=params.strict)
+if kept is not None:
+    sys.exit(failure_message(report, kept))
+log.info("validation of %s: %s in %.1fs", run, "PASS" if report.passed else "FAIL (not strict)", report.seconds)
