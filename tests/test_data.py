@@ -396,7 +396,9 @@ def test_a_file_that_is_not_a_store_is_refused(tmp_path):
 
 
 def rule_job(tmp_path: Path, **params) -> SimpleNamespace:
-    """The `snakemake` object the tokenize rule hands its script."""
+    """The `snakemake` object the tokenize rule hands its script (params as Snakemake's Namedlist)."""
+    from snakemake.iocontainers import Namedlist
+
     defaults = dict(
         revision=None,
         trust_remote_code=False,
@@ -407,7 +409,7 @@ def rule_job(tmp_path: Path, **params) -> SimpleNamespace:
         mask_generation_prompt=False,
     )
     return SimpleNamespace(
-        params=SimpleNamespace(**{**defaults, **params}),
+        params=Namedlist(fromdict={**defaults, **params}),
         output=SimpleNamespace(tokenized=str(tmp_path / "results" / "tokenized.h5")),
         log=[str(tmp_path / "tokenize.log")],
     )
@@ -429,7 +431,7 @@ def test_tokenize_rule_script(tmp_path, model_dir):
     ]
     data_path = write_jsonl(tmp_path / "chats.jsonl", rows)
     snakemake = rule_job(tmp_path, target_model=str(model_dir), input_data=str(data_path))
-    runpy.run_path(str(SCRIPTS / "tokenize.py"), init_globals={"snakemake": snakemake})
+    runpy.run_path(str(SCRIPTS / "tokenize_conversations.py"), init_globals={"snakemake": snakemake})
     info = read_tokenized_info(snakemake.output.tokenized)
     assert info.num_samples == 2 and info.target_vocab_size == 384
     assert info.source == {"input_data": str(data_path), "split": "train", "shuffle_seed": 42}
@@ -441,7 +443,7 @@ def test_tokenize_rule_script_names_the_input_of_a_bad_sample(tmp_path, model_di
     data_path = write_jsonl(tmp_path / "chats.jsonl", rows)
     snakemake = rule_job(tmp_path, target_model=str(model_dir), input_data=str(data_path))
     with pytest.raises(CacheConfigError, match="chats.jsonl.*sample 1 has no assistant turn"):
-        runpy.run_path(str(SCRIPTS / "tokenize.py"), init_globals={"snakemake": snakemake})
+        runpy.run_path(str(SCRIPTS / "tokenize_conversations.py"), init_globals={"snakemake": snakemake})
     assert list((tmp_path / "results").iterdir()) == []
 
 

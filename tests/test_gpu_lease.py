@@ -19,8 +19,7 @@ from eagle3_cache.gpu_lease import lease_gpus
 SCRIPTS_DIR = Path(__file__).resolve().parents[1] / "workflow" / "scripts"
 
 # A job: get ready, wait for the go file, lease, record what it held and when.
-# The package dir is appended, not put on PYTHONPATH: workflow/scripts/tokenize.py
-# would shadow the standard library's tokenize.
+# The package dir is appended to sys.path, as Snakemake's script directive does.
 HOLDER = """
 import json, sys, time
 from pathlib import Path

@@ -3,8 +3,7 @@ import re
 import sys
 from pathlib import Path
 
-# The rule scripts' package; appended (not prepended) so that script names such
-# as tokenize.py never shadow the standard library in this process.
+# The rule scripts' package (appended: it must never shadow an installed module).
 sys.path.append(str(Path(workflow.basedir, "workflow", "scripts")))
 
 from eagle3_cache import CACHE_SEMANTICS_VERSION

@@ -20,4 +20,4 @@ checkpoint tokenize:
         mask_reasoning_content=setting("mask_reasoning_content"),
         mask_generation_prompt=setting("mask_generation_prompt"),
     script:
-        "../scripts/tokenize.py"
+        "../scripts/tokenize_conversations.py"

@@ -167,6 +167,17 @@ class ValidationInputs:
     batch_size: int
 
 
+def problems_summary(problems: Sequence[str]) -> str:
+    """The summary line of a failed check: its problem, or how many and the first."""
+    return problems[0] if len(problems) == 1 else f"{len(problems)} problems; first: {problems[0]}"
+
+
+def listed(indices: Sequence[int]) -> str:
+    """Sample indices for a message, cut after MAX_LISTED."""
+    shown = ", ".join(str(i) for i in indices[:MAX_LISTED])
+    return shown + (f" and {len(indices) - MAX_LISTED} more" if len(indices) > MAX_LISTED else "")
+
+
 # --- 1. Complete and intact ------------------------------------------------------------------
 
 
@@ -180,9 +191,7 @@ def integrity_check(cache_dir: Path) -> CheckResult:
         "problems": len(problems),
     }
     if problems:
-        return CheckResult(
-            "integrity", False, f"{len(problems)} problem(s); first: {problems[0]}", figures, details=problems
-        )
+        return CheckResult("integrity", False, problems_summary(problems), figures, details=problems)
     summary = f"all {len(shards)} shards present; sample counts, sizes, sha256, keys, shapes and dtypes as recorded"
     return CheckResult("integrity", True, summary, figures)
 
@@ -425,7 +434,7 @@ def parity_result(
     }
     ids = ", ".join(str(c.sample) for c in comparisons)
     if problems:
-        summary = f"{len(problems)} difference(s) on {len(comparisons)} recomputed samples; first: {problems[0]}"
+        summary = problems_summary(problems)
     else:
         summary = f"{len(comparisons)} samples ({ids}) recomputed by the live target match the cache"
     return CheckResult("parity", not problems, summary, figures, {"fields": fields, "samples": samples}, problems)
@@ -583,20 +592,12 @@ def sanity_check(scan: CacheScan, num_samples: int) -> CheckResult:
         "samples_unlike_tokenized": len(scan.rows_unlike_tokenized),
     }
     if problems:
-        return CheckResult(
-            "sanity", False, f"{len(problems)} problem(s); first: {problems[0]}", figures, details=problems
-        )
+        return CheckResult("sanity", False, problems_summary(problems), figures, details=problems)
     summary = (
         f"{scan.samples_scanned} samples: no NaN/Inf, distributions sum to 1 (worst {scan.max_probability_sum_error:.2g}), "
         "position_mask inside the loss mask, padding zero, ids and masks equal the tokenized rows"
     )
     return CheckResult("sanity", True, summary, figures)
-
-
-def listed(indices: Sequence[int]) -> str:
-    """Sample indices for a message, cut after MAX_LISTED."""
-    shown = ", ".join(str(i) for i in indices[:MAX_LISTED])
-    return shown + (f" and {len(indices) - MAX_LISTED} more" if len(indices) > MAX_LISTED else "")
 
 
 # --- 4. Supervision ----------------------------------------------------------------------------
@@ -885,9 +886,7 @@ def provenance_check(
             "live parity compares against today's computation"
         )
     if problems:
-        return CheckResult(
-            "provenance", False, f"{len(problems)} problem(s); first: {problems[0]}", figures, series, details
-        )
+        return CheckResult("provenance", False, problems_summary(problems), figures, series, details)
     summary = f"{manifest['target_model']} ({identity.get('commit') or 'local'}), tokenizer and template hashed, all settings recorded"
     return CheckResult("provenance", True, summary, figures, series, details)
 

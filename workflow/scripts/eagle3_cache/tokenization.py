@@ -1,0 +1,89 @@
+"""Conversations to the tokenized store: what the `tokenize` rule runs, callable from tests and tools."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
+
+from .chat import ChatTokenizer, chat_template_hash, special_token_ids, tokenizer_hash
+from .data import iter_conversations, load_rows
+from .errors import CacheConfigError
+from .tokenized import TokenizedHeader, TokenizedSample, read_tokenized_info, write_tokenized
+
+PROGRESS_EVERY = 1000
+log = logging.getLogger(__name__)
+
+
+def tokenize_dataset(
+    output: str | Path,
+    *,
+    target_model: str,
+    revision: str | None,
+    trust_remote_code: bool,
+    input_data: str,
+    split: str | None,
+    shuffle_seed: int | None,
+    seq_length: int,
+    mask_reasoning_content: bool,
+    mask_generation_prompt: bool,
+) -> None:
+    """Load `input_data`, render it with the target's chat template and write the store at `output`."""
+    tokenizer = AutoTokenizer.from_pretrained(target_model, revision=revision, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(target_model, revision=revision, trust_remote_code=trust_remote_code)
+    chat = ChatTokenizer(
+        tokenizer,
+        seq_length,
+        mask_reasoning_content=mask_reasoning_content,
+        mask_generation_prompt=mask_generation_prompt,
+    )
+    header = TokenizedHeader(
+        seq_length=seq_length,
+        target_vocab_size=target_vocab_size(config, target_model),
+        special_token_ids=special_token_ids(tokenizer),
+        pad_token_id=chat.pad_token_id,
+        tokenizer_hash=tokenizer_hash(tokenizer),
+        chat_template_hash=chat_template_hash(tokenizer),
+        source={"input_data": input_data, "split": split, "shuffle_seed": shuffle_seed},
+        mask_reasoning_content=mask_reasoning_content,
+        mask_generation_prompt=mask_generation_prompt,
+    )
+    rows = load_rows(input_data, split, shuffle_seed)
+    log.info("Tokenizing %d samples from %s at seq_length %d", len(rows), input_data, seq_length)
+    samples = (chat(conversation) for conversation in iter_conversations(rows))
+    try:
+        write_tokenized(output, header, with_progress(samples, len(rows)), len(rows))
+    except CacheConfigError as error:
+        raise CacheConfigError(f"input_data {input_data!r}: {error}") from error
+    log_summary(output)
+
+
+def target_vocab_size(config: PretrainedConfig, target_model: str) -> int:
+    """The model's vocab size (the width of its logits), which can differ from len(tokenizer)."""
+    vocab_size = getattr(config.get_text_config(), "vocab_size", None)
+    if vocab_size is None:
+        raise CacheConfigError(f"target_model {target_model!r}: its config has no vocab_size")
+    return int(vocab_size)
+
+
+def with_progress(samples: Iterable[TokenizedSample], total: int) -> Iterator[TokenizedSample]:
+    for done, sample in enumerate(samples, start=1):
+        if done % PROGRESS_EVERY == 0:
+            log.info("tokenized %d / %d samples", done, total)
+        yield sample
+
+
+def log_summary(path: str | Path) -> None:
+    info = read_tokenized_info(path)
+    log.info(
+        "%d samples, %d truncated, %d supervised tokens, %d content tokens",
+        info.num_samples,
+        int(info.truncated.sum()),
+        int(info.num_supervised.sum()),
+        int(info.lengths.sum()),
+    )
+    unsupervised = int((info.num_supervised == 0).sum())
+    if unsupervised:
+        log.warning("%d samples have no supervised token (kept, as Automodel does)", unsupervised)
