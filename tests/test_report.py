@@ -202,6 +202,7 @@ def test_a_nan_fails_the_sanity_check(cache, target_model):
     report = validate(cache, target_model)
     assert failed(report) == {"sanity"}
     assert any("target_probs: 1 NaN or Inf" in line for line in report.check("sanity").details)
+    json.dumps(report.to_json(), allow_nan=False)  # the NaN's infinite sum error is written as text
 
 
 def test_parity_samples_are_distinct_seeded_and_spread_over_the_shards():

@@ -75,7 +75,7 @@ READ_BUDGET_BYTES = 256 << 20
 PARITY_POSITION_BLOCK = 128
 # Sample indices listed in the report and the JSON (counts are always complete).
 MAX_LISTED = 200
-PROJECTED_SAMPLES = (100_000, 1_000_000)
+PROJECTED_SAMPLES = {"100k": 100_000, "1M": 1_000_000}
 FLOAT_FIELDS = ("aux_hidden_states", "target_probs")
 EXACT_FIELDS = ("input_ids", "attention_mask", "loss_mask", "position_mask")
 
@@ -147,8 +147,19 @@ class ValidationReport:
             "generated_at": self.generated_at,
             "validation_seconds": round(self.seconds, 3),
             "validator": producer(),
-            "checks": [check.to_json() for check in self.checks],
+            "checks": [json_safe(check.to_json()) for check in self.checks],
         }
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with NaN and infinite floats (the errors of a broken cache) as strings, so the JSON stays strict."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [json_safe(item) for item in value]
+    return value
 
 
 @dataclass(frozen=True)
@@ -718,7 +729,10 @@ def disk_check(cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo
         "total_bytes": shard_bytes + embeddings_bytes,
         "padding_share": padding_share,
         "padding_bytes": round(padding_share * n * per_sample),
-        **{f"projected_{count:,}_samples_bytes": count * per_sample + embeddings_bytes for count in PROJECTED_SAMPLES},
+        **{
+            f"projected_{name}_samples_bytes": count * per_sample + embeddings_bytes
+            for name, count in PROJECTED_SAMPLES.items()
+        },
     }
     series = {
         "fields": [
