@@ -240,24 +240,18 @@ def tokenize_to_store(
     path, tokenizer, input_data, seq_length, *, vocab_size=None, split=None, shuffle_seed=42, **mask_options
 ):
     """What the tokenize rule does, on an already loaded tokenizer (vocab_size defaults to its length)."""
-    from eagle3_cache.chat import ChatTokenizer, chat_template_hash, special_token_ids, tokenizer_hash
-    from eagle3_cache.data import iter_conversations, load_rows
-    from eagle3_cache.tokenized import TokenizedHeader, write_tokenized
+    from eagle3_cache.tokenization import write_tokenized_store
 
-    chat = ChatTokenizer(tokenizer, seq_length, **mask_options)
-    header = TokenizedHeader(
+    write_tokenized_store(
+        path,
+        tokenizer,
+        vocab_size or len(tokenizer),
+        input_data=str(input_data),
+        split=split,
+        shuffle_seed=shuffle_seed,
         seq_length=seq_length,
-        target_vocab_size=vocab_size or len(tokenizer),
-        special_token_ids=special_token_ids(tokenizer),
-        pad_token_id=chat.pad_token_id,
-        tokenizer_hash=tokenizer_hash(tokenizer),
-        chat_template_hash=chat_template_hash(tokenizer),
-        source={"input_data": str(input_data), "split": split, "shuffle_seed": shuffle_seed},
-        mask_reasoning_content=chat.mask_reasoning_content,
-        mask_generation_prompt=chat.mask_generation_prompt,
+        **mask_options,
     )
-    rows = load_rows(str(input_data), split, shuffle_seed)
-    write_tokenized(path, header, (chat(c) for c in iter_conversations(rows)), len(rows))
     return path
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from .chat import ChatTokenizer, chat_template_hash, special_token_ids, tokenizer_hash
 from .data import iter_conversations, load_rows
@@ -23,16 +23,27 @@ def tokenize_dataset(
     target_model: str,
     revision: str | None,
     trust_remote_code: bool,
+    **options: Any,
+) -> None:
+    """Load the target's tokenizer and config, then `write_tokenized_store` (the `tokenize` rule)."""
+    tokenizer = AutoTokenizer.from_pretrained(target_model, revision=revision, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(target_model, revision=revision, trust_remote_code=trust_remote_code)
+    write_tokenized_store(output, tokenizer, target_vocab_size(config, target_model), **options)
+
+
+def write_tokenized_store(
+    output: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    vocab_size: int,
+    *,
     input_data: str,
     split: str | None,
     shuffle_seed: int | None,
     seq_length: int,
-    mask_reasoning_content: bool,
-    mask_generation_prompt: bool,
+    mask_reasoning_content: bool = False,
+    mask_generation_prompt: bool = False,
 ) -> None:
-    """Load `input_data`, render it with the target's chat template and write the store at `output`."""
-    tokenizer = AutoTokenizer.from_pretrained(target_model, revision=revision, trust_remote_code=trust_remote_code)
-    config = AutoConfig.from_pretrained(target_model, revision=revision, trust_remote_code=trust_remote_code)
+    """Load `input_data`, render it with the tokenizer's chat template and write the store at `output`."""
     chat = ChatTokenizer(
         tokenizer,
         seq_length,
@@ -41,7 +52,7 @@ def tokenize_dataset(
     )
     header = TokenizedHeader(
         seq_length=seq_length,
-        target_vocab_size=target_vocab_size(config, target_model),
+        target_vocab_size=vocab_size,
         special_token_ids=special_token_ids(tokenizer),
         pad_token_id=chat.pad_token_id,
         tokenizer_hash=tokenizer_hash(tokenizer),
