@@ -332,31 +332,21 @@ def build_tiny_cache(
     """What the workflow's rules do, in-process on the CPU: tokenize `rows`, select the draft
     vocabulary, compute every shard, store the embeddings and write the manifest."""
     import json
-    from dataclasses import asdict
 
     from transformers import AutoTokenizer
 
     from eagle3_cache import CACHE_SEMANTICS_VERSION
     from eagle3_cache.atomic import write_json_atomic
     from eagle3_cache.manifest import checked_manifest, read_shard_stats
-    from eagle3_cache.pipeline import compute_shard
-    from eagle3_cache.provenance import ids_fingerprint, settings_fingerprint
+    from eagle3_cache.pipeline import run_shard_job
     from eagle3_cache.shard_format import (
         EMBEDDINGS_FILE,
         MANIFEST_FILE,
-        ShardLayout,
         num_shards,
         shard_file_name,
         write_target_embeddings,
     )
-    from eagle3_cache.target import (
-        CacheSpec,
-        hidden_size,
-        input_embeddings,
-        load_target,
-        model_identity,
-        resolve_aux_layer_ids,
-    )
+    from eagle3_cache.target import input_embeddings
     from eagle3_cache.tokenized import read_tokenized_info
     from eagle3_cache.vocab import (
         count_supervised_tokens,
@@ -394,38 +384,20 @@ def build_tiny_cache(
         "mask_reasoning_content": False,
         "mask_generation_prompt": False,
     }
-    device = torch.device("cpu")
-    model = load_target(str(target_dir), revision=None, trust_remote_code=False, device=device)
-    spec = CacheSpec(resolve_aux_layer_ids(model, None), selected, info.target_vocab_size, dtype, target_probs_topk)
-    layout = ShardLayout(seq_length, 3 * hidden_size(model), spec.draft_vocab_size, dtype, target_probs_topk)
-    stats_paths = []
-    for index in range(num_shards(info.num_samples, shard_size)):
-        result = compute_shard(
-            model,
-            spec,
-            layout,
+    shard_count = num_shards(info.num_samples, shard_size)
+    stats_paths = [cache.run_dir / "shard_stats" / f"shard-{i:06d}.json" for i in range(shard_count)]
+    for index, stats_path in enumerate(stats_paths):
+        run_shard_job(
+            settings,
             tokenized_path=cache.tokenized,
-            num_samples=info.num_samples,
+            selection_path=cache.selection,
             shard_index=index,
-            shard_size=shard_size,
             batch_size=batch_size,
+            device=torch.device("cpu"),
+            num_gpus=1,
             shard_path=cache.cache_dir / shard_file_name(index),
+            stats_path=stats_path,
         )
-        # The rule script adds these: its model load, and the job's wall time.
-        result.seconds.update(load=0.01, total=sum(result.seconds.values()) + 0.01)
-        stats = {
-            **asdict(result),
-            "shard": index,
-            "aux_layer_ids": spec.aux_layer_ids,
-            "aux_hidden_dim": layout.aux_hidden_dim,
-            "target_vocab_size": info.target_vocab_size,
-            "selected_token_ids_sha256": ids_fingerprint(selected.tolist()),
-            "settings_fingerprint": settings_fingerprint(settings),
-            "model_identity": model_identity(str(target_dir), None, model),
-            "device": str(device),
-        }
-        stats_paths.append(cache.run_dir / "shard_stats" / f"shard-{index:06d}.json")
-        write_json_atomic(stats_paths[-1], stats)
     embeddings = input_embeddings(str(target_dir), revision=None, trust_remote_code=False)
     write_target_embeddings(cache.cache_dir / EMBEDDINGS_FILE, embeddings)
     stats = read_shard_stats(stats_paths)

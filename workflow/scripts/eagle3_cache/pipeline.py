@@ -8,19 +8,34 @@ at most a few batches are ever in memory, whatever the shard size.
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from .atomic import write_json_atomic
+from .errors import CacheConfigError
+from .provenance import ids_fingerprint, settings_fingerprint
 from .shard_format import ShardLayout, ShardWriter, samples_in_shard
-from .target import CacheBatch, CacheSpec, compute_cache_batch
+from .target import (
+    CacheBatch,
+    CacheSpec,
+    compute_cache_batch,
+    hidden_size,
+    load_target,
+    model_identity,
+    resolve_aux_layer_ids,
+)
 from .timing import PhaseTimer
-from .tokenized import TokenBlock, read_token_block
+from .tokenized import TokenBlock, read_token_block, read_tokenized_info
+from .vocab import read_vocab_selection
 
 log = logging.getLogger(__name__)
 
@@ -187,3 +202,78 @@ def log_progress(done: int, total: int, started: float) -> None:
         elapsed = time.perf_counter() - started
         eta = elapsed / done * (total - done)
         log.info("batch %d/%d, %.1fs elapsed, ETA %.1fs", done, total, elapsed, eta)
+
+
+def run_shard_job(
+    settings: Mapping[str, Any],
+    *,
+    tokenized_path: str | Path,
+    selection_path: str | Path,
+    shard_index: int,
+    batch_size: int,
+    device: torch.device,
+    num_gpus: int,
+    shard_path: str | Path,
+    stats_path: str | Path,
+) -> dict[str, Any]:
+    """What a shard job does once it holds its devices: load the target, write the shard and its stats.
+
+    `settings` are the shard rule's params. Returns the stats written to `stats_path`.
+    """
+    started = time.perf_counter()
+    model = load_target(
+        settings["target_model"],
+        revision=settings["revision"],
+        trust_remote_code=settings["trust_remote_code"],
+        device=device,
+        num_gpus=num_gpus,
+    )
+    load_seconds = time.perf_counter() - started
+    log.info("loaded %s on %s in %.1fs", settings["target_model"], device, load_seconds)
+    info = read_tokenized_info(tokenized_path)
+    selected, target_vocab_size = read_vocab_selection(selection_path)
+    check_vocab_matches(model, target_vocab_size, selection_path)
+    aux_layer_ids = resolve_aux_layer_ids(model, settings["aux_layer_ids"])
+    dtype, topk = settings["dtype"], settings["target_probs_topk"]
+    spec = CacheSpec(aux_layer_ids, selected, target_vocab_size, dtype, topk)
+    layout = ShardLayout(settings["seq_length"], 3 * hidden_size(model), spec.draft_vocab_size, dtype, topk)
+    result = compute_shard(
+        model,
+        spec,
+        layout,
+        tokenized_path=tokenized_path,
+        num_samples=info.num_samples,
+        shard_index=shard_index,
+        shard_size=settings["shard_size"],
+        batch_size=batch_size,
+        shard_path=shard_path,
+    )
+    result.seconds["load"] = load_seconds
+    result.seconds["total"] = time.perf_counter() - started
+    stats = {
+        **asdict(result),
+        "shard": shard_index,
+        "aux_layer_ids": aux_layer_ids,
+        "aux_hidden_dim": layout.aux_hidden_dim,
+        "target_vocab_size": target_vocab_size,
+        "selected_token_ids_sha256": ids_fingerprint(selected.tolist()),
+        "settings_fingerprint": settings_fingerprint(settings),
+        "model_identity": model_identity(settings["target_model"], settings["revision"], model),
+        "device": str(device),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "host": socket.gethostname(),
+        "batch_size": batch_size,
+    }
+    write_json_atomic(stats_path, stats)
+    return stats
+
+
+def check_vocab_matches(model: nn.Module, target_vocab_size: int, selection_path: str | Path) -> None:
+    """The draft vocabulary must index this target's logits."""
+    logits_width = model.get_output_embeddings().weight.shape[0]
+    if logits_width != target_vocab_size:
+        raise CacheConfigError(
+            f"{selection_path} was built for a {target_vocab_size}-token vocabulary, but the target's logits "
+            f"have {logits_width}. Delete it (and tokenized.h5) so both are rebuilt for this target_model."
+        )
