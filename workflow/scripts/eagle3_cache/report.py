@@ -7,6 +7,14 @@ written. `render_html` turns the results into one HTML file with inline CSS and 
 no script, no stylesheet or image to fetch, so it opens from disk in any browser.
 
 Shards are streamed a few rows at a time, so RAM stays bounded whatever the cache's size.
+
+To see a report as a browser draws it, without a display (Debian: `apt-get install -y chromium`):
+
+    chromium --headless --no-sandbox --disable-gpu --disable-background-networking \
+        --disable-component-update --no-first-run --window-size=1200,2400 \
+        --screenshot=report.png file://$PWD/results/demo/validation_report.html
+
+(`REPORT_SCREENSHOT=report.png pytest tests/test_report.py -k chromium` does the same on a test cache.)
 """
 
 from __future__ import annotations
@@ -727,6 +735,7 @@ def disk_check(cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo
         "shard_bytes": shard_bytes,
         "embeddings_bytes": embeddings_bytes,
         "total_bytes": shard_bytes + embeddings_bytes,
+        "allocated_bytes": allocated_bytes([cache_dir / r["file"] for r in records] + [embeddings]),
         "padding_share": padding_share,
         "padding_bytes": round(padding_share * n * per_sample),
         **{
@@ -746,10 +755,18 @@ def disk_check(cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo
         )
         return CheckResult("disk", False, summary, figures, series, [summary])
     summary = (
-        f"{format_bytes(shard_bytes + embeddings_bytes)} in all, {format_bytes(per_sample)} per sample, "
-        f"{padding_share:.1%} of positions are padding"
+        f"{format_bytes(shard_bytes + embeddings_bytes)} in all ({format_bytes(figures['allocated_bytes'])} allocated), "
+        f"{format_bytes(per_sample)} per sample, {padding_share:.1%} of positions are padding"
     )
     return CheckResult("disk", True, summary, figures, series)
+
+
+def allocated_bytes(paths: Sequence[Path]) -> int:
+    """Disk blocks the files take: less than their size where the never-written padding stays a sparse hole.
+
+    A copy that does not keep holes (object storage, `rsync` without `-S`) takes the full size.
+    """
+    return sum(path.stat().st_blocks * 512 for path in paths if path.exists())
 
 
 # --- 7. Cost -----------------------------------------------------------------------------------
