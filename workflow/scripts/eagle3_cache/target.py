@@ -67,11 +67,19 @@ def load_target(
     """
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code, "dtype": compute_dtype(device)}
-    if device.type == "cuda" and num_gpus > 1:
-        model = AutoModelForCausalLM.from_pretrained(model_id, device_map="auto", **kwargs)
+    if device.type != "cuda":
+        device_map = None
+    elif num_gpus > 1:
+        device_map = "auto"
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs).to(device)
+        device_map = {"": str(device)}  # straight to the GPU, never a full copy in host RAM
+    model = AutoModelForCausalLM.from_pretrained(
+        model_id,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+        dtype=compute_dtype(device),
+        device_map=device_map,
+    )
     return model.eval()
 
 
@@ -272,7 +280,7 @@ def compute_cache_batch(
 
     The target runs only on the leading positions the batch needs (see `forward_width`); rows are
     right padded, so trimming changes no content position. The computed fields stay on the target's
-    device; `CacheBatch.cpu()` brings them over.
+    (first) device; `CacheBatch.cpu()` brings them over.
     """
     seq_length = tokens.input_ids.shape[1]
     lengths = tokens.attention_mask.sum(dim=1)
@@ -285,7 +293,8 @@ def compute_cache_batch(
     with timer.phase("forward"), captured_layer_outputs(model, spec.aux_layer_ids) as captured:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     with timer.phase("distribution"):
-        aux_hidden_states = torch.cat([captured[i] for i in spec.aux_layer_ids], dim=-1)
+        # A target split over several GPUs leaves layer outputs and logits on different devices.
+        aux_hidden_states = torch.cat([captured[i].to(logits.device) for i in spec.aux_layer_ids], dim=-1)
         # Position p is supervised by the logits at p + 1; those exist for p < width - 1.
         next_token_logits = logits[:, 1:width]
         probs, position_mask = draft_distribution(
@@ -299,7 +308,7 @@ def compute_cache_batch(
         input_ids=shifted_left(tokens.input_ids),
         attention_mask=tokens.attention_mask.clone(),
         loss_mask=shifted_loss_mask,
-        computed=computed,
+        computed={name: values.to(device) for name, values in computed.items()},
         lengths=lengths,
     )
 
