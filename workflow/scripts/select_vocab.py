@@ -1,7 +1,5 @@
 """Rule `select_vocab`: tokenized.h5 -> vocab_selection.pt (draft vocabulary) + vocab_counts.npy."""
 
-from __future__ import annotations
-
 from eagle3_cache.logs import setup_logging
 from eagle3_cache.tokenized import read_tokenized_info
 from eagle3_cache.vocab import (
