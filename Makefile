@@ -16,7 +16,7 @@ TEST_STAMP := $(VENV)/.test-$(call content_hash,$(RUNTIME_REQUIREMENTS) $(TEST_R
 
 # GPUs on this machine; Snakemake runs at most this many GPU-jobs' worth at once.
 GPUS ?= $(shell nvidia-smi -L 2>/dev/null | wc -l)
-GPU_LIMIT := $(if $(filter-out 0,$(GPUS)),--resources gpu=$(GPUS))
+GPU_LIMIT = $(if $(filter-out 0,$(GPUS)),--resources gpu=$(GPUS))
 
 .PHONY: demo test
 

@@ -3,7 +3,8 @@ import re
 import sys
 from pathlib import Path
 
-# The rule scripts' package (appended: it must never shadow an installed module).
+# Makes the rule scripts' package importable; appended so that it never shadows
+# an installed module.
 sys.path.append(str(Path(workflow.basedir, "workflow", "scripts")))
 
 from eagle3_cache import CACHE_SEMANTICS_VERSION
