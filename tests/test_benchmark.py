@@ -1,0 +1,86 @@
+"""Smoke tests of the benchmark tool's machinery on a tiny model (nothing here is timed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import PARITY_ROWS, tiny_llama_config
+
+import benchmark
+
+pytest.importorskip(
+    "nemo_automodel.components.speculative.precompute_eagle3",
+    reason="nemo-automodel 0.7.0 is the benchmark's reference: "
+    "pip install --no-deps -r envs/requirements-nodeps-oracle.txt",
+)
+pytestmark = pytest.mark.automodel
+
+
+@pytest.fixture
+def tiny_chat_model(tmp_path, make_chat_tokenizer):
+    """A random tiny Llama saved with a chat tokenizer, as a local checkpoint both sides can load."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    tokenizer = make_chat_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id))
+    path = tmp_path / "tiny-chat-model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def conversations(tmp_path):
+    path = tmp_path / "conversations.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in PARITY_ROWS * 2))
+    return path
+
+
+def test_compare_prints_the_table_and_the_parity_verdict(tiny_chat_model, conversations, tmp_path, capsys):
+    report = benchmark.main(
+        [
+            *("--model", str(tiny_chat_model), "--conversations", str(conversations)),
+            *("--rounds", "1", "--num-samples", "6", "--shard-size", "4", "--batch-size", "2"),
+            *("--seq-length", "48", "--draft-vocab-size", "64", "--device", "cpu", "--threads", "1"),
+            *("--workdir", str(tmp_path / "work"), "--output-json", str(tmp_path / "report.json")),
+        ]
+    )
+    out = capsys.readouterr().out
+    for label in ("samples/s", "real tokens/s", "peak RSS (MiB)", "model load (s)", "parity (round 1): PASS"):
+        assert label in out
+    assert report["parity"]["identical"], report["parity"]["problems"]
+    ours, reference = report["runs"]["ours"][0], report["runs"]["reference"][0]
+    assert ours["samples"] == reference["samples"] == 6
+    assert ours["real_tokens"] == reference["real_tokens"]
+    overhead = json.loads((tmp_path / "report.json").read_text())["job_overhead"]
+    assert overhead["shard_size_for_load_and_start"] % 2 == 0
+
+
+def test_rss_scaling_runs_one_shard_at_two_sizes(tiny_chat_model, conversations, tmp_path, capsys):
+    report = benchmark.main(
+        [
+            *("--rss-scaling", "--model", str(tiny_chat_model), "--conversations", str(conversations)),
+            *("--shard-size", "2", "--batch-size", "2", "--seq-length", "48", "--draft-vocab-size", "64"),
+            *("--device", "cpu", "--threads", "1", "--workdir", str(tmp_path / "work")),
+        ]
+    )
+    assert [run["samples"] for run in report["runs"].values()] == [2, 4]
+    assert "peak RSS ratio 4 / 2" in capsys.readouterr().out
+
+
+def test_gpu_floor_code_path_runs_on_a_tiny_cpu_model(tmp_path, capsys):
+    report = benchmark.main(
+        ["--gpu-floor", "--tiny", "--num-samples", "8", "--threads", "1", "--workdir", str(tmp_path / "work")]
+    )
+    out = capsys.readouterr().out
+    assert "of the floor" in out
+    assert report["run"]["samples"] == 8
+    assert report["flops"] > 2 * report["run"]["linear_params"] * report["run"]["real_tokens"]
+
+
+def test_a_shard_size_the_reference_refuses_is_an_error():
+    with pytest.raises(benchmark.CacheConfigError, match="multiple of --batch-size"):
+        benchmark.main(["--shard-size", "6", "--batch-size", "4"])
