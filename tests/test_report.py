@@ -24,7 +24,14 @@ from eagle3_cache.report import (
     render_html,
     validate_cache,
 )
-from eagle3_cache.shard_format import MANIFEST_FILE, file_sha256, read_manifest, shard_file_name
+from eagle3_cache.shard_format import (
+    MANIFEST_FILE,
+    SAFETENSORS_DTYPES,
+    file_sha256,
+    read_manifest,
+    read_shard_rows,
+    shard_file_name,
+)
 from eagle3_cache.target import load_target
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,14 +112,14 @@ def element_offset(shard: Path, field: str, index: tuple[int, ...]) -> tuple[int
     with open(shard, "rb") as handle:
         (length,) = struct.unpack("<Q", handle.read(8))
         entry = json.loads(handle.read(length))[field]
-    dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[entry["dtype"]]
+    dtype = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}[entry["dtype"]]
     flat = 0
     for position, size in zip(index, entry["shape"], strict=True):
         flat = flat * size + position
     return 8 + length + entry["data_offsets"][0] + flat * torch.empty((), dtype=dtype).element_size(), dtype
 
 
-def overwrite_value(shard: Path, field: str, index: tuple[int, ...], value: float) -> None:
+def overwrite_value(shard: Path, field: str, index: tuple[int, ...], value: float | bool) -> None:
     offset, dtype = element_offset(shard, field, index)
     with open(shard, "r+b") as handle:
         handle.seek(offset)
@@ -194,15 +201,26 @@ def test_a_deleted_shard_fails_completeness_and_still_gives_a_report(cache, targ
     assert "FAIL" in render_html(report)
 
 
-def test_a_nan_fails_the_sanity_check(cache, target_model):
-    sample = 4  # shard 1, row 1: not in the parity set
+@pytest.mark.parametrize(
+    "field, position, value, problem",
+    [
+        ("target_probs", 3, float("nan"), "target_probs: 1 NaN or Inf values"),
+        ("aux_hidden_states", 39, 1.0, "1 padding positions (attention_mask 0) hold nonzero values"),
+        ("position_mask", 0, True, "position_mask set at 1 positions outside the shifted loss_mask"),
+        ("input_ids", 2, 7, "1 samples whose ids or masks are not the tokenized rows shifted: 4"),
+    ],
+)
+def test_damage_outside_the_parity_samples_fails_the_sanity_check(cache, target_model, field, position, value, problem):
+    sample, shard = 4, cache.cache_dir / shard_file_name(1)  # row 1 of shard 1, not recomputed
     assert sample not in parity_sample_indices(8, SHARD_SIZE, PARITY_SAMPLES, seed=0)
-    overwrite_value(cache.cache_dir / shard_file_name(1), "target_probs", (1, 3, 0), float("nan"))
+    stored = read_shard_rows(shard, [1])
+    assert not stored["attention_mask"][0, 39] and not stored["loss_mask"][0, 0]  # padding; unsupervised
+    overwrite_value(shard, field, (1, position, 0)[: stored[field].dim()], value)
     rerecord_hashes(cache)
     report = validate(cache, target_model)
     assert failed(report) == {"sanity"}
-    assert any("target_probs: 1 NaN or Inf" in line for line in report.check("sanity").details)
-    json.dumps(report.to_json(), allow_nan=False)  # the NaN's infinite sum error is written as text
+    assert any(problem in line for line in report.check("sanity").details), report.check("sanity").details
+    json.dumps(report.to_json(), allow_nan=False)  # a NaN's infinite sum error is written as text
 
 
 def test_parity_samples_are_distinct_seeded_and_spread_over_the_shards():
