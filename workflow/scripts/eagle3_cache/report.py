@@ -814,7 +814,10 @@ def shard_cost_row(stats: Mapping[str, Any], benchmark: Mapping[str, float | Non
         "real_tokens": stats["real_tokens"],
         "tokens_per_second": stats["real_tokens"] / total if total else 0.0,
         "load_share": load / total if total else 0.0,
-        "computed_share": stats["computed_tokens"] / stats["padded_tokens"] if stats["padded_tokens"] else 0.0,
+        # The part of the padded [samples, seq_length] grid the target ran on; trimming skipped the rest.
+        "positions_computed_share": (
+            stats["computed_tokens"] / stats["padded_tokens"] if stats["padded_tokens"] else 0.0
+        ),
         "benchmark_seconds": benchmark.get("s") if benchmark else None,
         "max_rss_mb": benchmark.get("max_rss") if benchmark else None,
         "device": stats.get("device"),
@@ -834,7 +837,8 @@ def cost_check(stats: Sequence[Mapping[str, Any]], benchmarks: Sequence[Path], s
         "load_seconds": load_seconds,
         "load_share": load_seconds / job_seconds if job_seconds else 0.0,
         "tokens_per_second": real_tokens / job_seconds if job_seconds else 0.0,
-        "computed_share": sum(s["computed_tokens"] for s in stats) / max(sum(s["padded_tokens"] for s in stats), 1),
+        "positions_computed_share": sum(s["computed_tokens"] for s in stats)
+        / max(sum(s["padded_tokens"] for s in stats), 1),
         "max_rss_mb": max((r["max_rss_mb"] for r in rows if r["max_rss_mb"] is not None), default=None),
     }
     missing = sorted(set(range(shard_count)) - {r["shard"] for r in rows})
@@ -1319,8 +1323,10 @@ def svg_line_chart(
         f'stroke="{MARK_COLOR}" stroke-dasharray="4 3"/>'
     )
     content.append(f'<circle cx="{mx:.1f}" cy="{my:.1f}" r="4" fill="{MARK_COLOR}"/>')
+    # At the foot of the marker line, on the side with more room: the curve runs high there.
     anchor = "end" if mx > MARGIN_LEFT + plot_w * 0.6 else "start"
-    content.append(svg_text(mx + (-8 if anchor == "end" else 8), my + 16, text, anchor, f' style="fill:{MARK_COLOR}"'))
+    label_x, label_y = mx + (-8 if anchor == "end" else 8), MARGIN_TOP + plot_h - 10
+    content.append(svg_text(label_x, label_y, text, anchor, f' style="fill:{MARK_COLOR}"'))
     content += axis_labels(plot_w, plot_h, x_label, y_label)
     return svg_document(CHART_WIDTH, CHART_HEIGHT, content)
 
