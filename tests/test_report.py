@@ -260,6 +260,7 @@ def test_the_html_parses_and_fetches_nothing(cache, target_model):
     references = [attrs.get(key) for _, attrs in parser.tags for key in ("src", "href") if attrs.get(key)]
     assert all(reference.startswith("#") for reference in references), references
     assert names.count("svg") == 3 and "url(" not in document and "@import" not in document
+    assert "http" not in document.lower()
 
 
 # --- The rule script ---------------------------------------------------------------------------

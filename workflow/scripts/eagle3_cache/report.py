@@ -1017,11 +1017,12 @@ def failure_message(report: ValidationReport, kept: Path) -> str:
 
 def format_bytes(size: float) -> str:
     """`1.23 GB` (decimal units, as disks are sold)."""
-    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
-        if abs(size) < 1000 or unit == "PB":
-            return f"{size:,.0f} {unit}" if unit == "B" else f"{size:.3g} {unit}"
+    units = ("B", "kB", "MB", "GB", "TB", "PB")
+    power = 0
+    while abs(size) >= 1000 and power < len(units) - 1:
         size /= 1000
-    raise AssertionError("unreachable")
+        power += 1
+    return f"{size:,.0f} B" if power == 0 else f"{size:.3g} {units[power]}"
 
 
 def format_seconds(seconds: float) -> str:
@@ -1274,8 +1275,7 @@ LINE_COLOR, MARK_COLOR, BAR_COLOR, GRID_COLOR = "#2457a6", "#b42318", "#4f7cc4",
 
 def svg_document(width: int, height: int, content: Sequence[str]) -> str:
     return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img">{"".join(content)}</svg>'
+        f'<svg width="{width}" height="{height}" ' f'viewBox="0 0 {width} {height}" role="img">{"".join(content)}</svg>'
     )
 
 
