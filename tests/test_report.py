@@ -95,7 +95,6 @@ def validate(cache: TinyCache, model, *, num_samples: int = PARITY_SAMPLES, benc
         benchmarks=list(benchmarks),
         num_samples=num_samples,
         seed=0,
-        batch_size=2,
     )
     return validate_cache(inputs, lambda: contextlib.nullcontext(model))
 
@@ -289,7 +288,7 @@ def run_rule_script(cache: TinyCache, target_dir: Path, strict: bool) -> SimpleN
             trust_remote_code=False,
             cache_dir=str(cache.cache_dir),
         ),
-        config={"device": "cpu", "gpus_per_job": 1, "runs": {"tiny": {"batch_size": 2}}},
+        config={"device": "cpu", "gpus_per_job": 1},
         wildcards=SimpleNamespace(run="tiny"),
     )
     runpy.run_path(str(VALIDATE_SCRIPT), init_globals={"snakemake": snakemake})

@@ -47,7 +47,6 @@ inputs = ValidationInputs(
     benchmarks=[Path(p) for p in snakemake.input.benchmarks],
     num_samples=params.num_samples,
     seed=params.seed,
-    batch_size=config["runs"][run]["batch_size"],
 )
 report = validate_cache(inputs, leased_target)
 kept = write_report(report, Path(snakemake.output.report), Path(snakemake.output.json), strict=params.strict)

@@ -38,7 +38,6 @@ from torch import nn
 
 from . import CACHE_SEMANTICS_VERSION
 from .atomic import atomic_output, write_json_atomic
-from .pipeline import length_buckets, token_rows
 from .provenance import producer
 from .shard_format import (
     DTYPES,
@@ -184,7 +183,6 @@ class ValidationInputs:
     benchmarks: Sequence[Path]
     num_samples: int  # samples recomputed by the parity check
     seed: int
-    batch_size: int
 
 
 def problems_summary(problems: Sequence[str]) -> str:
@@ -356,20 +354,18 @@ def recomputed_comparisons(
 ) -> list[SampleComparison]:
     """Run the target on `samples` through the shards' own function and compare with the cache.
 
-    Batches are grouped by length, as the shard jobs group them, so the target runs on little padding.
+    One sample per forward: the target runs on no padding, and each row is recomputed in another
+    batch than the shard job's, as a row's content must not depend on its batch.
     """
     spec = cache_spec(manifest)
     shard_size = int(manifest["shard_size"])
-    tokens = read_token_rows(inputs.tokenized, samples)
     comparisons = []
-    for rows in length_buckets(tokens.attention_mask.sum(dim=1), inputs.batch_size):
-        live = compute_cache_batch(model, spec, token_rows(tokens, rows)).cpu().padded()
-        for i, row in enumerate(rows):
-            live_sample = {name: values[i] for name, values in live.items()}
-            stored = stored_sample(inputs.cache_dir, shard_size, samples[row])
-            comparison = compare_sample(samples[row], shard_size, live_sample, stored, spec.draft_vocab_size, eps)
-            comparisons.append(comparison)
-    return sorted(comparisons, key=lambda c: c.sample)
+    for sample in samples:
+        live = compute_cache_batch(model, spec, read_token_rows(inputs.tokenized, [sample])).cpu().padded()
+        live_sample = {name: values[0] for name, values in live.items()}
+        stored = stored_sample(inputs.cache_dir, shard_size, sample)
+        comparisons.append(compare_sample(sample, shard_size, live_sample, stored, spec.draft_vocab_size, eps))
+    return comparisons
 
 
 def allowed_position_mask_flips(supervised_positions: int, compute_dtypes: set[torch.dtype]) -> int:
