@@ -827,14 +827,14 @@ def cost_check(stats: Sequence[Mapping[str, Any]], benchmarks: Sequence[Path], s
     job_seconds = sum(r["job_seconds"] for r in rows)
     load_seconds = sum(r["load_seconds"] for r in rows)
     real_tokens = sum(r["real_tokens"] for r in rows)
+    computed, padded = sum(s["computed_tokens"] for s in stats), sum(s["padded_tokens"] for s in stats)
     figures = {
         "shard_jobs": len(rows),
         "job_seconds": job_seconds,
         "load_seconds": load_seconds,
         "load_share": load_seconds / job_seconds if job_seconds else 0.0,
         "tokens_per_second": real_tokens / job_seconds if job_seconds else 0.0,
-        "positions_computed_share": sum(s["computed_tokens"] for s in stats)
-        / max(sum(s["padded_tokens"] for s in stats), 1),
+        "positions_computed_share": computed / padded if padded else 0.0,
         "max_rss_mb": max((r["max_rss_mb"] for r in rows if r["max_rss_mb"] is not None), default=None),
     }
     missing = sorted(set(range(shard_count)) - {r["shard"] for r in rows})
