@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from slurm_cluster import SlurmCluster, require_slurm, running_slurm_cluster, wait_for
-from test_workflow import (  # noqa: F401 (tiny_target is a fixture)
+from test_workflow import (
     HOLD_SHARD,
     NUM_SHARDS,
     RUN,
@@ -33,7 +33,6 @@ from test_workflow import (  # noqa: F401 (tiny_target is a fixture)
     new_workdir,
     run_config,
     shard_path,
-    tiny_target,
 )
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -70,10 +69,10 @@ def cluster() -> Iterator[SlurmCluster]:
 
 @pytest.fixture(scope="module")
 def completed_on_cluster(
-    cluster: SlurmCluster, tiny_target: Path, tmp_path_factory: pytest.TempPathFactory
+    cluster: SlurmCluster, tiny_chat_target: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     """A workdir where the whole workflow ran once through SLURM; prints the run's figures."""
-    workdir = new_workdir(tmp_path_factory.mktemp("slurm-run"), slurm_run_config(tiny_target))
+    workdir = new_workdir(tmp_path_factory.mktemp("slurm-run"), slurm_run_config(tiny_chat_target))
     submitted_before = len(batch_submissions(cluster))
     started = time.monotonic()
     result = snakemake_on_cluster(cluster, workdir)
@@ -170,10 +169,10 @@ def test_cancelled_shard_job_fails_the_run_and_a_rerun_completes(
         assert digest(shard_path(workdir, index)) == digest(shard_path(completed_on_cluster, index))
 
 
-def slurm_run_config(tiny_target: Path) -> dict:
+def slurm_run_config(tiny_chat_target: Path) -> dict:
     # device "auto" (the tests' default is "cpu") makes every shard job ask SLURM for a GPU;
     # on a machine without CUDA the model still runs on the CPU.
-    return {**run_config(tiny_target), "device": "auto"}
+    return {**run_config(tiny_chat_target), "device": "auto"}
 
 
 def snakemake_on_cluster(

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import CHATML_TEMPLATE, tiny_llama_config
 from eagle3_cache.shard_format import check_cache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,29 +46,6 @@ def every_shard(count: int = NUM_SHARDS) -> set[str]:
 
 
 # --- Setup ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def tiny_target(tmp_path_factory, chat_tokenizer_json) -> Path:
-    """A random 8-layer Llama saved with a ChatML tokenizer: a local target_model."""
-    import torch
-    from tokenizers import Tokenizer
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny-target")
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(chat_tokenizer_json),
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-    )
-    tokenizer.chat_template = CHATML_TEMPLATE
-    tokenizer.save_pretrained(path)
-    torch.manual_seed(0)
-    config = tiny_llama_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
 
 
 def conversation(index: int) -> dict:
@@ -163,9 +139,9 @@ def digest(path: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def completed(tmp_path_factory, tiny_target) -> tuple[Path, set[str]]:
+def completed(tmp_path_factory, tiny_chat_target) -> tuple[Path, set[str]]:
     """A workdir where the whole workflow ran once, and the jobs that first run executed."""
-    workdir = new_workdir(tmp_path_factory.mktemp("completed"), run_config(tiny_target))
+    workdir = new_workdir(tmp_path_factory.mktemp("completed"), run_config(tiny_chat_target))
     return workdir, jobs_run(snakemake(workdir).stdout)
 
 
@@ -202,14 +178,14 @@ def test_1_second_run_does_nothing(workdir):
 
 
 @pytest.mark.slow
-def test_2_batch_size_changes_nothing(workdir, tiny_target):
-    write_config(workdir, run_config(tiny_target, batch_size=3))
+def test_2_batch_size_changes_nothing(workdir, tiny_chat_target):
+    write_config(workdir, run_config(tiny_chat_target, batch_size=3))
     assert jobs_run(snakemake(workdir).stdout) == set()
 
 
 @pytest.mark.slow
-def test_3_draft_vocab_size_reruns_vocab_and_everything_after(workdir, tiny_target):
-    write_config(workdir, run_config(tiny_target, draft_vocab_size=48))
+def test_3_draft_vocab_size_reruns_vocab_and_everything_after(workdir, tiny_chat_target):
+    write_config(workdir, run_config(tiny_chat_target, draft_vocab_size=48))
     jobs = jobs_run(snakemake(workdir).stdout)
     assert jobs == {"select_vocab", "manifest", "validate"} | every_shard()
     manifest = json.loads((cache_dir(workdir) / "manifest.json").read_text())
@@ -217,8 +193,8 @@ def test_3_draft_vocab_size_reruns_vocab_and_everything_after(workdir, tiny_targ
 
 
 @pytest.mark.slow
-def test_4_seq_length_reruns_from_tokenization(workdir, tiny_target):
-    write_config(workdir, run_config(tiny_target, seq_length=24))
+def test_4_seq_length_reruns_from_tokenization(workdir, tiny_chat_target):
+    write_config(workdir, run_config(tiny_chat_target, seq_length=24))
     jobs = jobs_run(snakemake(workdir).stdout)
     assert jobs == {"tokenize", "select_vocab", "manifest", "validate"} | every_shard()
 
@@ -242,10 +218,10 @@ def test_6_forced_shard_is_recomputed_with_identical_bytes(workdir):
 
 
 @pytest.mark.slow
-def test_7_new_shard_size_leaves_exactly_the_new_shard_set(workdir, tiny_target):
+def test_7_new_shard_size_leaves_exactly_the_new_shard_set(workdir, tiny_chat_target):
     for shard_size in (3, 10):
         num_shards = -(-NUM_CONVERSATIONS // shard_size)
-        write_config(workdir, run_config(tiny_target, shard_size=shard_size))
+        write_config(workdir, run_config(tiny_chat_target, shard_size=shard_size))
         jobs = jobs_run(snakemake(workdir).stdout)
         assert jobs == {"manifest", "validate"} | every_shard(num_shards)
         assert_complete_cache(workdir, num_shards)

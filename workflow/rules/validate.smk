@@ -5,7 +5,6 @@ rule validate:
         selection=rules.select_vocab.output.selection,
         counts=rules.select_vocab.output.counts,
         stats=every_shard(rules.compute_shard.output.stats),
-        benchmarks=every_shard(rules.compute_shard.benchmark),
     output:
         report=report(
             "results/{run}/validation_report.html",
@@ -28,5 +27,7 @@ rule validate:
         revision=setting("revision"),
         trust_remote_code=setting("trust_remote_code"),
         cache_dir=subpath(input.manifest, parent=True),
+        # Read when present; as inputs, a missing one would force its shard to rerun.
+        benchmarks=every_shard(rules.compute_shard.benchmark),
     script:
         "../scripts/validate.py"

@@ -1,8 +1,6 @@
 """Rule script: compute one shard of a run's cache on a leased GPU (or the CPU)."""
 
 import os
-import tempfile
-from pathlib import Path
 
 from eagle3_cache.gpu_lease import lease_gpus
 from eagle3_cache.logs import setup_logging
@@ -12,10 +10,8 @@ from eagle3_cache.target import resolve_device
 snakemake = snakemake  # noqa: F821 (injected by Snakemake's script directive)
 log = setup_logging(snakemake.log[0])
 shard_index = int(snakemake.wildcards.shard)
-gpus_wanted = 0 if snakemake.config["device"] == "cpu" else snakemake.config["gpus_per_job"]
-lock_dir = Path(tempfile.gettempdir()) / "eagle3-cache-gpu-locks"
 
-with lease_gpus(gpus_wanted, lock_dir) as gpus:
+with lease_gpus(snakemake.config["gpus_per_job"], device=snakemake.config["device"]) as gpus:
     log.info("shard %06d: GPUs %s (CUDA_VISIBLE_DEVICES=%s)", shard_index, gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
     stats = run_shard_job(
         dict(snakemake.params.items()),

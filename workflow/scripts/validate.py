@@ -26,8 +26,7 @@ run = snakemake.wildcards.run
 @contextlib.contextmanager
 def leased_target() -> Iterator[nn.Module]:
     """The target on the GPUs this job leases (or the CPU), held only while the parity check runs."""
-    gpus_wanted = 0 if config["device"] == "cpu" else config["gpus_per_job"]
-    with lease_gpus(gpus_wanted, device=config["device"]) as gpus:
+    with lease_gpus(config["gpus_per_job"], device=config["device"]) as gpus:
         yield load_target(
             params.target_model,
             revision=params.revision,
@@ -44,7 +43,7 @@ inputs = ValidationInputs(
     selection=Path(snakemake.input.selection),
     counts=Path(snakemake.input.counts),
     stats=[Path(p) for p in snakemake.input.stats],
-    benchmarks=[Path(p) for p in snakemake.input.benchmarks],
+    benchmarks=[Path(p) for p in params.benchmarks],
     num_samples=params.num_samples,
     seed=params.seed,
 )

@@ -46,6 +46,7 @@ from .shard_format import (
     check_cache,
     num_shards,
     read_manifest,
+    read_shard_block,
     read_shard_rows,
     reconstruct_target_probs,
     safetensors_header,
@@ -576,9 +577,9 @@ def scan_cache(cache_dir: Path, manifest: Mapping[str, Any], tokenized: Path) ->
         first = shard * shard_size
         try:
             for start in range(0, int(record["num_samples"]), step):
-                rows = list(range(start, min(start + step, int(record["num_samples"]))))
-                stored = read_shard_rows(cache_dir / record["file"], rows)
-                scan.add(first + start, stored, read_token_block(tokenized, first + rows[0], first + rows[-1] + 1))
+                stop = min(start + step, int(record["num_samples"]))
+                stored = read_shard_block(cache_dir / record["file"], start, stop)
+                scan.add(first + start, stored, read_token_block(tokenized, first + start, first + stop))
         except Exception as error:  # a damaged shard is a finding of the scan; the other shards still count
             scan.unreadable.append(f"{record['file']}: {error}")
     return scan
