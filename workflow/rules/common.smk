@@ -8,6 +8,7 @@ from pathlib import Path
 sys.path.append(str(Path(workflow.basedir, "workflow", "scripts")))
 
 from eagle3_cache import CACHE_SEMANTICS_VERSION
+from eagle3_cache.demo_model import DEMO_GGUF, DEMO_PACKAGE
 
 DEMO_MODEL = "resources/models/SmolLM2-135M-Instruct"
 LOCAL_DATA_SUFFIXES = {".json", ".jsonl", ".parquet"}

