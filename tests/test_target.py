@@ -145,3 +145,25 @@ def test_unknown_device_is_refused():
     with pytest.raises(CacheConfigError, match="device"):
         resolve_device("tpu")
     assert resolve_device("cpu").type == "cpu"
+
+
+def test_the_head_shortcut_equals_the_full_logits_path(tiny_llama, monkeypatch):
+    import eagle3_cache.target as target
+
+    assert target.plain_output_head(tiny_llama) is tiny_llama.lm_head
+    spec = spec_for(tiny_llama, draft_vocab=20)
+    tokens = random_token_block(LENGTHS, SEQ, seed=9)
+    monkeypatch.setattr(target, "TOP1_CHUNK_ROWS", 3)  # several top-1 chunks per batch
+    shortcut = compute_cache_batch(tiny_llama, spec, tokens).cpu().padded()
+    monkeypatch.setattr(target, "plain_output_head", lambda model: None)
+    full = compute_cache_batch(tiny_llama, spec, tokens).cpu().padded()
+    assert torch.equal(shortcut["position_mask"], full["position_mask"])
+    for name in ("aux_hidden_states", "target_probs"):
+        torch.testing.assert_close(shortcut[name], full[name], atol=1e-6, rtol=1e-5)
+
+
+def test_unknown_architectures_take_the_full_logits_path(tiny_llama, monkeypatch):
+    from eagle3_cache.target import plain_output_head
+
+    monkeypatch.setattr(tiny_llama.config, "model_type", "gemma2")  # softcaps its logits
+    assert plain_output_head(tiny_llama) is None

@@ -2,6 +2,8 @@
 
 import os
 
+import torch
+
 from eagle3_cache.gpu_lease import lease_gpus
 from eagle3_cache.logs import setup_logging
 from eagle3_cache.pipeline import run_shard_job
@@ -10,6 +12,8 @@ from eagle3_cache.target import resolve_device
 snakemake = snakemake  # noqa: F821 (injected by Snakemake's script directive)
 log = setup_logging(snakemake.log[0])
 shard_index = int(snakemake.wildcards.shard)
+# Snakemake budgets cores by `threads`; on the CPU, torch would otherwise take them all.
+torch.set_num_threads(snakemake.threads)
 
 with lease_gpus(snakemake.config["gpus_per_job"], device=snakemake.config["device"]) as gpus:
     log.info("shard %06d: GPUs %s (CUDA_VISIBLE_DEVICES=%s)", shard_index, gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))

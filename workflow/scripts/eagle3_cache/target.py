@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import CacheConfigError
@@ -34,6 +35,10 @@ LAYER_CONTAINERS = (
     ("layers",),
     ("transformer", "h"),
 )
+# Architectures whose logits are exactly `lm_head(decoder output)`: for these the output layer
+# runs only on the draft-vocabulary rows, plus a full-vocabulary top-1 at supervised positions.
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"})
+TOP1_CHUNK_ROWS = 512
 
 
 def resolve_device(name: str) -> torch.device:
@@ -258,6 +263,39 @@ def draft_distribution(
     return probs, position_mask
 
 
+def plain_output_head(model: nn.Module) -> nn.Linear | None:
+    """The output layer when the logits are exactly `lm_head(decoder output)`, else None.
+
+    Only for architectures known to apply nothing after the head (no softcapping or scaling);
+    other models take the full-logits path.
+    """
+    head = model.get_output_embeddings()
+    known = getattr(model.config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES
+    return head if known and isinstance(head, nn.Linear) and head.bias is None else None
+
+
+def draft_distribution_from_hidden(
+    hidden: torch.Tensor, head: nn.Linear, shifted_loss_mask: torch.Tensor, spec: CacheSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`draft_distribution(head(hidden))`, computing only the logits it needs.
+
+    The draft-vocab logits come from the head's selected rows; the full-vocabulary top-1 is
+    needed only at supervised positions, a bounded number of rows at a time.
+    """
+    weight = head.weight
+    hidden = hidden.to(weight.device)
+    selected = spec.selected_token_ids.to(weight.device)
+    probs = torch.softmax(F.linear(hidden, weight[selected]).float(), dim=-1)
+    supervised = shifted_loss_mask.to(weight.device).bool()
+    selected_mask = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
+    selected_mask[selected] = True
+    top1 = [F.linear(rows, weight).argmax(dim=-1) for rows in hidden[supervised].split(TOP1_CHUNK_ROWS)]
+    position_mask = torch.zeros_like(supervised)
+    if top1:
+        position_mask[supervised] = selected_mask[torch.cat(top1)]
+    return probs, position_mask.unsqueeze(-1)
+
+
 def stored_distribution(probs: torch.Tensor, spec: CacheSpec) -> dict[str, torch.Tensor]:
     """fp32 draft-vocab probabilities as the cache stores them: in full or as top-k."""
     if spec.stores_topk:
@@ -290,16 +328,23 @@ def compute_cache_batch(
     attention_mask = tokens.attention_mask[:, :width].to(device)
     shifted_loss_mask = shifted_left(tokens.loss_mask)
 
+    head = plain_output_head(model)
     with timer.phase("forward"), captured_layer_outputs(model, spec.aux_layer_ids) as captured:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        if head is None:
+            outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        else:
+            decoder = model.get_decoder()
+            outputs = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     with timer.phase("distribution"):
         # A target split over several GPUs leaves layer outputs and logits on different devices.
-        aux_hidden_states = torch.cat([captured[i].to(logits.device) for i in spec.aux_layer_ids], dim=-1)
-        # Position p is supervised by the logits at p + 1; those exist for p < width - 1.
-        next_token_logits = logits[:, 1:width]
-        probs, position_mask = draft_distribution(
-            next_token_logits, shifted_loss_mask[:, : width - 1].to(logits.device), spec
-        )
+        aux_hidden_states = torch.cat([captured[i].to(outputs.device) for i in spec.aux_layer_ids], dim=-1)
+        # Position p is supervised by the output at p + 1; those exist for p < width - 1.
+        next_token = outputs[:, 1:width]
+        loss_mask = shifted_loss_mask[:, : width - 1].to(outputs.device)
+        if head is None:
+            probs, position_mask = draft_distribution(next_token, loss_mask, spec)
+        else:
+            probs, position_mask = draft_distribution_from_hidden(next_token, head, loss_mask, spec)
         computed = {
             "aux_hidden_states": aux_hidden_states.to(spec.cache_dtype),
             **with_last_slot({"position_mask": position_mask, **stored_distribution(probs, spec)}, spec),
