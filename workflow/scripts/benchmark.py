@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 import yaml
-from safetensors import safe_open
+from safetensors.torch import load_file
 
 from eagle3_cache.errors import CacheConfigError
 from eagle3_cache.shard_format import ShardLayout, num_shards, shard_file_name
@@ -176,16 +176,19 @@ def run_ours(job: dict) -> dict:
 
 def compute_our_shards(model: torch.nn.Module, workload: Workload, job: dict) -> dict:
     """Every shard (or those in job["shards"]) through `compute_shard`, set up as `run_shard_job` does."""
-    from eagle3_cache.pipeline import compute_shard
-    from eagle3_cache.target import CacheSpec, hidden_size, resolve_aux_layer_ids
+    from eagle3_cache.pipeline import compute_shard, shard_spec_and_layout
     from eagle3_cache.tokenized import read_tokenized_info
-    from eagle3_cache.vocab import read_vocab_selection
 
     loaded_rss = current_rss_mib()
     info = read_tokenized_info(job["tokenized"])
-    selected, target_vocab_size = read_vocab_selection(job["selection"])
-    spec = CacheSpec(resolve_aux_layer_ids(model, None), selected, target_vocab_size, workload.dtype, 0)
-    layout = ShardLayout(workload.seq_length, 3 * hidden_size(model), spec.draft_vocab_size, workload.dtype, 0)
+    spec, layout = shard_spec_and_layout(
+        model,
+        job["selection"],
+        aux_layer_ids=None,
+        dtype=workload.dtype,
+        target_probs_topk=0,
+        seq_length=workload.seq_length,
+    )
     shards = job.get("shards") or range(num_shards(info.num_samples, workload.shard_size))
     output = Path(job["output"])
     output.mkdir(parents=True, exist_ok=True)
@@ -571,7 +574,7 @@ def parity(ours: Path, reference: Path, job: dict, samples: int) -> dict:
     flips = supervised = 0
     for index in range(num_shards(samples, workload.shard_size)):
         name = shard_file_name(index)
-        mine, theirs = read_shard(ours / name), read_shard(reference / name)
+        mine, theirs = load_file(ours / name), load_file(reference / name)
         if mine.keys() != theirs.keys():
             problems.append(f"{name}: fields {sorted(mine)}, the reference's {sorted(theirs)}")
             continue
@@ -597,11 +600,6 @@ def parity(ours: Path, reference: Path, job: dict, samples: int) -> dict:
         "max_abs_diff": {field: e.max_abs for field, e in errors.items()},
         "max_diff_of_position_max": {field: e.max_rel for field, e in errors.items()},
     }
-
-
-def read_shard(path: Path) -> dict[str, torch.Tensor]:
-    with safe_open(str(path), framework="pt") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}
 
 
 # --------------------------------------------------------------------------- reporting

@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -231,12 +231,14 @@ def run_shard_job(
     load_seconds = time.perf_counter() - started
     log.info("loaded %s on %s in %.1fs", settings["target_model"], device, load_seconds)
     info = read_tokenized_info(tokenized_path)
-    selected, target_vocab_size = read_vocab_selection(selection_path)
-    check_vocab_matches(model, target_vocab_size, selection_path)
-    aux_layer_ids = resolve_aux_layer_ids(model, settings["aux_layer_ids"])
-    dtype, topk = settings["dtype"], settings["target_probs_topk"]
-    spec = CacheSpec(aux_layer_ids, selected, target_vocab_size, dtype, topk)
-    layout = ShardLayout(settings["seq_length"], 3 * hidden_size(model), spec.draft_vocab_size, dtype, topk)
+    spec, layout = shard_spec_and_layout(
+        model,
+        selection_path,
+        aux_layer_ids=settings["aux_layer_ids"],
+        dtype=settings["dtype"],
+        target_probs_topk=settings["target_probs_topk"],
+        seq_length=settings["seq_length"],
+    )
     result = compute_shard(
         model,
         spec,
@@ -253,10 +255,10 @@ def run_shard_job(
     stats = {
         **asdict(result),
         "shard": shard_index,
-        "aux_layer_ids": aux_layer_ids,
+        "aux_layer_ids": spec.aux_layer_ids,
         "aux_hidden_dim": layout.aux_hidden_dim,
-        "target_vocab_size": target_vocab_size,
-        "selected_token_ids_sha256": ids_fingerprint(selected.tolist()),
+        "target_vocab_size": spec.target_vocab_size,
+        "selected_token_ids_sha256": ids_fingerprint(spec.selected_token_ids.tolist()),
         "settings_fingerprint": settings_fingerprint(settings),
         "model_identity": model_identity(settings["target_model"], settings["revision"], model),
         "device": str(device),
@@ -267,6 +269,23 @@ def run_shard_job(
     }
     write_json_atomic(stats_path, stats)
     return stats
+
+
+def shard_spec_and_layout(
+    model: nn.Module,
+    selection_path: str | Path,
+    *,
+    aux_layer_ids: Sequence[int] | None,
+    dtype: str,
+    target_probs_topk: int,
+    seq_length: int,
+) -> tuple[CacheSpec, ShardLayout]:
+    """What the shards of a cache hold for this target and draft vocabulary, and their layout."""
+    selected, target_vocab_size = read_vocab_selection(selection_path)
+    check_vocab_matches(model, target_vocab_size, selection_path)
+    spec = CacheSpec(resolve_aux_layer_ids(model, aux_layer_ids), selected, target_vocab_size, dtype, target_probs_topk)
+    layout = ShardLayout(seq_length, 3 * hidden_size(model), spec.draft_vocab_size, dtype, target_probs_topk)
+    return spec, layout
 
 
 def check_vocab_matches(model: nn.Module, target_vocab_size: int, selection_path: str | Path) -> None:

@@ -247,6 +247,13 @@ def forward_width(lengths: torch.Tensor, seq_length: int) -> int:
     return min(seq_length, int(lengths.max()) + 1)
 
 
+def selected_token_mask(selected: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """A `[vocab_size]` bool mask, True at the draft vocabulary's ids (on `selected`'s device)."""
+    mask = torch.zeros(vocab_size, dtype=torch.bool, device=selected.device)
+    mask[selected] = True
+    return mask
+
+
 def draft_distribution(
     logits: torch.Tensor, shifted_loss_mask: torch.Tensor, spec: CacheSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,8 +263,7 @@ def draft_distribution(
     upcast for the softmax.
     """
     selected = spec.selected_token_ids.to(logits.device)
-    selected_mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-    selected_mask[selected] = True
+    selected_mask = selected_token_mask(selected, logits.shape[-1])
     position_mask = (selected_mask[logits.argmax(dim=-1)] & shifted_loss_mask.bool()).unsqueeze(-1)
     probs = torch.softmax(logits.index_select(-1, selected).float(), dim=-1)
     return probs, position_mask
@@ -287,8 +293,7 @@ def draft_distribution_from_hidden(
     selected = spec.selected_token_ids.to(weight.device)
     probs = torch.softmax(F.linear(hidden, weight[selected]).float(), dim=-1)
     supervised = shifted_loss_mask.to(weight.device).bool()
-    selected_mask = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
-    selected_mask[selected] = True
+    selected_mask = selected_token_mask(selected, weight.shape[0])
     top1 = [F.linear(rows, weight).argmax(dim=-1) for rows in hidden[supervised].split(TOP1_CHUNK_ROWS)]
     position_mask = torch.zeros_like(supervised)
     if top1:
