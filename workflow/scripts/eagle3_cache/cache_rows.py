@@ -17,7 +17,7 @@ from torch import nn
 
 from .shard_format import DTYPES, compress_target_probs, is_topk
 from .target import decoder_layers
-from .timing import NO_TIMER, PhaseTimer
+from .timing import NO_TIMER, NullTimer, PhaseTimer
 from .tokenized import TokenBlock
 
 # Architectures whose logits are exactly `lm_head(decoder output)`: for these the output layer
@@ -196,7 +196,7 @@ def last_slot_distribution(spec: CacheSpec, device: torch.device) -> dict[str, t
 
 @torch.no_grad()
 def compute_cache_batch(
-    model: nn.Module, spec: CacheSpec, tokens: TokenBlock, timer: PhaseTimer = NO_TIMER
+    model: nn.Module, spec: CacheSpec, tokens: TokenBlock, timer: PhaseTimer | NullTimer = NO_TIMER
 ) -> CacheBatch:
     """Run the target on one batch and return its cache rows (the shared cache computation).
 
