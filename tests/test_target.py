@@ -6,7 +6,15 @@ import pytest
 import torch
 from conftest import tiny_llama_config
 from eagle3_cache.errors import CacheConfigError
-from eagle3_cache.target import decoder_layers, default_aux_layer_ids, resolve_aux_layer_ids, resolve_device
+from eagle3_cache.target import (
+    decoder_layers,
+    default_aux_layer_ids,
+    local_checkpoint_fingerprint,
+    model_identity,
+    resolve_aux_layer_ids,
+    resolve_device,
+)
+from safetensors.torch import save_file
 
 
 def test_default_aux_layers_follow_the_eagle3_recipe(tiny_llama):
@@ -38,3 +46,25 @@ def test_unknown_device_is_refused():
     with pytest.raises(CacheConfigError, match="device"):
         resolve_device("tpu")
     assert resolve_device("cpu").type == "cpu"
+
+
+def test_a_local_checkpoint_fingerprint_covers_config_and_tensor_layout_but_not_values(tmp_path):
+    (tmp_path / "config.json").write_text('{"hidden_size": 6}')
+    save_file({"weight": torch.zeros(2, 3)}, tmp_path / "model.safetensors")
+    first = local_checkpoint_fingerprint(tmp_path)
+    save_file({"weight": torch.ones(2, 3)}, tmp_path / "model.safetensors")
+    assert local_checkpoint_fingerprint(tmp_path) == first, "documented: weight values are not hashed"
+    size = (tmp_path / "model.safetensors").stat().st_size
+    save_file({"weight": torch.zeros(3, 2)}, tmp_path / "model.safetensors")
+    assert (tmp_path / "model.safetensors").stat().st_size == size
+    reshaped = local_checkpoint_fingerprint(tmp_path)
+    assert reshaped != first, "same names and sizes, other shapes"
+    (tmp_path / "config.json").write_text('{"hidden_size": 2}')
+    assert local_checkpoint_fingerprint(tmp_path) != reshaped
+
+
+def test_a_local_target_is_identified_by_its_fingerprint_and_a_hub_target_by_its_commit(tiny_llama, tiny_llama_dir):
+    local = model_identity(str(tiny_llama_dir), None, tiny_llama)
+    assert local["weight_files_sha256"] == local_checkpoint_fingerprint(tiny_llama_dir)
+    hub = model_identity("org/not-a-local-dir", "main", tiny_llama)
+    assert "weight_files_sha256" not in hub and hub["config_sha256"] == local["config_sha256"]

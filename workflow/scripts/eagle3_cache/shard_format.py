@@ -318,11 +318,16 @@ def shard_layout_problems(path: Path, layout: ShardLayout, num_samples: int) -> 
 
 def safetensors_entries(path: Path) -> dict[str, Any]:
     """The tensor entries of a safetensors header, without reading the data."""
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        entries = json.loads(handle.read(length))
+    entries = json.loads(stored_safetensors_header(path))
     entries.pop("__metadata__", None)
     return entries
+
+
+def stored_safetensors_header(path: str | os.PathLike) -> bytes:
+    """The JSON header bytes of a safetensors file (names, dtypes, shapes, offsets), without reading the data."""
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        return handle.read(length)
 
 
 def shard_record_problems(cache_dir: Path, manifest: Mapping[str, Any], verify_hashes: bool) -> list[CacheProblem]:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .errors import CacheConfigError
+from .shard_format import file_sha256, stored_safetensors_header
 
 # Where decoder layers live in the causal-LM layouts we support, tried in order
 # (the same search NeMo Automodel's target wrapper does).
@@ -130,7 +131,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def model_identity(model_id: str, revision: str | None, model: nn.Module) -> dict:
-    """What identifies the target's weights: the hub commit, or a hash of a local checkpoint's files."""
+    """What identifies the target's weights: the hub commit, or a local checkpoint's fingerprint."""
     config_json = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
     identity = {
         "target_model": model_id,
@@ -139,18 +140,43 @@ def model_identity(model_id: str, revision: str | None, model: nn.Module) -> dic
         "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
     }
     if Path(model_id).is_dir():
-        identity["weight_files_sha256"] = local_weight_files_hash(Path(model_id))
+        identity["weight_files_sha256"] = local_checkpoint_fingerprint(Path(model_id))
     return identity
 
 
-def local_weight_files_hash(model_dir: Path) -> str:
-    """A cheap fingerprint of a local checkpoint: the names and sizes of its weight files."""
-    listing = sorted(
-        (p.name, p.stat().st_size)
-        for p in model_dir.iterdir()
-        if p.suffix in (".safetensors", ".bin", ".pt", ".gguf") or p.name.endswith(".index.json")
-    )
-    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+def local_checkpoint_fingerprint(model_dir: Path) -> str:
+    """sha256 of what describes a local checkpoint, cheap to read: not a hash of its weight values.
+
+    It covers config.json's bytes; each weight file's name and size (`*.safetensors`, `*.bin`,
+    `*.pt`, `*.gguf`, `*.index.json`); each safetensors file's JSON header (tensor names, dtypes,
+    shapes, offsets) and each index file's bytes. It does not read the weight values: weights
+    rewritten in place with the same names, dtypes and shapes keep the fingerprint. Pin a hub
+    `revision`, or keep local checkpoints immutable.
+    """
+    config = model_dir / "config.json"
+    description = {
+        "config.json": file_sha256(config) if config.is_file() else None,
+        "weight_files": [weight_file_description(path) for path in checkpoint_weight_files(model_dir)],
+    }
+    return hashlib.sha256(json.dumps(description).encode()).hexdigest()
+
+
+def checkpoint_weight_files(model_dir: Path) -> list[Path]:
+    """A checkpoint directory's weight files and weight indexes, by name."""
+    weight_suffixes = (".safetensors", ".bin", ".pt", ".gguf")
+    files = [p for p in model_dir.iterdir() if p.suffix in weight_suffixes or p.name.endswith(".index.json")]
+    return sorted(files, key=lambda p: p.name)
+
+
+def weight_file_description(path: Path) -> list[str | int | None]:
+    """`[name, size, sha256 of its safetensors header or index bytes]`; None for other formats' contents."""
+    if path.suffix == ".safetensors":
+        described = hashlib.sha256(stored_safetensors_header(path)).hexdigest()
+    elif path.name.endswith(".index.json"):
+        described = file_sha256(path)
+    else:
+        described = None
+    return [path.name, path.stat().st_size, described]
 
 
 def input_embeddings(model_id: str, *, revision: str | None, trust_remote_code: bool) -> torch.Tensor:
