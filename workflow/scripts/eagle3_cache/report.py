@@ -54,7 +54,8 @@ from .shard_format import (
     shard_file_name,
     shard_indices_in,
 )
-from .target import CacheSpec, compute_cache_batch, compute_dtype, shifted_left
+from .cache_rows import CacheSpec, compute_cache_batch, shifted_left
+from .target import compute_dtype
 from .tokenized import TokenBlock, TokenizedInfo, read_token_block, read_token_rows, read_tokenized_info
 from .vocab import read_vocab_selection
 
