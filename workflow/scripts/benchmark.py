@@ -559,7 +559,7 @@ def parity(ours: Path, reference: Path, job: dict, samples: int) -> dict:
     Ids and masks exactly (position_mask may flip at near ties only with bf16/fp16 compute);
     float fields within the report's tolerance where attention_mask is 1.
     """
-    from eagle3_cache.report import EXACT_FIELDS, FLOAT_FIELDS, FieldErrors, allowed_position_mask_flips, parity_eps
+    from eagle3_cache.parity import EXACT_FIELDS, FLOAT_FIELDS, FieldErrors, allowed_position_mask_flips, parity_eps
     from eagle3_cache.shard_format import DTYPES
     from eagle3_cache.target import compute_dtype, resolve_device
     from eagle3_cache.vocab import read_vocab_selection
@@ -688,7 +688,7 @@ def print_tokenizing(prepared: dict, ours: list[dict], reference: list[dict]) ->
 
 
 def print_parity(verdict: dict) -> None:
-    from eagle3_cache.report import TOLERANCE_ULPS
+    from eagle3_cache.parity import TOLERANCE_ULPS
 
     largest = ", ".join(
         f"{field} {verdict['max_abs_diff'][field]:.3g} ({verdict['max_diff_of_position_max'][field]:.2g} of the "
