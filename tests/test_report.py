@@ -16,14 +16,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import TinyCache, build_tiny_cache
-from eagle3_cache.report import (
-    ValidationInputs,
-    coverage_curve,
-    failed_path,
-    parity_sample_indices,
-    render_html,
-    validate_cache,
-)
+from eagle3_cache.parity import parity_sample_indices
+from eagle3_cache.report_html import render_html
 from eagle3_cache.shard_format import (
     MANIFEST_FILE,
     SAFETENSORS_DTYPES,
@@ -33,6 +27,7 @@ from eagle3_cache.shard_format import (
     shard_file_name,
 )
 from eagle3_cache.target import load_target
+from eagle3_cache.validation import ValidationInputs, coverage_curve, failed_path, validate_cache
 
 REPO = Path(__file__).resolve().parents[1]
 VALIDATE_SCRIPT = REPO / "workflow" / "scripts" / "validate.py"
@@ -137,7 +132,7 @@ def rerecord_hashes(cache: TinyCache) -> None:
 
 
 def test_a_clean_cache_passes_every_check(cache, target_model):
-    benchmark = cache.run_dir / "benchmark-000000.tsv"
+    benchmark = cache.run_dir / "shard-000000.tsv"  # as the compute_shard rule's benchmark directive names it
     benchmark.write_text("s\th:m:s\tmax_rss\tmax_vms\n1.5\t0:00:01\t812.3\tNA\n")
     report = validate(cache, target_model, benchmarks=[benchmark])
     assert failed(report) == set(), [c.summary for c in report.checks]

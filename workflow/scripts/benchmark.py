@@ -554,52 +554,55 @@ def workload_from(args: argparse.Namespace, work: Path) -> Workload:
 
 
 def parity(ours: Path, reference: Path, job: dict, samples: int) -> dict:
-    """Our shards against the reference's, under the validation report's rule.
+    """Our shards against the reference's, under the validation report's rule (`eagle3_cache.parity`).
 
     Ids and masks exactly (position_mask may flip at near ties only with bf16/fp16 compute);
     float fields within the report's tolerance where attention_mask is 1.
     """
-    from eagle3_cache.report import EXACT_FIELDS, FLOAT_FIELDS, FieldErrors, allowed_position_mask_flips, parity_eps
+    from eagle3_cache.parity import FLOAT_FIELDS, parity_outcome
     from eagle3_cache.shard_format import DTYPES
     from eagle3_cache.target import compute_dtype, resolve_device
     from eagle3_cache.vocab import read_vocab_selection
 
     workload = Workload(**job["workload"])
-    compute_dtypes = {compute_dtype(resolve_device(workload.device))}
-    eps = parity_eps(DTYPES[workload.dtype], compute_dtypes)
     problems = []
     if not torch.equal(read_vocab_selection(job["selection"])[0], torch.load(reference / "selected_token_ids.pt")):
         problems.append("the draft vocabularies differ")
-    errors = {name: FieldErrors() for name in FLOAT_FIELDS}
-    flips = supervised = 0
-    for index in range(num_shards(samples, workload.shard_size)):
+    outcome = parity_outcome(
+        paired_rows(ours, reference, num_shards(samples, workload.shard_size), workload.shard_size, problems),
+        shard_size=workload.shard_size,
+        draft_vocab_size=workload.draft_vocab_size,
+        cache_dtype=DTYPES[workload.dtype],
+        compute_dtypes={compute_dtype(resolve_device(workload.device))},
+    )
+    problems += outcome.problems
+    fields = {row["field"]: row for row in outcome.fields if row["field"] in FLOAT_FIELDS}
+    return {
+        "identical": not problems,
+        "problems": problems,
+        "position_mask_flips": outcome.position_mask_flips,
+        "max_abs_diff": {field: row["max_abs_error"] for field, row in fields.items()},
+        "max_diff_of_position_max": {field: row["max_rel_error"] for field, row in fields.items()},
+    }
+
+
+def paired_rows(
+    ours: Path, reference: Path, shards: int, shard_size: int, problems: list[str]
+) -> Iterator[tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    """(sample, our rows, the reference's rows), one shard in memory at a time.
+
+    A shard whose fields differ from the reference's is not compared: it is added to `problems`.
+    """
+    for index in range(shards):
         name = shard_file_name(index)
         mine, theirs = load_file(ours / name), load_file(reference / name)
         if mine.keys() != theirs.keys():
             problems.append(f"{name}: fields {sorted(mine)}, the reference's {sorted(theirs)}")
             continue
-        exact = [field for field in EXACT_FIELDS if field != "position_mask"]
-        problems += [f"{name}: {field} differs" for field in exact if not torch.equal(mine[field], theirs[field])]
-        flips += int((mine["position_mask"] != theirs["position_mask"]).sum())
-        supervised += int(theirs["loss_mask"].sum())
-        content = theirs["attention_mask"].bool()
-        for field, field_errors in errors.items():
-            rows = theirs[field][content]
-            field_errors.add_block(mine[field][content], rows, torch.arange(len(rows)), eps)
-    if flips > allowed_position_mask_flips(supervised, compute_dtypes):
-        problems.append(f"position_mask differs at {flips} of {supervised} supervised positions")
-    problems += [
-        f"{field}: {e.beyond_tolerance} of {e.compared} values beyond tolerance"
-        for field, e in errors.items()
-        if e.beyond_tolerance
-    ]
-    return {
-        "identical": not problems,
-        "problems": problems,
-        "position_mask_flips": flips,
-        "max_abs_diff": {field: e.max_abs for field, e in errors.items()},
-        "max_diff_of_position_max": {field: e.max_rel for field, e in errors.items()},
-    }
+        for row in range(len(theirs["input_ids"])):
+            our_row = {field: values[row] for field, values in mine.items()}
+            reference_row = {field: values[row] for field, values in theirs.items()}
+            yield index * shard_size + row, our_row, reference_row
 
 
 # --------------------------------------------------------------------------- reporting
@@ -688,7 +691,7 @@ def print_tokenizing(prepared: dict, ours: list[dict], reference: list[dict]) ->
 
 
 def print_parity(verdict: dict) -> None:
-    from eagle3_cache.report import TOLERANCE_ULPS
+    from eagle3_cache.parity import TOLERANCE_ULPS
 
     largest = ", ".join(
         f"{field} {verdict['max_abs_diff'][field]:.3g} ({verdict['max_diff_of_position_max'][field]:.2g} of the "

@@ -1,4 +1,4 @@
-"""Rule script: validate a run's finished cache and write its report (see eagle3_cache.report).
+"""Rule script: validate a run's finished cache and write its report (see eagle3_cache.validation).
 
 With `validation.strict` (the default) a failed check fails the job; the report is then kept as
 `validation_report.FAILED.html` beside the declared output, and the error names it.
@@ -13,7 +13,7 @@ from torch import nn
 
 from eagle3_cache.gpu_lease import lease_gpus
 from eagle3_cache.logs import setup_logging
-from eagle3_cache.report import ValidationInputs, failure_message, validate_cache, write_report
+from eagle3_cache.validation import ValidationInputs, failure_message, validate_cache, write_report
 from eagle3_cache.target import load_target, resolve_device
 
 snakemake = snakemake  # noqa: F821 (injected by Snakemake's script directive)

@@ -68,6 +68,14 @@ def shard_file_name(index: int) -> str:
     return f"shard-{index:06d}.safetensors"
 
 
+def shard_index(path: str | os.PathLike) -> int:
+    """42 for `shard-000042.safetensors`, and for the files named after that shard (`shard-000042.tsv`, ...)."""
+    match = SHARD_NAME.match(f"{Path(path).stem}.safetensors")
+    if match is None:
+        raise ValueError(f"{path}: not named after a shard ({shard_file_name(0)}, ...)")
+    return int(match.group(1))
+
+
 def num_shards(num_samples: int, shard_size: int) -> int:
     """How many shards `num_samples` samples fill."""
     return math.ceil(num_samples / shard_size)
