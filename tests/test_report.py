@@ -284,6 +284,8 @@ def run_rule_script(cache: TinyCache, target_dir: Path, strict: bool) -> SimpleN
         ),
         config={"device": "cpu", "gpus_per_job": 1},
         wildcards=SimpleNamespace(run="tiny"),
+        # The script hands it to torch, whose thread count is global to this test process.
+        threads=torch.get_num_threads(),
     )
     runpy.run_path(str(VALIDATE_SCRIPT), init_globals={"snakemake": snakemake})
     return snakemake.output
