@@ -7,9 +7,9 @@ lets every job load it like any local model.
 from __future__ import annotations
 
 import importlib.util
-import shutil
 from pathlib import Path
 
+from .atomic import atomic_directory
 from .errors import CacheConfigError
 from .layout import DEMO_GGUF, DEMO_PACKAGE
 
@@ -43,8 +43,6 @@ def convert_gguf(gguf: Path, output: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
     )
-    staging = output.with_name(output.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    staging.rename(output)
+    with atomic_directory(output) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)

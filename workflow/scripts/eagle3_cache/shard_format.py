@@ -174,7 +174,7 @@ class ShardWriter:
         self.size = self.data_start + sum(f.sample_bytes for f in self.fields.values()) * num_samples
         self._output = atomic_output(self.path)
         self.tmp = self._output.__enter__()
-        self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
         os.pwrite(self.fd, header, 0)
         os.ftruncate(self.fd, self.size)
 
