@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import random_token_block, write_token_store
 from eagle3_cache.cache_rows import CacheSpec, compute_cache_batch
+from eagle3_cache.layout import shard_file_name
 from eagle3_cache.pipeline import compute_shard, length_buckets
-from eagle3_cache.shard_format import ShardLayout, file_sha256, read_shard_rows, shard_file_name
+from eagle3_cache.shard_format import ShardLayout, file_sha256, read_shard_rows
 from eagle3_cache.target import resolve_aux_layer_ids
 from eagle3_cache.tokenized import TokenBlock
 

@@ -16,16 +16,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import TinyCache, build_tiny_cache
+from eagle3_cache.layout import MANIFEST_FILE, shard_file_name
 from eagle3_cache.parity import parity_sample_indices
 from eagle3_cache.report_html import render_html
-from eagle3_cache.shard_format import (
-    MANIFEST_FILE,
-    SAFETENSORS_DTYPES,
-    file_sha256,
-    read_manifest,
-    read_shard_rows,
-    shard_file_name,
-)
+from eagle3_cache.shard_format import SAFETENSORS_DTYPES, file_sha256, read_manifest, read_shard_rows
 from eagle3_cache.target import load_target
 from eagle3_cache.validation import ValidationInputs, coverage_curve, failed_path, validate_cache
 
@@ -285,6 +279,8 @@ def run_rule_script(cache: TinyCache, target_dir: Path, strict: bool) -> SimpleN
         ),
         config={"device": "cpu", "gpus_per_job": 1},
         wildcards=SimpleNamespace(run="tiny"),
+        # The script hands it to torch, whose thread count is global to this test process.
+        threads=torch.get_num_threads(),
     )
     runpy.run_path(str(VALIDATE_SCRIPT), init_globals={"snakemake": snakemake})
     return snakemake.output

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
-from eagle3_cache.shard_format import (
-    ShardLayout,
-    ShardWriter,
-    check_cache,
-    num_shards,
-    read_shard_rows,
-    samples_in_shard,
-    shard_file_name,
-)
+from eagle3_cache.atomic import atomic_directory, torch_save_atomic, write_json_atomic
+from eagle3_cache.layout import EMBEDDINGS_FILE, num_shards, samples_in_shard, shard_file_name
+from eagle3_cache.shard_format import ShardLayout, ShardWriter, check_cache, read_shard_rows, write_target_embeddings
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 LAYOUT = ShardLayout(seq_length=6, aux_hidden_dim=9, draft_vocab_size=5, dtype="bf16", target_probs_topk=0)
 
@@ -89,6 +85,28 @@ def test_a_row_of_the_wrong_dtype_is_refused(tmp_path):
         writer.commit()
 
 
+@pytest.fixture
+def group_writable_umask():
+    """umask 002 instead of the usual 022, so that a mode the code fixes itself shows."""
+    previous = os.umask(0o002)
+    yield
+    os.umask(previous)
+
+
+def test_every_atomic_write_leaves_the_umask_mode(tmp_path, group_writable_umask):
+    with ShardWriter(tmp_path / shard_file_name(0), LAYOUT, 1) as writer:
+        writer.commit()
+    write_target_embeddings(tmp_path / EMBEDDINGS_FILE, torch.zeros(7, 3))
+    write_json_atomic(tmp_path / "stats.json", {})
+    torch_save_atomic(tmp_path / "selection.pt", {})
+    with atomic_directory(tmp_path / "model") as staging:
+        save_file({"weight": torch.zeros(2)}, str(staging / "model.safetensors"))
+    written = [shard_file_name(0), EMBEDDINGS_FILE, "stats.json", "selection.pt", "model/model.safetensors"]
+    assert {name: oct(stat.S_IMODE((tmp_path / name).stat().st_mode)) for name in written} == dict.fromkeys(
+        written, oct(0o664)
+    )
+
+
 @pytest.mark.parametrize(("n", "size", "counts"), [(10, 4, [4, 4, 2]), (8, 4, [4, 4]), (3, 8, [3])])
 def test_every_shard_is_full_except_the_last(n, size, counts):
     assert [samples_in_shard(i, n, size) for i in range(num_shards(n, size))] == counts
@@ -96,8 +114,6 @@ def test_every_shard_is_full_except_the_last(n, size, counts):
 
 def write_cache(cache_dir, num_samples=5, shard_size=2):
     """A small but complete cache, written with the package's own writer."""
-    from eagle3_cache.shard_format import write_target_embeddings
-
     cache_dir.mkdir()
     records = []
     for index in range(num_shards(num_samples, shard_size)):

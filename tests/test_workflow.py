@@ -304,6 +304,16 @@ def test_8_killed_shard_job_leaves_no_shard_and_the_next_run_completes(
     assert digest(shard_path(workdir, 1)) == digest(shard_path(completed[0], 1))
 
 
+@pytest.mark.slow
+def test_9_a_bare_snakemake_after_a_code_only_edit_plans_nothing(workdir):
+    for script in (workdir / "workflow" / "scripts").glob("*.py"):
+        script.write_text(script.read_text() + "# An edit that changes no result.\n")
+    result = snakemake_static(workdir, "-n")
+    assert result.returncode == 0, result.stdout
+    assert jobs_run(result.stdout) == set()
+    assert "Nothing to be done" in result.stdout
+
+
 # --- Static checks (fast) -------------------------------------------------------------------
 
 HUB_MODEL = "example-org/example-model"

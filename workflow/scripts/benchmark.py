@@ -51,7 +51,8 @@ import yaml
 from safetensors.torch import load_file
 
 from eagle3_cache.errors import CacheConfigError
-from eagle3_cache.shard_format import ShardLayout, num_shards, shard_file_name
+from eagle3_cache.layout import num_shards, shard_file_name
+from eagle3_cache.shard_format import ShardLayout
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig

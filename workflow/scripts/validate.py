@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+import torch
 from torch import nn
 
 from eagle3_cache.gpu_lease import lease_gpus
@@ -21,6 +22,8 @@ log = setup_logging(snakemake.log[0])
 params = snakemake.params
 config = snakemake.config
 run = snakemake.wildcards.run
+# The parity check runs the target; on the CPU torch would otherwise take every core, not the job's.
+torch.set_num_threads(snakemake.threads)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 from datasets import Dataset, VerificationMode, load_dataset
 
 from eagle3_cache.errors import CacheConfigError
+from eagle3_cache.layout import JSON_LINES_SUFFIXES, JSON_SUFFIXES, LOCAL_DATA_SUFFIXES, PARQUET_SUFFIX
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +32,6 @@ SHAREGPT_ROLES = {
     "model": "assistant",
     "bot": "assistant",
 }
-JSON_SUFFIXES = (".json", ".jsonl", ".ndjson")
-JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
-PARQUET_SUFFIX = ".parquet"
 
 _SLICED_SPLIT = re.compile(r"^(\w+)\[(\d*):(\d*)\]$")
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
@@ -75,7 +73,7 @@ def load_base_split(input_data: str, base_split: str | None) -> Dataset:
         return load_hf_dataset(str(path), base_split or "train")
     if path.exists():
         raise CacheConfigError(f"input_data {input_data!r} is neither JSON ({', '.join(JSON_SUFFIXES)}) nor Parquet")
-    if not _HUB_ID.match(input_data) or path.suffix.lower() in (*JSON_SUFFIXES, PARQUET_SUFFIX):
+    if not _HUB_ID.match(input_data) or path.suffix.lower() in LOCAL_DATA_SUFFIXES:
         raise CacheConfigError(f"input_data {input_data!r}: no such file or directory")
     if base_split is None:
         raise CacheConfigError(f"input_data {input_data!r} is a hub dataset: set `split` (e.g. train)")

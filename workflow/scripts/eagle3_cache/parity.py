@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from .results import CheckResult, problems_summary
-from .shard_format import num_shards, reconstruct_target_probs, samples_in_shard, shard_file_name
+from .layout import num_shards, samples_in_shard, shard_file_name
+from .shard_format import reconstruct_target_probs
 
 # Stored and recomputed values may differ by this many units of the coarser dtype's rounding.
 TOLERANCE_ULPS = 4

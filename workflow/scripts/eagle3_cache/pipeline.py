@@ -23,8 +23,9 @@ from torch import nn
 from .atomic import write_json_atomic
 from .cache_rows import CacheBatch, CacheSpec, compute_cache_batch
 from .errors import CacheConfigError
+from .layout import samples_in_shard
 from .provenance import ids_fingerprint, settings_fingerprint
-from .shard_format import ShardLayout, ShardWriter, samples_in_shard
+from .shard_format import ShardLayout, ShardWriter
 from .target import hidden_size, load_target, model_identity, resolve_aux_layer_ids
 from .timing import PhaseTimer
 from .tokenized import TokenBlock, read_token_block, read_tokenized_info

@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +25,9 @@ import torch
 from safetensors import safe_open
 
 from .atomic import atomic_output, temp_path_for
+from .layout import EMBEDDINGS_FILE, MANIFEST_FILE, SHARD_NAME, num_shards, samples_in_shard, shard_file_name
 
 FORMAT_VERSION = 2
-MANIFEST_FILE = "manifest.json"
-EMBEDDINGS_FILE = "target_embeddings.safetensors"
-SHARD_NAME = re.compile(r"^shard-(\d{6})\.safetensors$")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SAFETENSORS_DTYPES = {
     torch.int64: "I64",
@@ -61,29 +58,6 @@ AUTOMODEL_MANIFEST_KEYS = (
     "mask_generation_prompt",
 )
 HASH_CHUNK_BYTES = 16 << 20
-
-
-def shard_file_name(index: int) -> str:
-    """`shard-000042.safetensors`, the name Automodel's reader expects for shard 42."""
-    return f"shard-{index:06d}.safetensors"
-
-
-def shard_index(path: str | os.PathLike) -> int:
-    """42 for `shard-000042.safetensors`, and for the files named after that shard (`shard-000042.tsv`, ...)."""
-    match = SHARD_NAME.match(f"{Path(path).stem}.safetensors")
-    if match is None:
-        raise ValueError(f"{path}: not named after a shard ({shard_file_name(0)}, ...)")
-    return int(match.group(1))
-
-
-def num_shards(num_samples: int, shard_size: int) -> int:
-    """How many shards `num_samples` samples fill."""
-    return math.ceil(num_samples / shard_size)
-
-
-def samples_in_shard(index: int, num_samples: int, shard_size: int) -> int:
-    """Every shard holds `shard_size` samples except the last."""
-    return min(shard_size, num_samples - index * shard_size)
 
 
 def is_topk(target_probs_topk: int | None, draft_vocab_size: int) -> bool:
@@ -200,7 +174,7 @@ class ShardWriter:
         self.size = self.data_start + sum(f.sample_bytes for f in self.fields.values()) * num_samples
         self._output = atomic_output(self.path)
         self.tmp = self._output.__enter__()
-        self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
         os.pwrite(self.fd, header, 0)
         os.ftruncate(self.fd, self.size)
 

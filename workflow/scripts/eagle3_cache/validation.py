@@ -30,16 +30,14 @@ from .parity import parity_outcome, parity_result, parity_sample_indices
 from .report_html import format_bytes, format_seconds, render_html
 from .results import TITLES, CheckResult, ValidationReport, listed, problems_summary
 from .scan import MIN_DRAFT_SHARE, sanity_check, scan_cache, supervision_check
+from .layout import EMBEDDINGS_FILE, shard_file_name, shard_index
 from .shard_format import (
     DTYPES,
-    EMBEDDINGS_FILE,
     ShardLayout,
     check_cache,
     read_manifest,
     read_shard_rows,
     safetensors_header,
-    shard_file_name,
-    shard_index,
     shard_indices_in,
 )
 from .cache_rows import CacheSpec, compute_cache_batch
