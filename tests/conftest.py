@@ -49,7 +49,7 @@ def tiny_llama_dir(tmp_path_factory, tiny_llama):
 
 def random_token_block(lengths: list[int], seq_length: int, vocab_size: int = 128, seed: int = 0, pad_id: int = 2):
     """Right-padded random rows with a loss mask over the second half of each row's content."""
-    from eagle3_cache.tokenized import TokenBlock
+    from eagle3_cache.token_store import TokenBlock
 
     generator = torch.Generator().manual_seed(seed)
     n = len(lengths)
@@ -164,8 +164,8 @@ def smollm2_tokenizer(smollm2_dir):
 
 def write_token_store(path, block, *, target_vocab_size: int = 128, pad_id: int = 2) -> None:
     """A tokenized store holding exactly the rows of `block` (for shard tests without a tokenizer)."""
-    from eagle3_cache.tokenized import TokenizedSample
-    from eagle3_cache.tokenized import TokenizedHeader, write_tokenized
+    from eagle3_cache.token_store import TokenizedSample
+    from eagle3_cache.token_store import TokenizedHeader, write_tokenized
 
     seq_length = block.input_ids.shape[1]
     header = TokenizedHeader(
@@ -355,7 +355,7 @@ def build_tiny_cache(
         write_target_embeddings,
     )
     from eagle3_cache.target import input_embeddings
-    from eagle3_cache.tokenized import read_tokenized_info
+    from eagle3_cache.token_store import read_tokenized_info
     from eagle3_cache.vocab import (
         count_supervised_tokens,
         select_draft_vocab,

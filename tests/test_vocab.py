@@ -13,9 +13,9 @@ import torch
 from conftest import tokenize_to_store
 
 from eagle3_cache import vocab
-from eagle3_cache.tokenized import TokenizedSample
+from eagle3_cache.token_store import TokenizedSample
 from eagle3_cache.errors import CacheConfigError
-from eagle3_cache.tokenized import TokenizedHeader, read_tokenized_info, write_tokenized
+from eagle3_cache.token_store import TokenizedHeader, read_tokenized_info, write_tokenized
 from eagle3_cache.vocab import (
     count_supervised_tokens,
     read_vocab_selection,

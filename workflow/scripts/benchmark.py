@@ -149,7 +149,7 @@ def prepare_ours(job: dict) -> dict:
 
 def select_vocabulary(tokenized: str | Path, draft_vocab_size: int, selection: str | Path) -> None:
     """The select_vocab rule's selection file, from the tokenized store."""
-    from eagle3_cache.tokenized import read_tokenized_info
+    from eagle3_cache.token_store import read_tokenized_info
     from eagle3_cache.vocab import count_supervised_tokens, select_draft_vocab, write_vocab_selection
 
     info = read_tokenized_info(tokenized)
@@ -177,7 +177,7 @@ def run_ours(job: dict) -> dict:
 def compute_our_shards(model: torch.nn.Module, workload: Workload, job: dict) -> dict:
     """Every shard (or those in job["shards"]) through `compute_shard`, set up as `run_shard_job` does."""
     from eagle3_cache.pipeline import compute_shard, shard_spec_and_layout
-    from eagle3_cache.tokenized import read_tokenized_info
+    from eagle3_cache.token_store import read_tokenized_info
 
     loaded_rss = current_rss_mib()
     info = read_tokenized_info(job["tokenized"])
@@ -788,7 +788,7 @@ def realistic_lengths(count: int, seq_length: int, rng: np.random.Generator) -> 
 def write_random_store(path: Path, count: int, seq_length: int, vocab_size: int, seed: int = 0) -> None:
     """A tokenized store of random ids at realistic lengths; the first quarter of each row is the prompt."""
     from eagle3_cache.chat import TokenizedSample
-    from eagle3_cache.tokenized import TokenizedHeader, write_tokenized
+    from eagle3_cache.token_store import TokenizedHeader, write_tokenized
 
     rng = np.random.default_rng(seed)
     header = TokenizedHeader(
@@ -818,7 +818,7 @@ def write_random_store(path: Path, count: int, seq_length: int, vocab_size: int,
 
 def gpu_floor(args: argparse.Namespace, work: Path) -> dict:
     """Our tokens/s on a random Llama-3.1-8B (or tiny) model against max(compute floor, disk floor)."""
-    from eagle3_cache.tokenized import read_tokenized_info
+    from eagle3_cache.token_store import read_tokenized_info
 
     vocab_size = llama_config(args.tiny).vocab_size
     workload = Workload(

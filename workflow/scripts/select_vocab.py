@@ -1,7 +1,7 @@
 """Rule `select_vocab`: tokenized.h5 -> vocab_selection.pt (draft vocabulary) + vocab_counts.npy."""
 
 from eagle3_cache.logs import setup_logging
-from eagle3_cache.tokenized import read_tokenized_info
+from eagle3_cache.token_store import read_tokenized_info
 from eagle3_cache.vocab import (
     count_supervised_tokens,
     select_draft_vocab,

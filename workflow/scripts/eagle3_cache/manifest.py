@@ -22,7 +22,7 @@ from .shard_format import (
     shard_file_name,
     shard_indices_in,
 )
-from .tokenized import TokenizedInfo
+from .token_store import TokenizedInfo
 
 log = logging.getLogger(__name__)
 

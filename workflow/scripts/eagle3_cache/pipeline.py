@@ -34,7 +34,7 @@ from .target import (
     resolve_aux_layer_ids,
 )
 from .timing import PhaseTimer
-from .tokenized import TokenBlock, read_token_block, read_tokenized_info
+from .token_store import TokenBlock, read_token_block, read_tokenized_info
 from .vocab import read_vocab_selection
 
 log = logging.getLogger(__name__)

@@ -55,7 +55,7 @@ from .shard_format import (
     shard_indices_in,
 )
 from .target import CacheSpec, compute_cache_batch, compute_dtype, shifted_left
-from .tokenized import TokenBlock, TokenizedInfo, read_token_block, read_token_rows, read_tokenized_info
+from .token_store import TokenBlock, TokenizedInfo, read_token_block, read_token_rows, read_tokenized_info
 from .vocab import read_vocab_selection
 
 log = logging.getLogger(__name__)

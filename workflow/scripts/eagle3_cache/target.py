@@ -22,7 +22,7 @@ from torch import nn
 from .errors import CacheConfigError
 from .shard_format import DTYPES, compress_target_probs, is_topk
 from .timing import NO_TIMER, PhaseTimer
-from .tokenized import TokenBlock
+from .token_store import TokenBlock
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import torch
 
 from eagle3_cache.atomic import atomic_output, torch_save_atomic
 from eagle3_cache.errors import CacheConfigError
-from eagle3_cache.tokenized import iter_token_blocks
+from eagle3_cache.token_store import iter_token_blocks
 
 # Rows per read while counting; bounds RAM to a few such blocks of int64 [rows, seq_length].
 COUNT_BLOCK_ROWS = 256
