@@ -356,12 +356,7 @@ def build_tiny_cache(
     )
     from eagle3_cache.target import input_embeddings
     from eagle3_cache.token_store import read_tokenized_info
-    from eagle3_cache.vocab import (
-        count_supervised_tokens,
-        select_draft_vocab,
-        write_vocab_counts,
-        write_vocab_selection,
-    )
+    from eagle3_cache.vocab import build_vocab_selection
 
     cache = TinyCache(Path(run_dir))
     cache.run_dir.mkdir(parents=True, exist_ok=True)
@@ -370,10 +365,7 @@ def build_tiny_cache(
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
     tokenize_to_store(cache.tokenized, tokenizer, data, seq_length)
     info = read_tokenized_info(cache.tokenized)
-    counts = count_supervised_tokens(cache.tokenized, info.target_vocab_size)
-    selected = select_draft_vocab(counts, info.special_token_ids, draft_vocab_size, info.target_vocab_size)
-    write_vocab_counts(cache.counts, counts)
-    write_vocab_selection(cache.selection, selected, info.target_vocab_size)
+    selected = build_vocab_selection(cache.tokenized, draft_vocab_size, cache.selection, cache.counts).selected
 
     # The manifest rule's params (the shard rule's, plus the data and mask settings).
     settings = {

@@ -20,6 +20,7 @@ from eagle3_cache.vocab import (
     count_supervised_tokens,
     read_vocab_selection,
     select_draft_vocab,
+    store_vocab_selection,
     write_vocab_counts,
     write_vocab_selection,
 )
@@ -160,12 +161,6 @@ def automodel_selection(automodel_eagle3, tokenizer, input_data, seq_length, voc
     return selected
 
 
-def our_selection(store, draft_vocab_size) -> torch.Tensor:
-    info = read_tokenized_info(store)
-    counts = count_supervised_tokens(store, info.target_vocab_size)
-    return select_draft_vocab(counts, info.special_token_ids, draft_vocab_size, info.target_vocab_size)
-
-
 @pytest.mark.automodel
 @pytest.mark.parametrize("pad_token", ["<pad>", None])
 @pytest.mark.parametrize("draft_vocab_size", [1, 3, 40, 383, 384, None])
@@ -177,7 +172,7 @@ def test_parity_tiny_tokenizer(
     theirs = automodel_selection(
         automodel_eagle3, make_chat_tokenizer(pad_token=pad_token), parity_jsonl, 40, 384, draft_vocab_size
     )
-    assert torch.equal(our_selection(store, draft_vocab_size), theirs)
+    assert torch.equal(store_vocab_selection(store, draft_vocab_size).selected, theirs)
 
 
 @pytest.mark.automodel
@@ -188,4 +183,4 @@ def test_parity_smollm2(tmp_path, automodel_eagle3, smollm2_tokenizer, parity_js
         theirs = automodel_selection(
             automodel_eagle3, smollm2_tokenizer, parity_jsonl, 64, vocab_size, draft_vocab_size
         )
-        assert torch.equal(our_selection(store, draft_vocab_size), theirs)
+        assert torch.equal(store_vocab_selection(store, draft_vocab_size).selected, theirs)

@@ -127,6 +127,7 @@ def stopwatch() -> Iterator[Elapsed]:
 def prepare_ours(job: dict) -> dict:
     """Tokenize and select the draft vocabulary as the workflow's tokenize and select_vocab rules do, timed."""
     from eagle3_cache.tokenization import tokenize_dataset
+    from eagle3_cache.vocab import build_vocab_selection
 
     workload = Workload(**job["workload"])
     _, tokenize_seconds = timed(
@@ -143,19 +144,10 @@ def prepare_ours(job: dict) -> dict:
             mask_generation_prompt=False,
         )
     )
-    _, vocab_seconds = timed(lambda: select_vocabulary(job["tokenized"], workload.draft_vocab_size, job["selection"]))
+    _, vocab_seconds = timed(
+        lambda: build_vocab_selection(job["tokenized"], workload.draft_vocab_size, job["selection"])
+    )
     return {"tokenize_seconds": tokenize_seconds, "vocab_seconds": vocab_seconds}
-
-
-def select_vocabulary(tokenized: str | Path, draft_vocab_size: int, selection: str | Path) -> None:
-    """The select_vocab rule's selection file, from the tokenized store."""
-    from eagle3_cache.token_store import read_tokenized_info
-    from eagle3_cache.vocab import count_supervised_tokens, select_draft_vocab, write_vocab_selection
-
-    info = read_tokenized_info(tokenized)
-    counts = count_supervised_tokens(tokenized, info.target_vocab_size)
-    selected = select_draft_vocab(counts, info.special_token_ids, draft_vocab_size, info.target_vocab_size)
-    write_vocab_selection(selection, selected, info.target_vocab_size)
 
 
 def run_ours(job: dict) -> dict:
@@ -819,6 +811,7 @@ def write_random_store(path: Path, count: int, seq_length: int, vocab_size: int,
 def gpu_floor(args: argparse.Namespace, work: Path) -> dict:
     """Our tokens/s on a random Llama-3.1-8B (or tiny) model against max(compute floor, disk floor)."""
     from eagle3_cache.token_store import read_tokenized_info
+    from eagle3_cache.vocab import build_vocab_selection
 
     vocab_size = llama_config(args.tiny).vocab_size
     workload = Workload(
@@ -834,7 +827,7 @@ def gpu_floor(args: argparse.Namespace, work: Path) -> dict:
     )
     tokenized, selection = work / "tokenized.h5", work / "vocab_selection.pt"
     write_random_store(tokenized, args.num_samples, args.seq_length, vocab_size)
-    select_vocabulary(tokenized, args.draft_vocab_size, selection)
+    build_vocab_selection(tokenized, args.draft_vocab_size, selection)
     job = {
         "workload": asdict(workload),
         "tokenized": str(tokenized),
