@@ -7,7 +7,8 @@ import json
 import pytest
 from conftest import PARITY_ROWS
 
-import benchmark
+from eagle3_cache.errors import CacheConfigError
+from tools.benchmark.cli import main
 
 pytest.importorskip(
     "nemo_automodel.components.speculative.precompute_eagle3",
@@ -25,7 +26,7 @@ def conversations(tmp_path):
 
 
 def test_compare_prints_the_table_and_the_parity_verdict(tiny_chat_target, conversations, tmp_path, capsys):
-    report = benchmark.main(
+    report = main(
         [
             *("--model", str(tiny_chat_target), "--conversations", str(conversations)),
             *("--rounds", "1", "--num-samples", "6", "--shard-size", "4", "--batch-size", "2"),
@@ -45,7 +46,7 @@ def test_compare_prints_the_table_and_the_parity_verdict(tiny_chat_target, conve
 
 
 def test_rss_scaling_runs_one_shard_at_two_sizes(tiny_chat_target, conversations, tmp_path, capsys):
-    report = benchmark.main(
+    report = main(
         [
             *("--rss-scaling", "--model", str(tiny_chat_target), "--conversations", str(conversations)),
             *("--shard-size", "2", "--batch-size", "2", "--seq-length", "48", "--draft-vocab-size", "64"),
@@ -57,7 +58,7 @@ def test_rss_scaling_runs_one_shard_at_two_sizes(tiny_chat_target, conversations
 
 
 def test_gpu_floor_code_path_runs_on_a_tiny_cpu_model(tmp_path, capsys):
-    report = benchmark.main(
+    report = main(
         ["--gpu-floor", "--tiny", "--num-samples", "8", "--threads", "1", "--workdir", str(tmp_path / "work")]
     )
     out = capsys.readouterr().out
@@ -67,5 +68,5 @@ def test_gpu_floor_code_path_runs_on_a_tiny_cpu_model(tmp_path, capsys):
 
 
 def test_a_shard_size_the_reference_refuses_is_an_error():
-    with pytest.raises(benchmark.CacheConfigError, match="multiple of --batch-size"):
-        benchmark.main(["--shard-size", "6", "--batch-size", "4"])
+    with pytest.raises(CacheConfigError, match="multiple of --batch-size"):
+        main(["--shard-size", "6", "--batch-size", "4"])
