@@ -60,11 +60,6 @@ def test_draft_vocab_below_one_is_refused(size):
         select([1, 2], size)
 
 
-def test_selection_dtype():
-    selected = select_draft_vocab(np.array([1, 2, 3]), NO_SPECIALS, 2, 3)
-    assert selected.dtype == torch.int64
-
-
 def token_store(path: Path, rows: list[tuple[list[int], list[int]]], vocab_size: int, seq_length: int = 4):
     """A store from (input_ids, loss_mask) rows padded with id 0."""
     samples = []
@@ -107,7 +102,7 @@ def test_counts_only_loss_masked_unshifted_in_range_ids(tmp_path, monkeypatch):
 
 def test_selection_file_round_trip(tmp_path):
     path = tmp_path / "vocab_selection.pt"
-    write_vocab_selection(path, torch.tensor([3, 1, 2]), 10)
+    write_vocab_selection(path, torch.tensor([3, 1, 2], dtype=torch.int32), 10)
     saved = torch.load(path, weights_only=True)
     assert saved["selected_token_ids"].dtype == torch.int64 and saved["target_vocab_size"] == 10
     selected, vocab_size = read_vocab_selection(path)
