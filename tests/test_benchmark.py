@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import PARITY_ROWS
+from helpers import PARITY_ROWS
 
 from eagle3_cache.errors import CacheConfigError
 from tools.benchmark.cli import main

@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import CHATML_GENERATION_TEMPLATE, CHATML_TEMPLATE, tiny_llama_config, tokenize_to_store
+from helpers import CHATML_GENERATION_TEMPLATE, CHATML_TEMPLATE, tiny_llama_config, tokenize_to_store
 from datasets import Dataset
 
 from eagle3_cache import data

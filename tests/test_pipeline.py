@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_token_block, write_token_store
+from helpers import random_token_block, write_token_store
 from eagle3_cache.pipeline import compute_shard, length_buckets
 from eagle3_cache.shard_format import ShardLayout, file_sha256, read_shard_rows, shard_file_name
 from eagle3_cache.target import CacheSpec, compute_cache_batch, resolve_aux_layer_ids

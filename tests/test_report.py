@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TinyCache, build_tiny_cache
+from helpers import TinyCache, build_tiny_cache
 from eagle3_cache.report import (
     ValidationInputs,
     coverage_curve,

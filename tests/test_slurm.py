@@ -3,7 +3,7 @@
 Every test here talks to the cluster that tests/slurm_cluster.py starts: four fake GPUs,
 one partition, no accounting database. The workflow runs through
 snakemake-executor-plugin-slurm with the user's profile plus the test cluster's overrides,
-on the tiny model and conversations of tests/test_workflow.py.
+on the tiny model and conversations the workflow tests use.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import SlurmCluster, require_slurm, running_slurm_cluster, wait_for
-from test_workflow import (
+from helpers import (
     HOLD_SHARD,
     NUM_SHARDS,
     RUN,
@@ -34,6 +33,7 @@ from test_workflow import (
     run_config,
     shard_path,
 )
+from slurm_cluster import SlurmCluster, require_slurm, running_slurm_cluster, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_token_block, tiny_llama_config
+from helpers import random_token_block, tiny_llama_config
 from eagle3_cache.errors import CacheConfigError
 from eagle3_cache.shard_format import reconstruct_target_probs
 from eagle3_cache.target import (

@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tokenize_to_store
+from helpers import placeholder_header, tokenize_to_store
 
 from eagle3_cache import vocab
-from eagle3_cache.token_store import TokenizedSample
 from eagle3_cache.errors import CacheConfigError
-from eagle3_cache.token_store import TokenizedHeader, read_tokenized_info, write_tokenized
+from eagle3_cache.token_store import TokenizedSample, read_tokenized_info, write_tokenized
 from eagle3_cache.vocab import (
     count_supervised_tokens,
     read_vocab_selection,
@@ -73,17 +72,7 @@ def token_store(path: Path, rows: list[tuple[list[int], list[int]]], vocab_size:
                 truncated=False,
             )
         )
-    header = TokenizedHeader(
-        seq_length=seq_length,
-        target_vocab_size=vocab_size,
-        special_token_ids=(1, 2, None, 0),
-        pad_token_id=0,
-        tokenizer_hash="t",
-        chat_template_hash="c",
-        source={"input_data": "x", "split": None, "shuffle_seed": 42},
-        mask_reasoning_content=False,
-        mask_generation_prompt=False,
-    )
+    header = placeholder_header(seq_length, vocab_size, special_token_ids=(1, 2, None, 0), pad_token_id=0)
     write_tokenized(path, header, samples, len(samples))
     return path
 
