@@ -14,7 +14,7 @@ import torch
 
 from .measure import MIB, tokens_per_s
 from .ours import compute_our_shards
-from .workload import Workload, run_child
+from .workload import Workload, run_child, workload_of
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig
@@ -155,17 +155,7 @@ def gpu_floor(args: argparse.Namespace, work: Path) -> dict:
     from eagle3_cache.vocab import build_vocab_selection
 
     vocab_size = llama_config(args.tiny).vocab_size
-    workload = Workload(
-        model="random " + ("tiny Llama" if args.tiny else "Llama-3.1-8B"),
-        conversations="random",
-        seq_length=args.seq_length,
-        draft_vocab_size=args.draft_vocab_size,
-        dtype=args.dtype,
-        batch_size=args.batch_size,
-        shard_size=args.shard_size,
-        device=args.device,
-        threads=args.threads,
-    )
+    workload = workload_of(args, "random " + ("tiny Llama" if args.tiny else "Llama-3.1-8B"), "random")
     tokenized, selection = work / "tokenized.h5", work / "vocab_selection.pt"
     write_random_store(tokenized, args.num_samples, args.seq_length, vocab_size)
     build_vocab_selection(tokenized, args.draft_vocab_size, selection)

@@ -97,10 +97,15 @@ def workload_from(args: argparse.Namespace, work: Path) -> Workload:
     if available < args.num_samples:
         print(f"note: {args.conversations} has only {available} conversations", flush=True)
     model = args.model or demo_model()
+    # Absolute, for the child processes run from the repository root.
+    return workload_of(args, str(Path(model).resolve()) if Path(model).exists() else model, str(conversations))
+
+
+def workload_of(args: argparse.Namespace, model: str, conversations: str) -> Workload:
+    """The settings of `args` on `model` and `conversations`."""
     return Workload(
-        # Absolute, for the child processes run from the repository root.
-        model=str(Path(model).resolve()) if Path(model).exists() else model,
-        conversations=str(conversations),
+        model=model,
+        conversations=conversations,
         seq_length=args.seq_length,
         draft_vocab_size=args.draft_vocab_size,
         dtype=args.dtype,
