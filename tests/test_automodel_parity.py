@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_token_block
+from helpers import random_token_block
 from eagle3_cache.cache_rows import CacheSpec, compute_cache_batch
 from eagle3_cache.target import resolve_aux_layer_ids
 

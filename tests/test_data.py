@@ -11,14 +11,14 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import CHATML_GENERATION_TEMPLATE, CHATML_TEMPLATE, tiny_llama_config, tokenize_to_store
+from helpers import CHATML_GENERATION_TEMPLATE, CHATML_TEMPLATE, tiny_llama_config, tokenize_to_store
 from datasets import Dataset
 
 from eagle3_cache import data
 from eagle3_cache.chat import ChatTokenizer, chat_template_hash, special_token_ids, tokenizer_hash
 from eagle3_cache.data import Conversation, conversation_from_row, iter_conversations, load_rows
 from eagle3_cache.errors import CacheConfigError
-from eagle3_cache.tokenized import (
+from eagle3_cache.token_store import (
     TokenizedHeader,
     iter_token_blocks,
     read_token_block,

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_token_block, write_token_store
+from helpers import random_token_block, write_token_store
 from eagle3_cache.cache_rows import CacheSpec, compute_cache_batch
 from eagle3_cache.layout import shard_file_name
 from eagle3_cache.pipeline import compute_shard, length_buckets
 from eagle3_cache.shard_format import ShardLayout, file_sha256, read_shard_rows
 from eagle3_cache.target import resolve_aux_layer_ids
-from eagle3_cache.tokenized import TokenBlock
+from eagle3_cache.token_store import TokenBlock
 
 SEQ = 20
 LENGTHS = [7, SEQ, 3, 12, 12, 1, 18, 9, 5, 16, 2]  # 11 samples: shards of 4, 4 and a partial 3

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TinyCache, build_tiny_cache
+from helpers import TinyCache, build_tiny_cache
 from eagle3_cache.layout import MANIFEST_FILE, shard_file_name
 from eagle3_cache.parity import parity_sample_indices
 from eagle3_cache.report_html import render_html

@@ -3,7 +3,7 @@
 Every test here talks to the cluster that tests/slurm_cluster.py starts: four fake GPUs,
 one partition, no accounting database. The workflow runs through
 snakemake-executor-plugin-slurm with the user's profile plus the test cluster's overrides,
-on the tiny model and conversations of tests/test_workflow.py.
+on the tiny model and conversations the workflow tests use.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import SlurmCluster, require_slurm, running_slurm_cluster, wait_for
-from test_workflow import (
+from helpers import (
     HOLD_SHARD,
     NUM_SHARDS,
     RUN,
@@ -34,6 +33,8 @@ from test_workflow import (
     run_config,
     shard_path,
 )
+from eagle3_cache.layout import shard_id
+from slurm_cluster import SlurmCluster, require_slurm, running_slurm_cluster, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -211,7 +212,7 @@ def shard_records(workdir: Path) -> list[ShardRecord]:
     records = []
     for index in range(NUM_SHARDS):
         stats = json.loads(
-            (workdir / "results" / RUN / "shard_stats" / f"shard-{index:06d}.json").read_text()
+            (workdir / "results" / RUN / "shard_stats" / f"shard-{shard_id(index)}.json").read_text()
         )
         records.append(ShardRecord(index, stats["slurm_job_id"], stats["cuda_visible_devices"]))
     return records

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama_config
+from helpers import tiny_llama_config
 from eagle3_cache.errors import CacheConfigError
 from eagle3_cache.target import (
     decoder_layers,

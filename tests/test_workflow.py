@@ -17,17 +17,21 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+from helpers import (
+    HOLD_SHARD,
+    NUM_CONVERSATIONS,
+    NUM_SHARDS,
+    REPO,
+    SNAKEMAKE,
+    assert_complete_cache,
+    cache_dir,
+    digest,
+    new_workdir,
+    run_config,
+    shard_path,
+    write_config,
+)
 
-from eagle3_cache.shard_format import check_cache
-
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
-WORKFLOW_FILES = ["Snakefile", "workflow", "profiles", "envs"]
-RUN = "tiny"
-NUM_CONVERSATIONS = 20
-SHARD_SIZE = 4
-NUM_SHARDS = 5
 RUN_TIMEOUT_S = 900
 # One thread per target-model job, so that two shard jobs share the 2 cores of a CI machine.
 LOCAL_RUN = ["--profile", "profiles/local", "--set-threads", "compute_shard=1", "validate=1", "--cores", "2"]
@@ -35,66 +39,12 @@ LOCAL_RUN = ["--profile", "profiles/local", "--set-threads", "compute_shard=1", 
 JOB_HEADER = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):$")
 SHARD_WILDCARD = re.compile(r"^\s+wildcards: .*\bshard=(\d{6})")
 
-WORDS = (
-    "the model reads every token and writes a short answer about rivers cities numbers "
-    "colors music weather trains gardens bread stars"
-).split()
-
 
 def every_shard(count: int = NUM_SHARDS) -> set[str]:
     return {f"compute_shard-{index:06d}" for index in range(count)}
 
 
 # --- Setup ----------------------------------------------------------------------------------
-
-
-def conversation(index: int) -> dict:
-    """A short deterministic user/assistant exchange; lengths vary with the index."""
-
-    def text(start: int, length: int) -> str:
-        return " ".join(WORDS[(start + i * 7) % len(WORDS)] for i in range(length))
-
-    return {
-        "messages": [
-            {"role": "user", "content": text(index, 2 + index % 5)},
-            {"role": "assistant", "content": text(index * 3, 3 + index % 7)},
-        ]
-    }
-
-
-def run_config(target_model: str | Path, **overrides) -> dict:
-    settings = {
-        "target_model": str(target_model),
-        "input_data": "data/conversations.jsonl",
-        "seq_length": 32,
-        "draft_vocab_size": 64,
-        "shard_size": SHARD_SIZE,
-        "batch_size": 2,
-    }
-    settings.update(overrides)
-    # Not strict: a random model's predictions fail the report's quality thresholds.
-    validation = {"num_samples": 2, "strict": False}
-    return {"runs": {RUN: settings}, "device": "cpu", "validation": validation}
-
-
-def write_config(workdir: Path, config: dict) -> None:
-    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config))
-
-
-def new_workdir(path: Path, config: dict) -> Path:
-    """A copy of the workflow with `config` and the tiny conversations."""
-    for name in WORKFLOW_FILES:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, path / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, path / name)
-    (path / "config").mkdir()
-    write_config(path, config)
-    (path / "data").mkdir()
-    lines = [json.dumps(conversation(index)) for index in range(NUM_CONVERSATIONS)]
-    (path / "data" / "conversations.jsonl").write_text("\n".join(lines) + "\n")
-    return path
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -126,18 +76,6 @@ def jobs_run(output: str) -> set[str]:
     return set(jobs) - {"all"}
 
 
-def cache_dir(workdir: Path) -> Path:
-    return workdir / "results" / RUN / "shards"
-
-
-def shard_path(workdir: Path, index: int) -> Path:
-    return cache_dir(workdir) / f"shard-{index:06d}.safetensors"
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 @pytest.fixture(scope="session")
 def completed(tmp_path_factory, tiny_chat_target) -> tuple[Path, set[str]]:
     """A workdir where the whole workflow ran once, and the jobs that first run executed."""
@@ -149,15 +87,6 @@ def completed(tmp_path_factory, tiny_chat_target) -> tuple[Path, set[str]]:
 def workdir(completed, tmp_path) -> Path:
     """A private copy of the completed workdir (timestamps and Snakemake metadata kept)."""
     return Path(shutil.copytree(completed[0], tmp_path / "workdir", symlinks=True))
-
-
-def assert_complete_cache(workdir: Path, num_shards: int) -> None:
-    """Exactly the expected files in the cache dir, all checks passing, report written."""
-    expected = {shard_path(workdir, index).name for index in range(num_shards)}
-    expected |= {"manifest.json", "target_embeddings.safetensors"}
-    assert {path.name for path in cache_dir(workdir).iterdir()} == expected
-    assert check_cache(cache_dir(workdir)) == []
-    assert (workdir / "results" / RUN / "validation_report.html").is_file()
 
 
 # --- End to end -----------------------------------------------------------------------------
@@ -236,27 +165,6 @@ def assert_automodel_reads(cache: Path, shard_size: int) -> None:
     last = dataset[NUM_CONVERSATIONS - 1]
     assert last["input_ids"].shape == (32,)
     assert last["target_probs"].shape == (32, 64)
-
-
-# Injected into the shard job through PYTHONPATH: holds shard-000001 just before its temp
-# file is moved into place and tells the test the writer's pid, so that the SIGKILL lands
-# while the shard is still being written.
-HOLD_SHARD = """
-import os, time
-from pathlib import Path
-
-_replace = os.replace
-
-
-def replace(source, destination, *args, **kwargs):
-    if str(destination).endswith("shard-000001.safetensors"):
-        Path(os.environ["HOLD_MARKER"]).write_text(str(os.getpid()))
-        time.sleep(3600)
-    return _replace(source, destination, *args, **kwargs)
-
-
-os.replace = replace
-"""
 
 
 def kill_shard_writer_mid_write(workdir: Path, hook_dir: Path) -> subprocess.CompletedProcess:

@@ -79,7 +79,7 @@ def run_num_shards(run: str) -> int:
     tokenized = checkpoints.tokenize.get(run=run).output.tokenized
     # Imported only now: the module pulls in torch, which a dry run before
     # tokenization should not pay for.
-    from eagle3_cache.tokenized import read_tokenized_info
+    from eagle3_cache.token_store import read_tokenized_info
 
     num_samples = read_tokenized_info(tokenized).num_samples
     return num_shards(num_samples, run_settings(run)["shard_size"])

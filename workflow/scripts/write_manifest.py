@@ -5,7 +5,7 @@ from pathlib import Path
 from eagle3_cache.atomic import write_json_atomic
 from eagle3_cache.logs import setup_logging
 from eagle3_cache.manifest import checked_manifest, read_shard_stats
-from eagle3_cache.tokenized import read_tokenized_info
+from eagle3_cache.token_store import read_tokenized_info
 from eagle3_cache.vocab import read_vocab_selection
 
 snakemake = snakemake  # noqa: F821 (injected by Snakemake's script directive)

@@ -18,7 +18,7 @@ from torch import nn
 from .shard_format import DTYPES, compress_target_probs, is_topk
 from .target import decoder_layers
 from .timing import NO_TIMER, NullTimer, PhaseTimer
-from .tokenized import TokenBlock
+from .token_store import TokenBlock
 
 # Architectures whose logits are exactly `lm_head(decoder output)`: for these the output layer
 # runs only on the draft-vocabulary rows, plus a full-vocabulary top-1 at supervised positions.

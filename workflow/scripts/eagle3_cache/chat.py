@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from eagle3_cache.data import Conversation
 from eagle3_cache.errors import CacheConfigError
-from eagle3_cache.tokenized import TokenizedSample
+from eagle3_cache.token_store import TokenizedSample
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from .errors import CacheConfigError
 from .layout import num_shards, samples_in_shard, shard_file_name
 from .provenance import ids_fingerprint, package_versions, producer, settings_fingerprint
 from .shard_format import FORMAT_VERSION, leftover_temp_files, shard_indices_in
-from .tokenized import TokenizedInfo
+from .token_store import TokenizedInfo
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from .provenance import ids_fingerprint, settings_fingerprint
 from .shard_format import ShardLayout, ShardWriter
 from .target import hidden_size, load_target, model_identity, resolve_aux_layer_ids
 from .timing import PhaseTimer
-from .tokenized import TokenBlock, read_token_block, read_tokenized_info
+from .token_store import TokenBlock, read_token_block, read_tokenized_info
 from .vocab import read_vocab_selection
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import torch
 from .results import MAX_LISTED, CheckResult, listed, problems_summary
 from .shard_format import DTYPES, ShardLayout, read_shard_block
 from .cache_rows import shifted_left
-from .tokenized import TokenBlock, TokenizedInfo, read_token_block
+from .token_store import TokenBlock, TokenizedInfo, read_token_block
 
 # Below half, the draft is asked mostly for tokens it cannot produce: a misconfigured vocabulary.
 MIN_DRAFT_SHARE = 0.5

