@@ -1,5 +1,6 @@
 # make demo: build the demo cache (SmolLM2-135M-Instruct on the bundled conversations).
 # make test: run the test suite.
+# make lint: ruff's lint and format checks (the first step of .ci/run).
 #
 # Both set up .venv first. Each setup step leaves a stamp named after the content of the
 # requirement files it installed (and of pyproject.toml, for the package itself), so it runs
@@ -19,7 +20,7 @@ TEST_STAMP := $(VENV)/.test-$(call content_hash,$(RUNTIME_REQUIREMENTS) pyprojec
 GPUS ?= $(shell nvidia-smi -L 2>/dev/null | wc -l)
 GPU_LIMIT = $(if $(filter-out 0,$(GPUS)),--resources gpu=$(GPUS))
 
-.PHONY: demo test
+.PHONY: demo test lint
 
 demo: $(RUNTIME_STAMP)
 	$(BIN)/snakemake --profile profiles/local $(GPU_LIMIT)
@@ -29,6 +30,10 @@ demo: $(RUNTIME_STAMP)
 
 test: $(TEST_STAMP)
 	$(BIN)/pytest
+
+lint: $(TEST_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from helpers import CHATML_TEMPLATE, PARITY_ROWS, tiny_llama_config
 
 
@@ -144,5 +145,3 @@ def tiny_chat_target(tmp_path_factory, chat_tokenizer_json):
     config = tiny_llama_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(path)
     return path
-
-

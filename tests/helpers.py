@@ -222,9 +222,9 @@ def build_tiny_cache(
 
     from eagle3_cache import CACHE_SEMANTICS_VERSION
     from eagle3_cache.atomic import write_json_atomic
+    from eagle3_cache.layout import EMBEDDINGS_FILE, MANIFEST_FILE, num_shards
     from eagle3_cache.manifest import checked_manifest, read_shard_stats
     from eagle3_cache.pipeline import run_shard_job
-    from eagle3_cache.layout import EMBEDDINGS_FILE, MANIFEST_FILE, num_shards
     from eagle3_cache.shard_format import write_target_embeddings
     from eagle3_cache.target import input_embeddings
     from eagle3_cache.token_store import read_tokenized_info

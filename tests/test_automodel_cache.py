@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from helpers import PARITY_ROWS, build_tiny_cache
 
 pytest.importorskip(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import PARITY_ROWS
 
 from eagle3_cache.errors import CacheConfigError
+from helpers import PARITY_ROWS
 from tools.benchmark.cli import main
 from tools.benchmark.compare import LOAD_SHARE_TARGET
 

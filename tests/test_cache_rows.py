@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import random_token_block
+
 from eagle3_cache.cache_rows import (
     CacheSpec,
     captured_layer_outputs,
@@ -16,6 +16,7 @@ from eagle3_cache.cache_rows import (
 )
 from eagle3_cache.shard_format import reconstruct_target_probs
 from eagle3_cache.target import resolve_aux_layer_ids
+from helpers import random_token_block
 
 SEQ = 24
 
@@ -110,7 +111,9 @@ def test_batch_composition_does_not_change_a_row(tiny_llama):
     tokens = random_token_block(LENGTHS, SEQ)
     together = compute_cache_batch(tiny_llama, spec, tokens).cpu().padded()
     for row in range(len(LENGTHS)):
-        alone_tokens = type(tokens)(*(t[row : row + 1] for t in (tokens.input_ids, tokens.attention_mask, tokens.loss_mask)))
+        alone_tokens = type(tokens)(
+            *(t[row : row + 1] for t in (tokens.input_ids, tokens.attention_mask, tokens.loss_mask))
+        )
         alone = compute_cache_batch(tiny_llama, spec, alone_tokens).cpu().padded()
         for name, values in alone.items():
             torch.testing.assert_close(values[0].float(), together[name][row].float(), atol=1e-5, rtol=1e-5)

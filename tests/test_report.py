@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import runpy
@@ -15,13 +16,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import TinyCache, build_tiny_cache
+
 from eagle3_cache.layout import MANIFEST_FILE, shard_file_name
 from eagle3_cache.parity import parity_sample_indices
 from eagle3_cache.report_html import render_html
 from eagle3_cache.shard_format import SAFETENSORS_DTYPES, file_sha256, read_manifest, read_shard_rows
 from eagle3_cache.target import load_target
 from eagle3_cache.validation import ValidationInputs, coverage_curve, failed_path, validate_cache
+from helpers import TinyCache, build_tiny_cache
 
 REPO = Path(__file__).resolve().parents[1]
 VALIDATE_SCRIPT = REPO / "workflow" / "scripts" / "validate.py"
@@ -222,7 +224,7 @@ def test_the_coverage_curve_rises_to_one_and_holds_the_chosen_size():
     counts = torch.tensor([0, 50, 30, 0, 15, 5]).numpy()
     curve = coverage_curve(counts, marked_size=3)
     assert [3, 0.95] in curve and curve[-1] == [6, 1.0]
-    assert all(a[1] <= b[1] for a, b in zip(curve, curve[1:]))
+    assert all(a[1] <= b[1] for a, b in itertools.pairwise(curve))
 
 
 # --- The HTML ----------------------------------------------------------------------------------

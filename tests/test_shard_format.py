@@ -8,11 +8,12 @@ import stat
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
 from eagle3_cache.atomic import atomic_directory, torch_save_atomic, write_json_atomic
 from eagle3_cache.layout import EMBEDDINGS_FILE, num_shards, samples_in_shard, shard_file_name
 from eagle3_cache.shard_format import ShardLayout, ShardWriter, check_cache, read_shard_rows, write_target_embeddings
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 LAYOUT = ShardLayout(seq_length=6, aux_hidden_dim=9, draft_vocab_size=5, dtype="bf16", target_probs_topk=0)
 
@@ -62,8 +63,13 @@ def test_topk_layout_has_values_and_int32_indices(tmp_path):
         writer.commit()
     with safe_open(str(path), framework="pt") as handle:
         assert set(handle.keys()) == {
-            "input_ids", "attention_mask", "loss_mask", "aux_hidden_states", "position_mask",
-            "target_probs_values", "target_probs_indices",
+            "input_ids",
+            "attention_mask",
+            "loss_mask",
+            "aux_hidden_states",
+            "position_mask",
+            "target_probs_values",
+            "target_probs_indices",
         }
         assert handle.get_slice("target_probs_indices").get_dtype() == "I32"
         assert handle.get_slice("target_probs_values").get_shape() == [2, 6, 4]
@@ -127,11 +133,24 @@ def write_cache(cache_dir, num_samples=5, shard_size=2):
         records.append({"file": shard_file_name(index), "num_samples": count, "bytes": writer.size, "sha256": digest})
     write_target_embeddings(cache_dir / "target_embeddings.safetensors", torch.zeros(7, 3))
     manifest = {
-        "format_version": 2, "target_model": "tiny", "target_vocab_size": 7, "draft_vocab_size": 5,
-        "seq_length": 6, "dtype": "bf16", "num_samples": num_samples, "shard_size": shard_size,
-        "target_probs_topk": 0, "aux_hidden_dim": 9, "aux_layer_ids": [0, 1, 2],
-        "selected_token_ids": [0, 1, 2, 3, 4], "input_data": "x.jsonl", "split": None, "shuffle_seed": 42,
-        "mask_reasoning_content": False, "mask_generation_prompt": False, "shards": records,
+        "format_version": 2,
+        "target_model": "tiny",
+        "target_vocab_size": 7,
+        "draft_vocab_size": 5,
+        "seq_length": 6,
+        "dtype": "bf16",
+        "num_samples": num_samples,
+        "shard_size": shard_size,
+        "target_probs_topk": 0,
+        "aux_hidden_dim": 9,
+        "aux_layer_ids": [0, 1, 2],
+        "selected_token_ids": [0, 1, 2, 3, 4],
+        "input_data": "x.jsonl",
+        "split": None,
+        "shuffle_seed": 42,
+        "mask_reasoning_content": False,
+        "mask_generation_prompt": False,
+        "shards": records,
     }
     (cache_dir / "manifest.json").write_text(json.dumps(manifest))
     return manifest

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_llama_config
+from safetensors.torch import save_file
+
 from eagle3_cache.errors import CacheConfigError
 from eagle3_cache.target import (
     decoder_layers,
@@ -14,7 +15,7 @@ from eagle3_cache.target import (
     resolve_aux_layer_ids,
     resolve_device,
 )
-from safetensors.torch import save_file
+from helpers import tiny_llama_config
 
 
 def test_default_aux_layers_follow_the_eagle3_recipe(tiny_llama):

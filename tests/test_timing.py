@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from eagle3_cache.timing import NO_TIMER, PhaseTimer
 
 

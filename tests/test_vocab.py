@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import placeholder_header, tokenize_to_store
-
 from eagle3_cache import vocab
 from eagle3_cache.errors import CacheConfigError
 from eagle3_cache.token_store import TokenizedSample, read_tokenized_info, write_tokenized
@@ -23,6 +21,7 @@ from eagle3_cache.vocab import (
     write_vocab_counts,
     write_vocab_selection,
 )
+from helpers import placeholder_header, tokenize_to_store
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "workflow" / "scripts"
 NO_SPECIALS = (None, None, None, None)

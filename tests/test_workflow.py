@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from helpers import (
     HOLD_SHARD,
     NUM_CONVERSATIONS,
@@ -195,9 +196,7 @@ def kill_shard_writer_mid_write(workdir: Path, hook_dir: Path) -> subprocess.Com
 
 
 @pytest.mark.slow
-def test_8_killed_shard_job_leaves_no_shard_and_the_next_run_completes(
-    workdir, completed, tmp_path
-):
+def test_8_killed_shard_job_leaves_no_shard_and_the_next_run_completes(workdir, completed, tmp_path):
     shard_path(workdir, 1).unlink()
     killed = kill_shard_writer_mid_write(workdir, tmp_path / "hook")
     assert killed.returncode != 0, killed.stdout[-6000:]

@@ -61,9 +61,7 @@ def load_conversations(path: Path) -> tuple[list[Conversation], dict[str, int]]:
     conversations = []
     for entry in spec["conversations"]:
         system = [{"role": "system", "content": entry["system"]}] if "system" in entry else []
-        conversations.append(
-            Conversation(entry["kind"], entry["user"], entry.get("schema", "openai"), system)
-        )
+        conversations.append(Conversation(entry["kind"], entry["user"], entry.get("schema", "openai"), system))
     return conversations, spec["max_new_tokens"]
 
 
@@ -102,20 +100,12 @@ def generated_replies(
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def batches(
-    conversations: list[Conversation], budgets: dict[str, int], size: int
-) -> list[list[Conversation]]:
+def batches(conversations: list[Conversation], budgets: dict[str, int], size: int) -> list[list[Conversation]]:
     """Conversations grouped by token budget, and by length within one, so a batch pads little."""
-    ordered = sorted(
-        conversations, key=lambda c: (budgets[c.kind], sum(len(m["content"]) for m in c.messages))
-    )
+    ordered = sorted(conversations, key=lambda c: (budgets[c.kind], sum(len(m["content"]) for m in c.messages)))
     groups = []
     for conversation in ordered:
-        if (
-            groups
-            and len(groups[-1]) < size
-            and budgets[groups[-1][0].kind] == budgets[conversation.kind]
-        ):
+        if groups and len(groups[-1]) < size and budgets[groups[-1][0].kind] == budgets[conversation.kind]:
             groups[-1].append(conversation)
         else:
             groups.append([conversation])
@@ -136,14 +126,12 @@ def answered_turn(
         started = time.monotonic()
         pending = group
         for seed in [None, *range(1, SAMPLING_RETRIES + 1)]:
-            replies = generated_replies(
-                [c.messages for c in pending], budgets[pending[0].kind], seed, tokenizer, model
-            )
-            for conversation, reply in zip(pending, replies):
+            replies = generated_replies([c.messages for c in pending], budgets[pending[0].kind], seed, tokenizer, model)
+            for conversation, reply in zip(pending, replies, strict=True):
                 if reply:
                     conversation.messages.append({"role": "assistant", "content": reply})
                     answered.append(conversation)
-            pending = [c for c, reply in zip(pending, replies) if not reply]
+            pending = [c for c, reply in zip(pending, replies, strict=True) if not reply]
             if not pending:
                 break
         for conversation in pending:
@@ -174,10 +162,7 @@ def answered_conversations(
 def record(conversation: Conversation) -> dict[str, list[dict[str, str]]]:
     """The conversation in its schema's JSON layout."""
     if conversation.schema == "sharegpt":
-        turns = [
-            {"from": SHAREGPT_ROLES[m["role"]], "value": m["content"]}
-            for m in conversation.messages
-        ]
+        turns = [{"from": SHAREGPT_ROLES[m["role"]], "value": m["content"]} for m in conversation.messages]
         return {"conversations": turns}
     return {"messages": conversation.messages}
 
@@ -190,12 +175,8 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "prompts", type=Path, help="YAML file of user prompts (config/demo/prompts.yaml)"
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("prompts", type=Path, help="YAML file of user prompts (config/demo/prompts.yaml)")
     parser.add_argument("output", type=Path, help="JSONL file to write")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch")

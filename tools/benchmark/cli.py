@@ -34,8 +34,8 @@ import argparse
 import contextlib
 import json
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 

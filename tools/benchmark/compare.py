@@ -6,9 +6,9 @@ import argparse
 import os
 import shutil
 import statistics
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -187,7 +187,7 @@ def print_table(ours: list[dict], reference: list[dict]) -> None:
     for label, metric, fmt in METRICS:
         mine = spread([metric(run) for run in ours])
         theirs = spread([metric(run) for run in reference])
-        ratio = spread([metric(a) / metric(b) for a, b in zip(ours, reference)])
+        ratio = spread([metric(a) / metric(b) for a, b in zip(ours, reference, strict=True)])
         cells = [" / ".join(fmt.format(v) for v in values) for values in (mine, theirs)]
         print(f"{label:28}{cells[0]:>30}{cells[1]:>34}{' / '.join(f'{v:.2f}' for v in ratio):>33}")
 
@@ -202,7 +202,7 @@ def print_tokenizing(prepared: dict, ours: list[dict], reference: list[dict]) ->
     vocab = statistics.median(run["vocab_seconds"] for run in reference)
     without = statistics.median(
         samples_per_s(mine) / (theirs["samples"] / (theirs["seconds"] - theirs["tokenize_in_loop_seconds"]))
-        for mine, theirs in zip(ours, reference)
+        for mine, theirs in zip(ours, reference, strict=True)
     )
     print(
         f"reference, per run (median): token-mapping pass {vocab:.1f}s (tokenizes every sample; not in its shard "

@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import resource
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 MIB = 1 << 20
 

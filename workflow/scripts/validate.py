@@ -6,16 +6,16 @@ With `validation.strict` (the default) a failed check fails the job; the report 
 
 import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 
 from eagle3_cache.gpu_lease import lease_gpus
 from eagle3_cache.logs import setup_logging
-from eagle3_cache.validation import ValidationInputs, failure_message, validate_cache, write_report
 from eagle3_cache.target import load_target, resolve_device
+from eagle3_cache.validation import ValidationInputs, failure_message, validate_cache, write_report
 
 snakemake = snakemake  # noqa: F821 (injected by Snakemake's script directive)
 log = setup_logging(snakemake.log[0])

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from .errors import CacheConfigError
 from .layout import num_shards, samples_in_shard, shard_file_name
@@ -96,7 +97,12 @@ def build_manifest(
         "producer": producer(),
         "packages": package_versions(),
         "shards": [
-            {"file": shard_file_name(s["shard"]), "num_samples": s["num_samples"], "bytes": s["bytes"], "sha256": s["sha256"]}
+            {
+                "file": shard_file_name(s["shard"]),
+                "num_samples": s["num_samples"],
+                "bytes": s["bytes"],
+                "sha256": s["sha256"],
+            }
             for s in stats
         ],
     }
@@ -120,7 +126,8 @@ def checked_manifest(
     reasons = inconsistent_shards(stats, settings, selected_token_ids, info)
     if reasons:
         raise CacheConfigError(
-            f"{cache_dir}: shards do not form one cache: " + "; ".join(reasons)
+            f"{cache_dir}: shards do not form one cache: "
+            + "; ".join(reasons)
             + ". Delete the listed shards (or re-run with --forcerun compute_shard) and run again."
         )
     remove_stale_files(cache_dir, shard_count)

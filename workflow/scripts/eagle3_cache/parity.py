@@ -10,14 +10,15 @@ call it, and `parity_result` turns its outcome into the check's result.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from .results import CheckResult, problems_summary
 from .layout import num_shards, samples_in_shard, shard_file_name
+from .results import CheckResult, problems_summary
 from .shard_format import reconstruct_target_probs
 
 # Stored and recomputed values may differ by this many units of the coarser dtype's rounding.

@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+from collections.abc import Mapping
 from importlib import metadata
-from typing import Any, Mapping
+from typing import Any
 
 from . import CACHE_SEMANTICS_VERSION, __version__
 from .layout import SHARD_SETTINGS

@@ -15,8 +15,9 @@ To see a report as a browser draws it, without a display (Debian: `apt-get insta
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import jinja2
 from markupsafe import Markup
@@ -104,8 +105,7 @@ def verdict_headline(report: ValidationReport) -> str:
         return f"PASS: all {len(report.checks)} checks passed. This cache is fit to train on."
     failed = report.failed_titles
     return (
-        f"FAIL: {len(failed)} of {len(report.checks)} checks failed ({', '.join(failed)}). "
-        "Do not train on this cache."
+        f"FAIL: {len(failed)} of {len(report.checks)} checks failed ({', '.join(failed)}). Do not train on this cache."
     )
 
 

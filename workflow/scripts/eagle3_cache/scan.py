@@ -6,16 +6,17 @@ Shards are streamed a few rows at a time, so RAM stays bounded whatever the cach
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
+from .cache_rows import shifted_left
 from .results import MAX_LISTED, CheckResult, listed, problems_summary
 from .shard_format import DTYPES, ShardLayout, read_shard_block
-from .cache_rows import shifted_left
 from .token_store import TokenBlock, TokenizedInfo, read_token_block
 
 # Below half, the draft is asked mostly for tokens it cannot produce: a misconfigured vocabulary.
@@ -186,7 +187,8 @@ def sanity_check(scan: CacheScan, num_samples: int) -> CheckResult:
     if problems:
         return CheckResult("sanity", False, problems_summary(problems), figures, details=problems)
     summary = (
-        f"{scan.samples_scanned} samples: no NaN/Inf, distributions sum to 1 (worst {scan.max_probability_sum_error:.2g}), "
+        f"{scan.samples_scanned} samples: no NaN/Inf, "
+        f"distributions sum to 1 (worst {scan.max_probability_sum_error:.2g}), "
         "position_mask inside the loss mask, padding zero, ids and masks equal the tokenized rows"
     )
     return CheckResult("sanity", True, summary, figures)

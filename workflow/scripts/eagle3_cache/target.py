@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -82,7 +82,7 @@ def num_hidden_layers(model: nn.Module) -> int:
 def hidden_size(model: nn.Module) -> int:
     """Width of one decoder layer's output."""
     text_config = getattr(model.config, "text_config", None)
-    return int(getattr(text_config or model.config, "hidden_size"))
+    return int((text_config or model.config).hidden_size)
 
 
 def default_aux_layer_ids(num_layers: int) -> list[int]:

@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import h5py
 import numpy as np
 import torch
 
-from eagle3_cache.atomic import atomic_output
-from eagle3_cache.errors import CacheConfigError
+from .atomic import atomic_output
+from .errors import CacheConfigError
 
 FORMAT_VERSION = 1
 # Rows per HDF5 chunk: small enough that reading a few scattered rows stays cheap.

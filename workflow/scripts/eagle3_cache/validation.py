@@ -14,10 +14,12 @@ import functools
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,12 +27,13 @@ from torch import nn
 
 from . import CACHE_SEMANTICS_VERSION
 from .atomic import atomic_output, write_json_atomic
+from .cache_rows import CacheSpec, compute_cache_batch
+from .layout import EMBEDDINGS_FILE, shard_file_name, shard_index
 from .manifest import read_shard_stats
 from .parity import parity_outcome, parity_result, parity_sample_indices
 from .report_html import format_bytes, format_seconds, render_html
 from .results import TITLES, CheckResult, ValidationReport, listed, problems_summary
 from .scan import MIN_DRAFT_SHARE, sanity_check, scan_cache, supervision_check
-from .layout import EMBEDDINGS_FILE, shard_file_name, shard_index
 from .shard_format import (
     DTYPES,
     ShardLayout,
@@ -40,7 +43,6 @@ from .shard_format import (
     safetensors_header,
     shard_indices_in,
 )
-from .cache_rows import CacheSpec, compute_cache_batch
 from .target import compute_dtype
 from .token_store import TokenizedInfo, read_token_rows, read_tokenized_info
 from .vocab import read_vocab_selection
@@ -123,7 +125,7 @@ def recomputed_samples(
 
 
 def parity_check(
-    open_target: Callable[[], ContextManager[nn.Module]],
+    open_target: Callable[[], AbstractContextManager[nn.Module]],
     manifest: Mapping[str, Any],
     inputs: ValidationInputs,
     stats: Sequence[Mapping[str, Any]],
@@ -249,7 +251,8 @@ def disk_check(cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo
         )
         return CheckResult("disk", False, summary, figures, series, [summary])
     summary = (
-        f"{format_bytes(shard_bytes + embeddings_bytes)} in all ({format_bytes(figures['allocated_bytes'])} allocated), "
+        f"{format_bytes(shard_bytes + embeddings_bytes)} in all "
+        f"({format_bytes(figures['allocated_bytes'])} allocated), "
         f"{format_bytes(per_sample)} per sample, {padding_share:.1%} of positions are padding"
     )
     return CheckResult("disk", True, summary, figures, series)
@@ -319,7 +322,8 @@ def cost_check(stats: Sequence[Mapping[str, Any]], benchmarks: Sequence[Path], s
         summary = f"no stats for {len(missing)} shard(s): {listed(missing)}"
         return CheckResult("cost", False, summary, figures, {"shards": rows}, [summary])
     summary = (
-        f"{len(rows)} shard jobs, {format_seconds(job_seconds)} in all, {figures['tokens_per_second']:,.0f} real tokens/s; "
+        f"{len(rows)} shard jobs, {format_seconds(job_seconds)} in all, "
+        f"{figures['tokens_per_second']:,.0f} real tokens/s; "
         f"model loading is {figures['load_share']:.0%} of job time"
     )
     return CheckResult("cost", True, summary, figures, {"shards": rows})
@@ -408,7 +412,10 @@ def provenance_check(
         )
     if problems:
         return CheckResult("provenance", False, problems_summary(problems), figures, series, details)
-    summary = f"{manifest['target_model']} ({identity.get('commit') or 'local'}), tokenizer and template hashed, all settings recorded"
+    summary = (
+        f"{manifest['target_model']} ({identity.get('commit') or 'local'}), "
+        "tokenizer and template hashed, all settings recorded"
+    )
     return CheckResult("provenance", True, summary, figures, series, details)
 
 
@@ -428,7 +435,9 @@ def run_check(key: str, check: Callable[[], CheckResult]) -> CheckResult:
     return replace(result, seconds=seconds)
 
 
-def validate_cache(inputs: ValidationInputs, open_target: Callable[[], ContextManager[nn.Module]]) -> ValidationReport:
+def validate_cache(
+    inputs: ValidationInputs, open_target: Callable[[], AbstractContextManager[nn.Module]]
+) -> ValidationReport:
     """Run every check on one run's cache. `open_target()` yields the target model for the parity check."""
     manifest = functools.cache(lambda: read_manifest(inputs.cache_dir))
     info = functools.cache(lambda: read_tokenized_info(inputs.tokenized))
@@ -445,7 +454,7 @@ def validate_cache(inputs: ValidationInputs, open_target: Callable[[], ContextMa
         run_check("cost", lambda: cost_check(stats, inputs.benchmarks, len(inputs.stats))),
         run_check("provenance", lambda: provenance_check(manifest(), info(), stats)),
     ]
-    generated_at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    generated_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return ValidationReport(inputs.run, str(inputs.cache_dir), checks, generated_at)
 
 
@@ -477,5 +486,6 @@ def failure_message(report: ValidationReport, kept: Path) -> str:
     """What a strict failure tells the user."""
     return (
         f"validation of run {report.run!r} failed: {', '.join(report.failed_titles)}. "
-        f"The report is kept at {kept}; fix the cache (or set validation.strict: false to accept it with the failure marked)."
+        f"The report is kept at {kept}; fix the cache "
+        "(or set validation.strict: false to accept it with the failure marked)."
     )

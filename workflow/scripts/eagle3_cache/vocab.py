@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from eagle3_cache.atomic import atomic_output, torch_save_atomic
-from eagle3_cache.errors import CacheConfigError
-from eagle3_cache.token_store import iter_token_blocks, read_tokenized_info
+from .atomic import atomic_output, torch_save_atomic
+from .errors import CacheConfigError
+from .token_store import iter_token_blocks, read_tokenized_info
 
 # Rows per read while counting; bounds RAM to a few such blocks of int64 [rows, seq_length].
 COUNT_BLOCK_ROWS = 256
