@@ -15,7 +15,7 @@ import yaml
 
 from eagle3_cache.layout import shard_file_name, shard_id
 from eagle3_cache.shard_format import check_cache
-from eagle3_cache.token_store import TokenBlock, TokenizedHeader, TokenizedSample, write_tokenized
+from eagle3_cache.token_store import TokenBlock, TokenizedSample, synthetic_header, write_tokenized
 
 
 def tiny_llama_config(**overrides):
@@ -53,26 +53,10 @@ def random_token_block(lengths: list[int], seq_length: int, vocab_size: int = 12
     return TokenBlock(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask)
 
 
-def placeholder_header(seq_length: int, target_vocab_size: int, **overrides) -> TokenizedHeader:
-    """A store header for rows made without a tokenizer: placeholder hashes and source, specials (1, 2, 2, None)."""
-    fields = dict(
-        seq_length=seq_length,
-        target_vocab_size=target_vocab_size,
-        special_token_ids=(1, 2, 2, None),
-        pad_token_id=2,
-        tokenizer_hash="test",
-        chat_template_hash="test",
-        source={"input_data": "random", "split": None, "shuffle_seed": 42},
-        mask_reasoning_content=False,
-        mask_generation_prompt=False,
-    )
-    return TokenizedHeader(**{**fields, **overrides})
-
-
 def write_token_store(path, block, *, target_vocab_size: int = 128, pad_id: int = 2) -> None:
     """A tokenized store holding exactly the rows of `block` (for shard tests without a tokenizer)."""
     seq_length = block.input_ids.shape[1]
-    header = placeholder_header(seq_length, target_vocab_size, pad_token_id=pad_id)
+    header = synthetic_header(seq_length, target_vocab_size, pad_token_id=pad_id)
     lengths = block.attention_mask.sum(dim=1).tolist()
     samples = [
         TokenizedSample(
@@ -273,7 +257,7 @@ def build_tiny_cache(
     embeddings = input_embeddings(str(target_dir), revision=None, trust_remote_code=False)
     write_target_embeddings(cache.cache_dir / EMBEDDINGS_FILE, embeddings)
     stats = read_shard_stats(stats_paths)
-    manifest = checked_manifest(cache.cache_dir, settings, stats, selected.tolist(), info.target_vocab_size, info)
+    manifest = checked_manifest(cache.cache_dir, settings, stats, selected.tolist(), info)
     write_json_atomic(cache.cache_dir / MANIFEST_FILE, manifest)
     return cache
 

@@ -12,7 +12,7 @@ import torch
 
 from eagle3_cache import vocab
 from eagle3_cache.errors import CacheConfigError
-from eagle3_cache.token_store import TokenizedSample, read_tokenized_info, write_tokenized
+from eagle3_cache.token_store import TokenizedSample, read_tokenized_info, synthetic_header, write_tokenized
 from eagle3_cache.vocab import (
     count_supervised_tokens,
     read_vocab_selection,
@@ -21,7 +21,7 @@ from eagle3_cache.vocab import (
     write_vocab_counts,
     write_vocab_selection,
 )
-from helpers import placeholder_header, tokenize_to_store
+from helpers import tokenize_to_store
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "workflow" / "scripts"
 NO_SPECIALS = (None, None, None, None)
@@ -71,7 +71,7 @@ def token_store(path: Path, rows: list[tuple[list[int], list[int]]], vocab_size:
                 truncated=False,
             )
         )
-    header = placeholder_header(seq_length, vocab_size, special_token_ids=(1, 2, None, 0), pad_token_id=0)
+    header = synthetic_header(seq_length, vocab_size, special_token_ids=(1, 2, None, 0), pad_token_id=0)
     write_tokenized(path, header, samples, len(samples))
     return path
 

@@ -73,33 +73,6 @@ def load_model() -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     return tokenizer, model.eval()
 
 
-def generated_replies(
-    chats: list[list[dict[str, str]]],
-    max_new_tokens: int,
-    seed: int | None,
-    tokenizer: PreTrainedTokenizerBase,
-    model: PreTrainedModel,
-) -> list[str]:
-    """One stripped reply per chat, from a single batch; greedy when `seed` is None."""
-    inputs = tokenizer.apply_chat_template(
-        chats, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True
-    )
-    sampling: dict[str, Any] = {"do_sample": False}
-    if seed is not None:
-        torch.manual_seed(seed)
-        sampling = {"do_sample": True, "temperature": 0.7, "top_p": 0.9}
-    with torch.inference_mode():
-        output = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            repetition_penalty=REPETITION_PENALTY,
-            pad_token_id=tokenizer.pad_token_id,
-            **sampling,
-        )
-    new_tokens = output[:, inputs["input_ids"].shape[1] :]
-    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-
-
 def batches(conversations: list[Conversation], budgets: dict[str, int], size: int) -> list[list[Conversation]]:
     """Conversations grouped by token budget, and by length within one, so a batch pads little."""
     ordered = sorted(conversations, key=lambda c: (budgets[c.kind], sum(len(m["content"]) for m in c.messages)))
@@ -112,51 +85,67 @@ def batches(conversations: list[Conversation], budgets: dict[str, int], size: in
     return groups
 
 
-def answered_turn(
-    conversations: list[Conversation],
-    budgets: dict[str, int],
-    batch_size: int,
-    tokenizer: PreTrainedTokenizerBase,
-    model: PreTrainedModel,
-) -> list[Conversation]:
-    """The conversations (ending in a user turn) that got a non-empty reply, now appended."""
-    answered = []
-    groups = batches(conversations, budgets, batch_size)
-    for number, group in enumerate(groups, start=1):
-        started = time.monotonic()
-        pending = group
-        for seed in [None, *range(1, SAMPLING_RETRIES + 1)]:
-            replies = generated_replies([c.messages for c in pending], budgets[pending[0].kind], seed, tokenizer, model)
-            for conversation, reply in zip(pending, replies, strict=True):
-                if reply:
-                    conversation.messages.append({"role": "assistant", "content": reply})
-                    answered.append(conversation)
-            pending = [c for c, reply in zip(pending, replies, strict=True) if not reply]
-            if not pending:
-                break
-        for conversation in pending:
-            log.warning("dropping %r: every reply was empty", conversation.user_turns[0][:60])
-        log.info("batch %d/%d done in %.0f s", number, len(groups), time.monotonic() - started)
-    return answered
+@dataclass
+class Replier:
+    """The demo model answering batches of conversations, within each kind's token budget."""
 
+    tokenizer: PreTrainedTokenizerBase
+    model: PreTrainedModel
+    budgets: dict[str, int]
+    batch_size: int
 
-def answered_conversations(
-    conversations: list[Conversation],
-    budgets: dict[str, int],
-    batch_size: int,
-    tokenizer: PreTrainedTokenizerBase,
-    model: PreTrainedModel,
-) -> list[Conversation]:
-    """The conversations with every user turn answered; the dropped ones left out."""
-    alive = conversations
-    for turn in range(max(len(c.user_turns) for c in conversations)):
-        asking = [c for c in alive if turn < len(c.user_turns)]
-        for conversation in asking:
-            conversation.messages.append({"role": "user", "content": conversation.user_turns[turn]})
-        log.info("user turn %d: %d conversations", turn + 1, len(asking))
-        answered = answered_turn(asking, budgets, batch_size, tokenizer, model)
-        alive = [c for c in alive if turn >= len(c.user_turns) or c in answered]
-    return alive
+    def replies(self, chats: list[list[dict[str, str]]], max_new_tokens: int, seed: int | None) -> list[str]:
+        """One stripped reply per chat, from a single batch; greedy when `seed` is None."""
+        inputs = self.tokenizer.apply_chat_template(
+            chats, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True
+        )
+        sampling: dict[str, Any] = {"do_sample": False}
+        if seed is not None:
+            torch.manual_seed(seed)
+            sampling = {"do_sample": True, "temperature": 0.7, "top_p": 0.9}
+        with torch.inference_mode():
+            output = self.model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                repetition_penalty=REPETITION_PENALTY,
+                pad_token_id=self.tokenizer.pad_token_id,
+                **sampling,
+            )
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def answered_turn(self, conversations: list[Conversation]) -> list[Conversation]:
+        """The conversations (ending in a user turn) that got a non-empty reply, now appended."""
+        answered = []
+        groups = batches(conversations, self.budgets, self.batch_size)
+        for number, group in enumerate(groups, start=1):
+            started = time.monotonic()
+            pending = group
+            for seed in [None, *range(1, SAMPLING_RETRIES + 1)]:
+                replies = self.replies([c.messages for c in pending], self.budgets[pending[0].kind], seed)
+                for conversation, reply in zip(pending, replies, strict=True):
+                    if reply:
+                        conversation.messages.append({"role": "assistant", "content": reply})
+                        answered.append(conversation)
+                pending = [c for c, reply in zip(pending, replies, strict=True) if not reply]
+                if not pending:
+                    break
+            for conversation in pending:
+                log.warning("dropping %r: every reply was empty", conversation.user_turns[0][:60])
+            log.info("batch %d/%d done in %.0f s", number, len(groups), time.monotonic() - started)
+        return answered
+
+    def answered_conversations(self, conversations: list[Conversation]) -> list[Conversation]:
+        """The conversations with every user turn answered; the dropped ones left out."""
+        alive = conversations
+        for turn in range(max(len(c.user_turns) for c in conversations)):
+            asking = [c for c in alive if turn < len(c.user_turns)]
+            for conversation in asking:
+                conversation.messages.append({"role": "user", "content": conversation.user_turns[turn]})
+            log.info("user turn %d: %d conversations", turn + 1, len(asking))
+            answered = self.answered_turn(asking)
+            alive = [c for c in alive if turn >= len(c.user_turns) or c in answered]
+        return alive
 
 
 def record(conversation: Conversation) -> dict[str, list[dict[str, str]]]:
@@ -187,7 +176,7 @@ def main() -> None:
     conversations, budgets = load_conversations(args.prompts)
     tokenizer, model = load_model()
     started = time.monotonic()
-    answered = answered_conversations(conversations, budgets, args.batch_size, tokenizer, model)
+    answered = Replier(tokenizer, model, budgets, args.batch_size).answered_conversations(conversations)
     records = [record(c) for c in answered]
     # The prompt file is grouped by kind; shuffled, any prefix of the output (a demo may
     # read only the first samples) still mixes kinds, turn counts and both schemas.

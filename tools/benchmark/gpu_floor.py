@@ -121,19 +121,11 @@ def realistic_lengths(count: int, seq_length: int, rng: np.random.Generator) -> 
 
 def write_random_store(path: Path, count: int, seq_length: int, vocab_size: int, seed: int = 0) -> None:
     """A tokenized store of random ids at realistic lengths; the first quarter of each row is the prompt."""
-    from eagle3_cache.token_store import TokenizedHeader, TokenizedSample, write_tokenized
+    from eagle3_cache.token_store import TokenizedSample, synthetic_header, write_tokenized
 
     rng = np.random.default_rng(seed)
-    header = TokenizedHeader(
-        seq_length=seq_length,
-        target_vocab_size=vocab_size,
-        special_token_ids=(1, 2, 2, None),
-        pad_token_id=2,
-        tokenizer_hash="random",
-        chat_template_hash="random",
-        source={"input_data": "random", "split": None, "shuffle_seed": seed},
-        mask_reasoning_content=False,
-        mask_generation_prompt=False,
+    header = synthetic_header(
+        seq_length, vocab_size, source={"input_data": "random", "split": None, "shuffle_seed": seed}
     )
 
     def sample(length: int) -> TokenizedSample:

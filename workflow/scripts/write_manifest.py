@@ -12,13 +12,12 @@ snakemake = snakemake  # noqa: F821 (injected by Snakemake's script directive)
 log = setup_logging(snakemake.log[0])
 settings = dict(snakemake.params.items())
 
-selected, target_vocab_size = read_vocab_selection(snakemake.input.selection)
+selected, _ = read_vocab_selection(snakemake.input.selection)
 manifest = checked_manifest(
     Path(snakemake.params.cache_dir),
     settings,
     read_shard_stats(snakemake.input.stats),
     selected.tolist(),
-    target_vocab_size,
     read_tokenized_info(snakemake.input.tokenized),
 )
 write_json_atomic(snakemake.output.manifest, manifest)

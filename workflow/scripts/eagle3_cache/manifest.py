@@ -60,19 +60,14 @@ def remove_stale_files(cache_dir: Path, shard_count: int) -> list[Path]:
     return stale
 
 
-def build_manifest(
-    settings: Mapping[str, Any],
-    stats: Sequence[Mapping[str, Any]],
-    selected_token_ids: list[int],
-    target_vocab_size: int,
-    info: TokenizedInfo,
+def automodel_fields(
+    settings: Mapping[str, Any], first: Mapping[str, Any], selected_token_ids: list[int], info: TokenizedInfo
 ) -> dict[str, Any]:
-    """Automodel's manifest fields, plus integrity and provenance records."""
-    first = stats[0]
+    """The fields NeMo Automodel's reader checks, from the settings and the first shard's stats."""
     return {
         "format_version": FORMAT_VERSION,
         "target_model": settings["target_model"],
-        "target_vocab_size": target_vocab_size,
+        "target_vocab_size": first["target_vocab_size"],
         "draft_vocab_size": len(selected_token_ids),
         "seq_length": settings["seq_length"],
         "dtype": settings["dtype"],
@@ -87,10 +82,15 @@ def build_manifest(
         "shuffle_seed": settings["shuffle_seed"],
         "mask_reasoning_content": settings["mask_reasoning_content"],
         "mask_generation_prompt": settings["mask_generation_prompt"],
-        # Beyond Automodel's fields (its reader ignores them):
+    }
+
+
+def provenance_fields(settings: Mapping[str, Any], stats: Sequence[Mapping[str, Any]], info: TokenizedInfo) -> dict:
+    """Beyond Automodel's fields (its reader ignores them): what built the cache, and each shard's record."""
+    return {
         "revision": settings["revision"],
         "trust_remote_code": settings["trust_remote_code"],
-        "target_model_identity": first["model_identity"],
+        "target_model_identity": stats[0]["model_identity"],
         "tokenizer_sha256": info.tokenizer_hash,
         "chat_template_sha256": info.chat_template_hash,
         "settings_fingerprint": settings_fingerprint(settings),
@@ -113,7 +113,6 @@ def checked_manifest(
     settings: Mapping[str, Any],
     stats: Sequence[Mapping[str, Any]],
     selected_token_ids: list[int],
-    target_vocab_size: int,
     info: TokenizedInfo,
 ) -> dict[str, Any]:
     """The manifest for a complete, consistent shard set; stale files are removed first."""
@@ -131,4 +130,7 @@ def checked_manifest(
             + ". Delete the listed shards (or re-run with --forcerun compute_shard) and run again."
         )
     remove_stale_files(cache_dir, shard_count)
-    return build_manifest(settings, stats, selected_token_ids, target_vocab_size, info)
+    return {
+        **automodel_fields(settings, stats[0], selected_token_ids, info),
+        **provenance_fields(settings, stats, info),
+    }

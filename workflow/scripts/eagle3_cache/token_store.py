@@ -70,6 +70,23 @@ class TokenizedHeader:
     mask_generation_prompt: bool
 
 
+def synthetic_header(seq_length: int, target_vocab_size: int, **overrides: Any) -> TokenizedHeader:
+    """A header for rows made without a tokenizer (benchmarks, tests): specials (1, 2, 2, None), pad 2,
+    placeholder hashes and a `random` source."""
+    fields: dict[str, Any] = dict(
+        seq_length=seq_length,
+        target_vocab_size=target_vocab_size,
+        special_token_ids=(1, 2, 2, None),
+        pad_token_id=2,
+        tokenizer_hash="synthetic",
+        chat_template_hash="synthetic",
+        source={"input_data": "random", "split": None, "shuffle_seed": 42},
+        mask_reasoning_content=False,
+        mask_generation_prompt=False,
+    )
+    return TokenizedHeader(**{**fields, **overrides})
+
+
 @dataclass(frozen=True)
 class TokenizedInfo(TokenizedHeader):
     """The header plus the per-sample statistics."""
