@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .provenance import producer
@@ -45,16 +45,7 @@ class CheckResult:
         return TITLES[self.key]
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "title": self.title,
-            "passed": self.passed,
-            "summary": self.summary,
-            "figures": self.figures,
-            "series": self.series,
-            "details": self.details,
-            "seconds": round(self.seconds, 3),
-        }
+        return {**asdict(self), "title": self.title, "seconds": round(self.seconds, 3)}
 
 
 @dataclass(frozen=True)
