@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+
 from conftest import tiny_llama_config
 from eagle3_cache.checkpoint_tensors import NotReadableDirectly, read_input_embeddings
 from eagle3_cache.target import input_embeddings

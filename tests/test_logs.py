@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from eagle3_cache import logs
 from eagle3_cache.logs import logged_wall_split
 

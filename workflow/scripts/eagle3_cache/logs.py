@@ -7,8 +7,8 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
