@@ -41,7 +41,8 @@ def process_age_seconds() -> float | None:
 def logged_wall_split(log: logging.Logger) -> Iterator[None]:
     """Log how long the process took to get here (imports) and how long the block took (work).
 
-    Enter it right after the script's imports, around everything else the script does.
+    Enter it right after the script's imports, around everything else the script does. What the
+    package imports only on first use (transformers' model classes) counts as work.
     """
     startup = process_age_seconds()
     started = time.monotonic()
