@@ -336,9 +336,11 @@ def build_tiny_cache(
     draft_vocab_size: int | None = 64,
     dtype: str = "bf16",
     target_probs_topk: int = 0,
+    format: str = "automodel",
 ) -> TinyCache:
     """What the workflow's rules do, in-process on the CPU: tokenize `rows`, select the draft
-    vocabulary, compute every shard, store the embeddings and write the manifest."""
+    vocabulary, compute every shard, store the embeddings (automodel) or the vocabulary mapping
+    (specforge) and write the manifest."""
     import json
 
     from transformers import AutoTokenizer
@@ -346,13 +348,20 @@ def build_tiny_cache(
     from eagle3_cache import CACHE_SEMANTICS_VERSION
     from eagle3_cache.atomic import write_json_atomic
     from eagle3_cache.manifest import checked_manifest, read_shard_stats
-    from eagle3_cache.pipeline import run_shard_job
+    from eagle3_cache.pipeline import compute_shard, run_shard_job
     from eagle3_cache.shard_format import (
         EMBEDDINGS_FILE,
         MANIFEST_FILE,
         num_shards,
         shard_file_name,
         write_target_embeddings,
+    )
+    from eagle3_cache.specforge_format import (
+        VOCAB_MAPPING_FILE,
+        compute_specforge_shard,
+        shard_dir_name,
+        specforge_manifest,
+        write_vocab_mapping,
     )
     from eagle3_cache.target import input_embeddings
     from eagle3_cache.tokenized import read_tokenized_info
@@ -392,6 +401,7 @@ def build_tiny_cache(
         "mask_reasoning_content": False,
         "mask_generation_prompt": False,
     }
+    specforge = format == "specforge"
     shard_count = num_shards(info.num_samples, shard_size)
     stats_paths = [cache.run_dir / "shard_stats" / f"shard-{i:06d}.json" for i in range(shard_count)]
     for index, stats_path in enumerate(stats_paths):
@@ -403,12 +413,17 @@ def build_tiny_cache(
             batch_size=batch_size,
             device=torch.device("cpu"),
             num_gpus=1,
-            shard_path=cache.cache_dir / shard_file_name(index),
+            shard_path=cache.cache_dir / (shard_dir_name if specforge else shard_file_name)(index),
             stats_path=stats_path,
+            compute=compute_specforge_shard if specforge else compute_shard,
         )
-    embeddings = input_embeddings(str(target_dir), revision=None, trust_remote_code=False)
-    write_target_embeddings(cache.cache_dir / EMBEDDINGS_FILE, embeddings)
+    if specforge:
+        write_vocab_mapping(cache.cache_dir / VOCAB_MAPPING_FILE, selected, info.target_vocab_size)
+    else:
+        embeddings = input_embeddings(str(target_dir), revision=None, trust_remote_code=False)
+        write_target_embeddings(cache.cache_dir / EMBEDDINGS_FILE, embeddings)
     stats = read_shard_stats(stats_paths)
-    manifest = checked_manifest(cache.cache_dir, settings, stats, selected.tolist(), info.target_vocab_size, info)
+    build_manifest = specforge_manifest if specforge else checked_manifest
+    manifest = build_manifest(cache.cache_dir, settings, stats, selected.tolist(), info.target_vocab_size, info)
     write_json_atomic(cache.cache_dir / MANIFEST_FILE, manifest)
     return cache

@@ -7,6 +7,7 @@ at most a few batches are ever in memory, whatever the shard size.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -15,7 +16,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -85,11 +86,14 @@ def write_batch_rows(writer: ShardWriter, batch: CacheBatch, rows: list[int]) ->
             writer.write_row(row, name, values[i, :length])
 
 
-class RowWriterThread:
-    """Consumes finished batches from a bounded queue: host copy, then row writes."""
+BatchWrite = Callable[[CacheBatch, list[int]], None]
 
-    def __init__(self, writer: ShardWriter, device: torch.device):
-        self.writer = writer
+
+class RowWriterThread:
+    """Consumes finished batches from a bounded queue: host copy, then `write(batch, rows)`."""
+
+    def __init__(self, write: BatchWrite, device: torch.device):
+        self.write = write
         self.timer = PhaseTimer(torch.device("cpu"))
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
@@ -130,7 +134,7 @@ class RowWriterThread:
                 with self.timer.phase("copy"):
                     batch = host_batch(batch, ready, self.stream)
                 with self.timer.phase("write"):
-                    write_batch_rows(self.writer, batch, rows)
+                    self.write(batch, rows)
         except BaseException as error:  # handed to the main thread, which raises it
             self.error = error
 
@@ -162,38 +166,50 @@ def compute_shard(
     shard_path: str | Path,
 ) -> ShardResult:
     """Compute shard `shard_index` of a tokenized dataset and write it to `shard_path` atomically."""
-    device = model.get_input_embeddings().weight.device
-    timer = PhaseTimer(device)
+    timer = PhaseTimer(model.get_input_embeddings().weight.device)
     first = shard_index * shard_size
     count = samples_in_shard(shard_index, num_samples, shard_size)
     with timer.phase("read"):
         block = read_token_block(tokenized_path, first, first + count)
-    lengths = block.attention_mask.sum(dim=1)
-    buckets = length_buckets(lengths, batch_size)
-    computed_tokens = 0
-    started = time.perf_counter()
     with ShardWriter(shard_path, layout, count) as writer:
-        writer_thread = RowWriterThread(writer, device)
-        for done, rows in enumerate(buckets, start=1):
-            batch = compute_cache_batch(model, spec, token_rows(block, rows), timer=timer)
-            computed_tokens += len(rows) * batch.computed["aux_hidden_states"].shape[1]
-            writer_thread.submit(batch, rows)
-            log_progress(done, len(buckets), started)
-        with timer.phase("drain"):
-            writer_thread.finish()
+        computed_tokens, write_seconds = stream_rows(
+            model, spec, block, functools.partial(write_batch_rows, writer), batch_size, timer
+        )
         with timer.phase("commit"):
             sha256 = writer.commit()
-    seconds = {**timer.seconds, **writer_thread.timer.seconds}
     return ShardResult(
         num_samples=count,
         first_sample=first,
         bytes=writer.size,
         sha256=sha256,
-        real_tokens=int(lengths.sum()),
+        real_tokens=int(block.attention_mask.sum()),
         computed_tokens=computed_tokens,
         padded_tokens=count * layout.seq_length,
-        seconds=dict(seconds),
+        seconds={**timer.seconds, **write_seconds},
     )
+
+
+def stream_rows(
+    model: nn.Module, spec: CacheSpec, block: TokenBlock, write: BatchWrite, batch_size: int, timer: PhaseTimer
+) -> tuple[int, dict[str, float]]:
+    """Every row of `block` through the target in length buckets, each finished batch handed to `write`
+    on the writer thread. Returns the positions computed and the writer thread's seconds per phase."""
+    device = model.get_input_embeddings().weight.device
+    buckets = length_buckets(block.attention_mask.sum(dim=1), batch_size)
+    computed_tokens = 0
+    started = time.perf_counter()
+    writer_thread = RowWriterThread(write, device)
+    for done, rows in enumerate(buckets, start=1):
+        batch = compute_cache_batch(model, spec, token_rows(block, rows), timer=timer)
+        computed_tokens += len(rows) * batch.computed["aux_hidden_states"].shape[1]
+        writer_thread.submit(batch, rows)
+        log_progress(done, len(buckets), started)
+    with timer.phase("drain"):
+        writer_thread.finish()
+    return computed_tokens, dict(writer_thread.timer.seconds)
+
+
+ShardComputer = Callable[..., ShardResult]
 
 
 def log_progress(done: int, total: int, started: float) -> None:
@@ -215,10 +231,12 @@ def run_shard_job(
     num_gpus: int,
     shard_path: str | Path,
     stats_path: str | Path,
+    compute: ShardComputer = compute_shard,
 ) -> dict[str, Any]:
     """What a shard job does once it holds its devices: load the target, write the shard and its stats.
 
-    `settings` are the shard rule's params. Returns the stats written to `stats_path`.
+    `settings` are the shard rule's params; `compute` writes the shard in its output format (it takes
+    `compute_shard`'s arguments). Returns the stats written to `stats_path`.
     """
     started = time.perf_counter()
     model = load_target(
@@ -239,7 +257,7 @@ def run_shard_job(
         target_probs_topk=settings["target_probs_topk"],
         seq_length=settings["seq_length"],
     )
-    result = compute_shard(
+    result = compute(
         model,
         spec,
         layout,
