@@ -35,8 +35,10 @@ def gguf_path(package: str = DEMO_PACKAGE, file_name: str = DEMO_GGUF) -> Path:
 
 
 def convert_gguf(gguf: Path, output: Path) -> None:
-    """Write model and tokenizer (with its chat template) to `output`, all or nothing."""
+    """Write model, weight index and tokenizer (with its chat template) to `output`, all or nothing."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    from .specforge_format import write_weight_index
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if not tokenizer.chat_template:
@@ -48,5 +50,7 @@ def convert_gguf(gguf: Path, output: Path) -> None:
     staging = output.with_name(output.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
+    # SpecForge's TargetHead reads the (tied) head through a weight index only.
+    write_weight_index(staging)
     tokenizer.save_pretrained(staging)
     staging.rename(output)
