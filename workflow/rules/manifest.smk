@@ -1,8 +1,8 @@
 rule manifest:
     input:
-        shards=every_shard(rules.compute_shard.output.shard),
-        stats=every_shard(rules.compute_shard.output.stats),
-        embeddings=rules.target_embeddings.output.embeddings,
+        shards=every_shard(lambda rule: rule.output.shard),
+        stats=every_shard(lambda rule: rule.output.stats),
+        format_files=format_files,
         selection=rules.select_vocab.output.selection,
         tokenized=rules.tokenize.output.tokenized,
     output:
@@ -27,6 +27,7 @@ rule manifest:
         mask_reasoning_content=setting("mask_reasoning_content"),
         mask_generation_prompt=setting("mask_generation_prompt"),
         trust_remote_code=setting("trust_remote_code"),
+        format=setting("format"),
         cache_semantics_version=CACHE_SEMANTICS_VERSION,
         cache_dir=subpath(output.manifest, parent=True),
         num_shards=lambda wildcards: num_shards(wildcards.run),
