@@ -120,8 +120,8 @@ def jobs_run(output: str) -> set[str]:
         shard = SHARD_WILDCARD.match(line)
         if header:
             jobs.append(header.group(1))
-        elif shard and jobs and jobs[-1] == "compute_shard":
-            jobs[-1] = f"compute_shard-{shard.group(1)}"
+        elif shard and jobs and jobs[-1] in ("compute_shard", "compute_specforge_shard"):
+            jobs[-1] = f"{jobs[-1]}-{shard.group(1)}"
     assert len(jobs) == len(set(jobs)), f"a job ran twice: {jobs}"
     return set(jobs) - {"all"}
 
@@ -238,9 +238,9 @@ def assert_automodel_reads(cache: Path, shard_size: int) -> None:
     assert last["target_probs"].shape == (32, 64)
 
 
-# Injected into the shard job through PYTHONPATH: holds shard-000001 just before its temp
-# file is moved into place and tells the test the writer's pid, so that the SIGKILL lands
-# while the shard is still being written.
+# Injected into the shard job through PYTHONPATH: holds the shard named by HOLD_DESTINATION just
+# before its temp file is moved into place and tells the test the writer's pid, so that the SIGKILL
+# lands while the shard is still being written.
 HOLD_SHARD = """
 import os, time
 from pathlib import Path
@@ -249,7 +249,7 @@ _replace = os.replace
 
 
 def replace(source, destination, *args, **kwargs):
-    if str(destination).endswith("shard-000001.safetensors"):
+    if str(destination).endswith(os.environ["HOLD_DESTINATION"]):
         Path(os.environ["HOLD_MARKER"]).write_text(str(os.getpid()))
         time.sleep(3600)
     return _replace(source, destination, *args, **kwargs)
@@ -259,12 +259,14 @@ os.replace = replace
 """
 
 
-def kill_shard_writer_mid_write(workdir: Path, hook_dir: Path) -> subprocess.CompletedProcess:
-    """Run the workflow, SIGKILL the job writing shard-000001 at its write, return the run."""
+def kill_shard_writer_mid_write(
+    workdir: Path, hook_dir: Path, destination: str = "shard-000001.safetensors"
+) -> subprocess.CompletedProcess:
+    """Run the workflow, SIGKILL the job writing `destination` at its final rename, return the run."""
     hook_dir.mkdir()
     (hook_dir / "sitecustomize.py").write_text(HOLD_SHARD)
     marker = hook_dir / "writer.pid"
-    env = {**os.environ, "PYTHONPATH": str(hook_dir), "HOLD_MARKER": str(marker)}
+    env = {**os.environ, "PYTHONPATH": str(hook_dir), "HOLD_MARKER": str(marker), "HOLD_DESTINATION": destination}
     run = subprocess.Popen(
         [SNAKEMAKE, *LOCAL_RUN],
         cwd=workdir,

@@ -65,6 +65,8 @@ WEIGHT_INDEX_FILE = "model.safetensors.index.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
 SHARD_DIR = re.compile(r"^shard-(\d{6})$")
 SAMPLE_DIGITS = 9
+# The empty file Snakemake leaves in a finished directory output (SpecForge reads only *.ckpt).
+SNAKEMAKE_TIMESTAMP = ".snakemake_timestamp"
 STORED_DTYPE = torch.bfloat16
 HIDDEN_KEYS = ("hidden_state", "aux_hidden_state")
 # What the cache checker reads from the manifest.
@@ -509,7 +511,8 @@ def cache_entry_problems(cache_dir: Path, manifest: Mapping[str, Any]) -> list[C
         if directory in present:
             inside = {p.name for p in (cache_dir / directory).iterdir()}
             problems += [CacheProblem(f"{directory}/{name}", "missing") for name in sorted(files - inside)]
-            problems += [CacheProblem(f"{directory}/{name}", "stray file") for name in sorted(inside - files)]
+            stray = sorted(inside - files - {SNAKEMAKE_TIMESTAMP})
+            problems += [CacheProblem(f"{directory}/{name}", "stray file") for name in stray]
     return problems
 
 
