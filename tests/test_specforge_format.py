@@ -123,7 +123,7 @@ def test_shard_files_hold_each_samples_real_positions(tiny_llama, store, tmp_pat
 def test_the_same_shard_twice_is_byte_identical(tiny_llama, store, tmp_path):
     store_path, _ = store
     first, _ = specforge_shard(tiny_llama, store_path, tmp_path / "a", 1)
-    second, _ = specforge_shard(tiny_llama, store_path, tmp_path / "b", 1, batch_size=2)
+    second, _ = specforge_shard(tiny_llama, store_path, tmp_path / "b", 1)
     assert sorted(p.name for p in first.iterdir()) == sorted(p.name for p in second.iterdir())
     for path in first.iterdir():
         assert path.read_bytes() == (second / path.name).read_bytes(), path.name

@@ -11,8 +11,8 @@ import torch
 from conftest import PARITY_ROWS, TinyCache, build_tiny_cache
 from eagle3_cache.report import ValidationInputs, parity_sample_indices, render_html
 from eagle3_cache.shard_format import MANIFEST_FILE, ShardLayout, file_sha256, read_manifest
-from eagle3_cache.specforge_format import read_sample_file, sample_file_name, serialized
-from eagle3_cache.specforge_validation import automodel_written_bytes, specforge_file_bytes, validate_specforge_cache
+from eagle3_cache.specforge_format import read_sample_file, sample_file_name, serialized, specforge_file_bytes
+from eagle3_cache.specforge_validation import automodel_written_bytes, validate_specforge_cache
 from eagle3_cache.target import load_target
 
 SHARD_SIZE = 4

@@ -153,6 +153,10 @@ class ShardResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+# Writes one shard in an output format, taking `compute_shard`'s arguments.
+ShardComputer = Callable[..., ShardResult]
+
+
 def compute_shard(
     model: nn.Module,
     spec: CacheSpec,
@@ -166,7 +170,8 @@ def compute_shard(
     shard_path: str | Path,
 ) -> ShardResult:
     """Compute shard `shard_index` of a tokenized dataset and write it to `shard_path` atomically."""
-    timer = PhaseTimer(model.get_input_embeddings().weight.device)
+    device = model.get_input_embeddings().weight.device
+    timer = PhaseTimer(device)
     first = shard_index * shard_size
     count = samples_in_shard(shard_index, num_samples, shard_size)
     with timer.phase("read"):
@@ -194,11 +199,10 @@ def stream_rows(
 ) -> tuple[int, dict[str, float]]:
     """Every row of `block` through the target in length buckets, each finished batch handed to `write`
     on the writer thread. Returns the positions computed and the writer thread's seconds per phase."""
-    device = model.get_input_embeddings().weight.device
     buckets = length_buckets(block.attention_mask.sum(dim=1), batch_size)
     computed_tokens = 0
     started = time.perf_counter()
-    writer_thread = RowWriterThread(write, device)
+    writer_thread = RowWriterThread(write, model.get_input_embeddings().weight.device)
     for done, rows in enumerate(buckets, start=1):
         batch = compute_cache_batch(model, spec, token_rows(block, rows), timer=timer)
         computed_tokens += len(rows) * batch.computed["aux_hidden_states"].shape[1]
@@ -207,9 +211,6 @@ def stream_rows(
     with timer.phase("drain"):
         writer_thread.finish()
     return computed_tokens, dict(writer_thread.timer.seconds)
-
-
-ShardComputer = Callable[..., ShardResult]
 
 
 def log_progress(done: int, total: int, started: float) -> None:

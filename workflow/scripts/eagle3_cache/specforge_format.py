@@ -132,6 +132,23 @@ def serialized(sample: Mapping[str, torch.Tensor]) -> bytes:
     return buffer.getvalue()
 
 
+def bytes_per_token(hidden_size: int) -> dict[str, int]:
+    """What each key of a sample file takes per token (int64 ids and mask, bf16 hidden states)."""
+    return {"input_ids": 8, "loss_mask": 8, "hidden_state": 2 * hidden_size, "aux_hidden_state": 6 * hidden_size}
+
+
+def specforge_file_bytes(num_tokens: int, hidden_size: int) -> int:
+    """A sample file's size for `num_tokens` tokens, to a few hundred bytes: its tensors plus the zip
+    container, measured on a one-token sample of the same width."""
+    one = sample_tensors(
+        torch.zeros(1, dtype=torch.int64),
+        torch.zeros(1, dtype=torch.int64),
+        torch.zeros(1, hidden_size, dtype=torch.bfloat16),
+        torch.zeros(1, 3 * hidden_size, dtype=torch.bfloat16),
+    )
+    return len(serialized(one)) + (num_tokens - 1) * sum(bytes_per_token(hidden_size).values())
+
+
 def write_durably(path: Path, data: bytes) -> None:
     """Write `data` to a new file and fsync it."""
     with open(path, "wb") as handle:

@@ -43,12 +43,11 @@ from .report import (
 from .shard_format import MANIFEST_FILE, ShardLayout, read_manifest, samples_in_shard
 from .specforge_format import (
     HIDDEN_KEYS,
+    bytes_per_token,
     check_specforge_cache,
     nonfinite_values,
     read_sample_file,
     sample_paths,
-    sample_tensors,
-    serialized,
 )
 from .target import CacheSpec, compute_cache_batch
 from .tokenized import TokenBlock, TokenizedInfo, read_token_block, read_token_rows, read_tokenized_info
@@ -259,19 +258,6 @@ def sanity_check(cache_dir: Path, manifest: Mapping[str, Any], tokenized: Path) 
 # --- Disk ----------------------------------------------------------------------------------------
 
 
-def specforge_file_bytes(num_tokens: int, hidden_size: int) -> int:
-    """A sample file's size for `num_tokens` tokens, to a few hundred bytes: its tensors plus the zip
-    container, measured on a one-token sample of the same width."""
-    tensor_bytes_per_token = 2 * 8 + 4 * hidden_size * torch.finfo(torch.bfloat16).bits // 8
-    one = sample_tensors(
-        torch.zeros(1, dtype=torch.int64),
-        torch.zeros(1, dtype=torch.int64),
-        torch.zeros(1, hidden_size, dtype=torch.bfloat16),
-        torch.zeros(1, 3 * hidden_size, dtype=torch.bfloat16),
-    )
-    return len(serialized(one)) + (num_tokens - 1) * tensor_bytes_per_token
-
-
 def automodel_written_bytes(layout: ShardLayout, lengths: Sequence[int]) -> int:
     """The bytes the Automodel format writes for samples of these lengths: every position of the full-width
     fields, the content positions of the computed ones (the rest stay sparse holes)."""
@@ -290,7 +276,7 @@ def disk_check(cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo
     automodel_bytes = len(paths) * sum(f.sample_bytes for f in layout.fields())
     automodel_written = automodel_written_bytes(layout, info.lengths.tolist())
     allocated = allocated_bytes(paths)
-    per_token = {"input_ids": 8, "loss_mask": 8, "hidden_state": 2 * hidden, "aux_hidden_state": 6 * hidden}
+    per_token = bytes_per_token(hidden)
     container = file_bytes - real_tokens * sum(per_token.values())
     figures = {
         "num_samples": len(paths),
