@@ -306,3 +306,8 @@ def test_the_specforge_manifest_removes_the_automodel_files(tiny_chat_target, tm
     assert sorted(p.name for p in cache.cache_dir.iterdir()) == [MANIFEST_FILE, "shard-000000", VOCAB_MAPPING_FILE]
     assert check_specforge_cache(cache.cache_dir) == []
 
+
+
+def test_an_unknown_target_repr_is_refused(tiny_llama):
+    with pytest.raises(ValueError, match="target_repr must be one of"):
+        spec_for(tiny_llama, target_repr="logits")
