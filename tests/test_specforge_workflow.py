@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from eagle3_cache.shard_format import check_cache
+from eagle3_cache.specforge_format import VOCAB_MAPPING_FILE, check_specforge_cache
 from test_workflow import (
     NUM_SHARDS,
     RUN,
@@ -19,9 +21,6 @@ from test_workflow import (
     snakemake,
     write_config,
 )
-
-from eagle3_cache.shard_format import check_cache
-from eagle3_cache.specforge_format import VOCAB_MAPPING_FILE, check_specforge_cache
 
 pytestmark = pytest.mark.slow
 
