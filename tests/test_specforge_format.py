@@ -16,6 +16,7 @@ from eagle3_cache.specforge_format import (
     check_specforge_cache,
     compute_specforge_shard,
     lm_head_key,
+    manifest_format,
     nonfinite_values,
     read_sample_file,
     remove_specforge_files,
@@ -250,6 +251,7 @@ def cache_copy(specforge_cache, tmp_path):
 def test_a_finished_cache_is_intact_and_its_manifest_records_every_file(specforge_cache):
     cache_dir = specforge_cache.cache_dir
     assert check_specforge_cache(cache_dir) == []
+    assert manifest_format(cache_dir) == "specforge"
     assert sorted(p.name for p in cache_dir.iterdir()) == [MANIFEST_FILE, "shard-000000", "shard-000001"] + [
         VOCAB_MAPPING_FILE
     ]
@@ -295,6 +297,10 @@ def test_switching_back_to_automodel_removes_the_specforge_files(cache_copy):
     remove_specforge_files(cache_copy)
     assert sorted(p.name for p in cache_copy.iterdir()) == [MANIFEST_FILE]
     assert not (cache_copy.parent / "shards.staging").exists()
+    (cache_copy / MANIFEST_FILE).write_text("{}")
+    assert manifest_format(cache_copy) == "automodel"
+    (cache_copy / MANIFEST_FILE).unlink()
+    assert manifest_format(cache_copy) == "automodel"
 
 
 def test_the_specforge_manifest_removes_the_automodel_files(tiny_chat_target, tmp_path):

@@ -171,7 +171,7 @@ class PureTorchLogSoftmaxLoss(torch.autograd.Function):
 @pytest.fixture()
 def eagle3_model_module(monkeypatch):
     """`specforge.algorithms.eagle3.model` imported with `specforge.core.loss` (which needs triton) replaced
-    by the pure-torch loss, and torch.compile off (a CPU compile of its helpers takes minutes)."""
+    by the pure-torch loss, and torch.compile off (a CPU compile of its helpers is slow)."""
     loss_module = types.ModuleType("specforge.core.loss")
     loss_module.LogSoftmaxLoss = PureTorchLogSoftmaxLoss
     monkeypatch.setitem(sys.modules, "specforge.core.loss", loss_module)

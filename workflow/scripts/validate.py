@@ -14,6 +14,7 @@ from torch import nn
 from eagle3_cache.gpu_lease import lease_gpus
 from eagle3_cache.logs import setup_logging
 from eagle3_cache.report import ValidationInputs, failure_message, validate_cache, write_report
+from eagle3_cache.specforge_format import manifest_format
 from eagle3_cache.specforge_validation import validate_specforge_cache
 from eagle3_cache.target import load_target, resolve_device
 
@@ -48,7 +49,7 @@ inputs = ValidationInputs(
     num_samples=params.num_samples,
     seed=params.seed,
 )
-validate = validate_specforge_cache if config["runs"][run]["format"] == "specforge" else validate_cache
+validate = validate_specforge_cache if manifest_format(inputs.cache_dir) == "specforge" else validate_cache
 report = validate(inputs, leased_target)
 kept = write_report(report, Path(snakemake.output.report), Path(snakemake.output.json), strict=params.strict)
 if kept is not None:

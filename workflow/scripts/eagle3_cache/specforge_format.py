@@ -496,6 +496,15 @@ def remove_specforge_files(cache_dir: Path) -> None:
     remove_paths(stale)
 
 
+def manifest_format(cache_dir: str | os.PathLike) -> str:
+    """The output format a cache directory's manifest records: "automodel" when it records none (as
+    Automodel's own manifests do) or cannot be read, which the Automodel checks then report."""
+    try:
+        return read_manifest(cache_dir).get("format", "automodel")
+    except (OSError, json.JSONDecodeError):
+        return "automodel"
+
+
 def manifest_record_problems(manifest: Mapping[str, Any]) -> list[CacheProblem]:
     """The manifest must be ours, of the specforge format, and its records must cover every sample in order."""
     if manifest.get("format") != FORMAT:
