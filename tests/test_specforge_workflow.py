@@ -11,6 +11,7 @@ import pytest
 from eagle3_cache.shard_format import check_cache
 from eagle3_cache.specforge_format import VOCAB_MAPPING_FILE, check_specforge_cache
 from test_workflow import (
+    HUB_MODEL,
     NUM_SHARDS,
     RUN,
     cache_dir,
@@ -19,10 +20,9 @@ from test_workflow import (
     new_workdir,
     run_config,
     snakemake,
+    snakemake_static,
     write_config,
 )
-
-pytestmark = pytest.mark.slow
 
 
 def every_specforge_shard(count: int = NUM_SHARDS) -> set[str]:
@@ -49,6 +49,15 @@ def assert_complete_specforge_cache(workdir: Path) -> None:
     assert failed <= {"Draft vocabulary"}, report["failed_checks"]
 
 
+@pytest.mark.parametrize(("setting", "value"), [("dtype", "fp32"), ("target_probs_topk", 8)])
+def test_settings_the_format_cannot_store_are_config_errors(tmp_path, setting, value):
+    workdir = new_workdir(tmp_path, run_config(HUB_MODEL, format="specforge", **{setting: value}))
+    result = snakemake_static(workdir, "-n")
+    assert result.returncode != 0
+    assert "Error validating config file" in result.stdout
+    assert f"['{setting}']" in result.stdout
+
+
 @pytest.fixture(scope="session")
 def completed(tmp_path_factory, tiny_chat_target) -> tuple[Path, set[str]]:
     workdir = new_workdir(tmp_path_factory.mktemp("specforge"), run_config(tiny_chat_target, format="specforge"))
@@ -60,6 +69,7 @@ def workdir(completed, tmp_path) -> Path:
     return Path(shutil.copytree(completed[0], tmp_path / "workdir", symlinks=True))
 
 
+@pytest.mark.slow
 def test_first_run_builds_every_step(completed):
     workdir, jobs = completed
     assert jobs == {"tokenize", "select_vocab", "specforge_vocab_mapping", "manifest", "validate"} | (
@@ -68,11 +78,13 @@ def test_first_run_builds_every_step(completed):
     assert_complete_specforge_cache(workdir)
 
 
+@pytest.mark.slow
 def test_1_second_run_does_nothing(workdir):
     result = snakemake(workdir)
     assert jobs_run(result.stdout) == set()
 
 
+@pytest.mark.slow
 def test_2_format_reruns_shards_manifest_and_report_only(workdir, tiny_chat_target):
     write_config(workdir, run_config(tiny_chat_target, format="automodel"))
     jobs = jobs_run(snakemake(workdir).stdout)
@@ -84,6 +96,7 @@ def test_2_format_reruns_shards_manifest_and_report_only(workdir, tiny_chat_targ
     assert_complete_specforge_cache(workdir)
 
 
+@pytest.mark.slow
 def test_3_forced_shard_is_recomputed_with_identical_bytes(workdir):
     target = shard_dir(workdir, 1)
     before = file_bytes(target), target.stat().st_mtime_ns
@@ -93,6 +106,7 @@ def test_3_forced_shard_is_recomputed_with_identical_bytes(workdir):
     assert file_bytes(target) == before[0]
 
 
+@pytest.mark.slow
 def test_4_killed_shard_job_leaves_no_directory_and_the_next_run_completes(workdir, completed, tmp_path):
     shutil.rmtree(shard_dir(workdir, 1))
     killed = kill_shard_writer_mid_write(workdir, tmp_path / "hook", destination="shards/shard-000001")
