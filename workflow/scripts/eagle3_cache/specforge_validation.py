@@ -1,7 +1,8 @@
 """Validation of a specforge cache, as the same report: the checks for per-sample files.
 
 - integrity: every file against the manifest (`check_specforge_cache`: sizes, sha256, keys, shapes,
-  dtypes; the vocabulary mapping);
+  dtypes; the vocabulary mapping), and a note when a local target directory is one SpecForge's
+  target head would reject;
 - live parity: stored hidden states against a fresh forward through `compute_cache_batch`, and
   lm_head(hidden_state) against the target's own logits;
 - numerically sane: no NaN or Inf in either hidden state; tokens and loss masks as tokenized;
@@ -48,6 +49,7 @@ from .specforge_format import (
     nonfinite_values,
     read_sample_file,
     sample_paths,
+    target_dir_problems,
 )
 from .target import CacheSpec, compute_cache_batch
 from .tokenized import TokenBlock, TokenizedInfo, read_token_block, read_token_rows, read_tokenized_info
@@ -99,7 +101,17 @@ def integrity_check(cache_dir: Path) -> CheckResult:
         f"all {figures['sample_files']} sample files in {figures['shard_directories']} shard directories present; "
         "sizes, sha256, keys, shapes and dtypes as recorded; vocabulary mapping as selected"
     )
-    return CheckResult("integrity", True, summary, figures)
+    return CheckResult("integrity", True, summary, figures, details=target_notes(manifest))
+
+
+def target_notes(manifest: Mapping[str, Any]) -> list[str]:
+    """For a local target directory, what SpecForge's TargetHead will reject in it. A note, not a failure:
+    the cache is sound, and the directory can be fixed (`write_weight_index`) without recomputing it."""
+    target = Path(manifest["target_model"])
+    if not target.is_dir():
+        return []
+    problems = target_dir_problems(target, manifest["lm_head_key"])
+    return [f"SpecForge cannot train from this target yet: {problem}" for problem in problems]
 
 
 # --- Live parity ---------------------------------------------------------------------------------
