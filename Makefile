@@ -1,8 +1,10 @@
 # make demo: build the demo cache (SmolLM2-135M-Instruct on the bundled conversations).
 # make test: run the test suite.
+# make lint: ruff's lint and format checks (the first step of .ci/run).
 #
 # Both set up .venv first. Each setup step leaves a stamp named after the content of the
-# requirement files it installed, so it runs again only when those files change.
+# requirement files it installed (and of pyproject.toml, for the package itself), so it runs
+# again only when those files change.
 
 PYTHON ?= python3.11
 VENV := .venv
@@ -11,14 +13,14 @@ content_hash = $(shell cat $(1) | sha256sum | cut -c1-16)
 
 RUNTIME_REQUIREMENTS := envs/requirements.txt envs/requirements-nodeps-demo.txt
 TEST_REQUIREMENTS := envs/requirements-test.txt envs/requirements-nodeps-oracle.txt
-RUNTIME_STAMP := $(VENV)/.runtime-$(call content_hash,$(RUNTIME_REQUIREMENTS))
-TEST_STAMP := $(VENV)/.test-$(call content_hash,$(RUNTIME_REQUIREMENTS) $(TEST_REQUIREMENTS))
+RUNTIME_STAMP := $(VENV)/.runtime-$(call content_hash,$(RUNTIME_REQUIREMENTS) pyproject.toml)
+TEST_STAMP := $(VENV)/.test-$(call content_hash,$(RUNTIME_REQUIREMENTS) pyproject.toml $(TEST_REQUIREMENTS))
 
 # GPUs on this machine; Snakemake runs at most this many GPU-jobs' worth at once.
 GPUS ?= $(shell nvidia-smi -L 2>/dev/null | wc -l)
 GPU_LIMIT = $(if $(filter-out 0,$(GPUS)),--resources gpu=$(GPUS))
 
-.PHONY: demo test
+.PHONY: demo test lint
 
 demo: $(RUNTIME_STAMP)
 	$(BIN)/snakemake --profile profiles/local $(GPU_LIMIT)
@@ -29,12 +31,17 @@ demo: $(RUNTIME_STAMP)
 test: $(TEST_STAMP)
 	$(BIN)/pytest
 
+lint: $(TEST_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(RUNTIME_STAMP): | $(BIN)/python
 	$(BIN)/pip install -r envs/requirements.txt
 	$(BIN)/pip install --no-deps -r envs/requirements-nodeps-demo.txt
+	$(BIN)/pip install --no-deps -e .
 	rm -f $(VENV)/.runtime-*
 	touch $@
 

@@ -67,9 +67,7 @@ class SlurmCluster:
 
     def run(self, *command: str) -> str:
         """Run a SLURM client command (sbatch, squeue, ...) and return its stdout."""
-        return subprocess.run(
-            command, env=self.env, check=True, capture_output=True, text=True
-        ).stdout
+        return subprocess.run(command, env=self.env, check=True, capture_output=True, text=True).stdout
 
     def unfinished_job_ids(self) -> list[str]:
         """Jobs pending, running or completing."""
@@ -112,9 +110,7 @@ def install_slurm_packages() -> None:
     install = ["apt-get", "install", "-y", "--no-install-recommends", *SLURM_PACKAGES]
     if subprocess.run(install, env=apt_env, capture_output=True).returncode != 0:
         # A fresh machine has no package lists yet.
-        subprocess.run(
-            ["apt-get", "update"], env=apt_env, check=True, capture_output=True, text=True
-        )
+        subprocess.run(["apt-get", "update"], env=apt_env, check=True, capture_output=True, text=True)
         subprocess.run(install, env=apt_env, check=True, capture_output=True, text=True)
     # The packaged daemons would run with the default config and compete for the ports.
     for program, pid_file in PACKAGED_DAEMONS.items():
@@ -135,18 +131,12 @@ def running_slurm_cluster() -> Iterator[SlurmCluster]:
         stack.enter_context(system_slurm_conf(conf))
         try:
             stack.enter_context(daemon(munged_command(root), root / "munged.pid"))
-            stack.enter_context(
-                daemon(["slurmctld", "-f", str(conf), "-c"], root / "slurmctld.pid")
-            )
-            stack.enter_context(
-                daemon(["slurmd", "-f", str(conf), "-N", "localhost"], root / "slurmd.pid")
-            )
+            stack.enter_context(daemon(["slurmctld", "-f", str(conf), "-c"], root / "slurmctld.pid"))
+            stack.enter_context(daemon(["slurmd", "-f", str(conf), "-N", "localhost"], root / "slurmd.pid"))
             wait_for(lambda: node_state(cluster) == "idle", "the node to become idle")
         except (RuntimeError, TimeoutError) as error:
             # The directory, logs included, is gone once the exception leaves this block.
-            raise RuntimeError(
-                f"the SLURM test cluster did not start: {error}\n{daemon_logs(root)}"
-            ) from error
+            raise RuntimeError(f"the SLURM test cluster did not start: {error}\n{daemon_logs(root)}") from error
         # Runs first on exit: a job's slurmstepd outlives a stopped slurmd.
         stack.callback(cancel_all_jobs, cluster)
         yield cluster
@@ -159,9 +149,7 @@ def write_cluster_config(root: Path) -> Path:
         # SLURM only numbers a GPU (and sets CUDA_VISIBLE_DEVICES) for a device file;
         # a character device is all it checks, so /dev/null stands in for /dev/nvidiaN.
         (gpu_files / f"fakegpu{index}").symlink_to("/dev/null")
-    (root / "gres.conf").write_text(
-        f"AutoDetect=off\nName=gpu File={gpu_files}/fakegpu[0-{NODE_GPUS - 1}]\n"
-    )
+    (root / "gres.conf").write_text(f"AutoDetect=off\nName=gpu File={gpu_files}/fakegpu[0-{NODE_GPUS - 1}]\n")
     conf = root / "slurm.conf"
     controller_port, node_port = free_ports(2)
     conf.write_text(slurm_conf_text(root, controller_port, node_port))
@@ -309,9 +297,7 @@ def cancel_all_jobs(cluster: SlurmCluster) -> None:
 
 def node_state(cluster: SlurmCluster) -> str:
     """The node's state as sinfo reports it ("" while slurmctld does not answer yet)."""
-    result = subprocess.run(
-        ["sinfo", "--noheader", "--format=%T"], env=cluster.env, capture_output=True, text=True
-    )
+    result = subprocess.run(["sinfo", "--noheader", "--format=%T"], env=cluster.env, capture_output=True, text=True)
     return result.stdout.strip() if result.returncode == 0 else ""
 
 

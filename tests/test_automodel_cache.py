@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PARITY_ROWS, build_tiny_cache
+
+from helpers import PARITY_ROWS, build_tiny_cache
 
 pytest.importorskip(
     "nemo_automodel.recipes.llm.train_eagle3",

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_token_block
-from eagle3_cache.target import CacheSpec, compute_cache_batch, resolve_aux_layer_ids
+
+from eagle3_cache.cache_rows import CacheSpec, compute_cache_batch
+from eagle3_cache.target import resolve_aux_layer_ids
+from helpers import random_token_block
 
 pytest.importorskip(
     "nemo_automodel.components.speculative.precompute_eagle3",

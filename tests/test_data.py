@@ -11,14 +11,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import CHATML_GENERATION_TEMPLATE, CHATML_TEMPLATE, tiny_llama_config, tokenize_to_store
 from datasets import Dataset
 
 from eagle3_cache import data
 from eagle3_cache.chat import ChatTokenizer, chat_template_hash, special_token_ids, tokenizer_hash
 from eagle3_cache.data import Conversation, conversation_from_row, iter_conversations, load_rows
 from eagle3_cache.errors import CacheConfigError
-from eagle3_cache.tokenized import (
+from eagle3_cache.token_store import (
     TokenizedHeader,
     iter_token_blocks,
     read_token_block,
@@ -26,6 +25,7 @@ from eagle3_cache.tokenized import (
     read_tokenized_info,
     write_tokenized,
 )
+from helpers import CHATML_GENERATION_TEMPLATE, CHATML_TEMPLATE, tiny_llama_config, tokenize_to_store
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "workflow" / "scripts"
 
@@ -338,7 +338,7 @@ def test_store_round_trip(store):
     block = read_token_block(path, 1, 4)
     for tensor in (block.input_ids, block.attention_mask, block.loss_mask):
         assert tensor.dtype == torch.int64 and tensor.shape == (3, 25)
-    for row, sample in zip(range(3), samples[1:4]):
+    for row, sample in zip(range(3), samples[1:4], strict=True):
         assert block.input_ids[row].tolist() == sample.input_ids.tolist()
         assert block.loss_mask[row].tolist() == sample.loss_mask.tolist()
         assert block.attention_mask[row].tolist() == [1] * sample.length + [0] * (25 - sample.length)

@@ -61,14 +61,12 @@ def no_slurm(monkeypatch):
 def test_concurrent_jobs_never_share_a_gpu(tmp_path):
     go_file = tmp_path / "go"
     counts = [1, 2, 1, 1, 2, 1]
-    holders = [
-        start_holder(count, tmp_path / "locks", go_file, 0.4, "0,1,2") for count in counts
-    ]
+    holders = [start_holder(count, tmp_path / "locks", go_file, 0.4, "0,1,2") for count in counts]
     for holder in holders:
         assert holder.stdout.readline().strip() == "ready"
     go_file.touch()
     leases = []
-    for count, holder in zip(counts, holders):
+    for count, holder in zip(counts, holders, strict=True):
         out, _ = holder.communicate(timeout=120)
         assert holder.returncode == 0
         lease, end = (json.loads(line) for line in out.splitlines())
@@ -76,9 +74,7 @@ def test_concurrent_jobs_never_share_a_gpu(tmp_path):
         assert lease["visible"] == ",".join(lease["gpus"])
         leases.append((set(lease["gpus"]), lease["start"], end["end"]))
 
-    for (gpus_a, start_a, end_a), (gpus_b, start_b, end_b) in itertools.combinations(
-        leases, 2
-    ):
+    for (gpus_a, start_a, end_a), (gpus_b, start_b, end_b) in itertools.combinations(leases, 2):
         if gpus_a & gpus_b:
             assert end_a <= start_b or end_b <= start_a, "two jobs held one GPU at once"
     # 8 GPU-leases of 0.4 s on 3 GPUs: some jobs must have waited for others.
@@ -126,9 +122,7 @@ def test_slurm_assignment_is_used_as_is(tmp_path, monkeypatch, scheduler_env):
         monkeypatch.setenv(name, value)
     with lease_gpus(1, tmp_path / "locks") as gpus:
         assert gpus == ["3"]
-        assert os.environ.get("CUDA_VISIBLE_DEVICES") == scheduler_env.get(
-            "CUDA_VISIBLE_DEVICES"
-        )
+        assert os.environ.get("CUDA_VISIBLE_DEVICES") == scheduler_env.get("CUDA_VISIBLE_DEVICES")
     assert not (tmp_path / "locks").exists()
 
 

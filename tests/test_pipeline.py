@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_token_block, write_token_store
-from eagle3_cache.pipeline import compute_shard, length_buckets
-from eagle3_cache.shard_format import ShardLayout, file_sha256, read_shard_rows, shard_file_name
-from eagle3_cache.target import CacheSpec, compute_cache_batch, resolve_aux_layer_ids
-from eagle3_cache.tokenized import TokenBlock
+
+from eagle3_cache.cache_rows import CacheSpec, compute_cache_batch
+from eagle3_cache.layout import shard_file_name
+from eagle3_cache.pipeline import ShardJob, compute_shard, length_buckets
+from eagle3_cache.shard_format import ShardLayout, file_sha256, read_shard_rows
+from eagle3_cache.target import resolve_aux_layer_ids
+from eagle3_cache.token_store import TokenBlock
+from helpers import random_token_block, write_token_store
 
 SEQ = 20
 LENGTHS = [7, SEQ, 3, 12, 12, 1, 18, 9, 5, 16, 2]  # 11 samples: shards of 4, 4 and a partial 3
@@ -32,10 +35,7 @@ def spec_and_layout(model, topk=0):
 def shard(model, store_path, tmp_path, index, shard_size=4, batch_size=3, topk=0, name=None):
     spec, layout = spec_and_layout(model, topk)
     path = tmp_path / (name or shard_file_name(index))
-    result = compute_shard(
-        model, spec, layout, tokenized_path=store_path, num_samples=len(LENGTHS), shard_index=index,
-        shard_size=shard_size, batch_size=batch_size, shard_path=path,
-    )
+    result = compute_shard(model, spec, layout, ShardJob(store_path, len(LENGTHS), index, shard_size, batch_size, path))
     return path, result
 
 

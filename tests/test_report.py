@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import runpy
@@ -15,24 +16,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TinyCache, build_tiny_cache
-from eagle3_cache.report import (
-    ValidationInputs,
-    coverage_curve,
-    failed_path,
-    parity_sample_indices,
-    render_html,
-    validate_cache,
-)
-from eagle3_cache.shard_format import (
-    MANIFEST_FILE,
-    SAFETENSORS_DTYPES,
-    file_sha256,
-    read_manifest,
-    read_shard_rows,
-    shard_file_name,
-)
+
+from eagle3_cache.layout import MANIFEST_FILE, shard_file_name
+from eagle3_cache.parity import parity_sample_indices
+from eagle3_cache.report_html import render_html
+from eagle3_cache.shard_format import SAFETENSORS_DTYPES, file_sha256, read_manifest, read_shard_rows
 from eagle3_cache.target import load_target
+from eagle3_cache.validation import ValidationInputs, coverage_curve, failed_path, validate_cache
+from helpers import TinyCache, build_tiny_cache
 
 REPO = Path(__file__).resolve().parents[1]
 VALIDATE_SCRIPT = REPO / "workflow" / "scripts" / "validate.py"
@@ -137,7 +128,7 @@ def rerecord_hashes(cache: TinyCache) -> None:
 
 
 def test_a_clean_cache_passes_every_check(cache, target_model):
-    benchmark = cache.run_dir / "benchmark-000000.tsv"
+    benchmark = cache.run_dir / "shard-000000.tsv"  # as the compute_shard rule's benchmark directive names it
     benchmark.write_text("s\th:m:s\tmax_rss\tmax_vms\n1.5\t0:00:01\t812.3\tNA\n")
     report = validate(cache, target_model, benchmarks=[benchmark])
     assert failed(report) == set(), [c.summary for c in report.checks]
@@ -233,7 +224,7 @@ def test_the_coverage_curve_rises_to_one_and_holds_the_chosen_size():
     counts = torch.tensor([0, 50, 30, 0, 15, 5]).numpy()
     curve = coverage_curve(counts, marked_size=3)
     assert [3, 0.95] in curve and curve[-1] == [6, 1.0]
-    assert all(a[1] <= b[1] for a, b in zip(curve, curve[1:]))
+    assert all(a[1] <= b[1] for a, b in itertools.pairwise(curve))
 
 
 # --- The HTML ----------------------------------------------------------------------------------
@@ -290,6 +281,8 @@ def run_rule_script(cache: TinyCache, target_dir: Path, strict: bool) -> SimpleN
         ),
         config={"device": "cpu", "gpus_per_job": 1},
         wildcards=SimpleNamespace(run="tiny"),
+        # The script hands it to torch, whose thread count is global to this test process.
+        threads=torch.get_num_threads(),
     )
     runpy.run_path(str(VALIDATE_SCRIPT), init_globals={"snakemake": snakemake})
     return snakemake.output

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
-from eagle3_cache.shard_format import (
-    ShardLayout,
-    ShardWriter,
-    check_cache,
-    num_shards,
-    read_shard_rows,
-    samples_in_shard,
-    shard_file_name,
-)
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+
+from eagle3_cache.atomic import atomic_directory, torch_save_atomic, write_json_atomic
+from eagle3_cache.layout import EMBEDDINGS_FILE, num_shards, samples_in_shard, shard_file_name
+from eagle3_cache.shard_format import ShardLayout, ShardWriter, check_cache, read_shard_rows, write_target_embeddings
 
 LAYOUT = ShardLayout(seq_length=6, aux_hidden_dim=9, draft_vocab_size=5, dtype="bf16", target_probs_topk=0)
 
@@ -66,8 +63,13 @@ def test_topk_layout_has_values_and_int32_indices(tmp_path):
         writer.commit()
     with safe_open(str(path), framework="pt") as handle:
         assert set(handle.keys()) == {
-            "input_ids", "attention_mask", "loss_mask", "aux_hidden_states", "position_mask",
-            "target_probs_values", "target_probs_indices",
+            "input_ids",
+            "attention_mask",
+            "loss_mask",
+            "aux_hidden_states",
+            "position_mask",
+            "target_probs_values",
+            "target_probs_indices",
         }
         assert handle.get_slice("target_probs_indices").get_dtype() == "I32"
         assert handle.get_slice("target_probs_values").get_shape() == [2, 6, 4]
@@ -89,6 +91,28 @@ def test_a_row_of_the_wrong_dtype_is_refused(tmp_path):
         writer.commit()
 
 
+@pytest.fixture
+def group_writable_umask():
+    """umask 002 instead of the usual 022, so that a mode the code fixes itself shows."""
+    previous = os.umask(0o002)
+    yield
+    os.umask(previous)
+
+
+def test_every_atomic_write_leaves_the_umask_mode(tmp_path, group_writable_umask):
+    with ShardWriter(tmp_path / shard_file_name(0), LAYOUT, 1) as writer:
+        writer.commit()
+    write_target_embeddings(tmp_path / EMBEDDINGS_FILE, torch.zeros(7, 3))
+    write_json_atomic(tmp_path / "stats.json", {})
+    torch_save_atomic(tmp_path / "selection.pt", {})
+    with atomic_directory(tmp_path / "model") as staging:
+        save_file({"weight": torch.zeros(2)}, str(staging / "model.safetensors"))
+    written = [shard_file_name(0), EMBEDDINGS_FILE, "stats.json", "selection.pt", "model/model.safetensors"]
+    assert {name: oct(stat.S_IMODE((tmp_path / name).stat().st_mode)) for name in written} == dict.fromkeys(
+        written, oct(0o664)
+    )
+
+
 @pytest.mark.parametrize(("n", "size", "counts"), [(10, 4, [4, 4, 2]), (8, 4, [4, 4]), (3, 8, [3])])
 def test_every_shard_is_full_except_the_last(n, size, counts):
     assert [samples_in_shard(i, n, size) for i in range(num_shards(n, size))] == counts
@@ -96,8 +120,6 @@ def test_every_shard_is_full_except_the_last(n, size, counts):
 
 def write_cache(cache_dir, num_samples=5, shard_size=2):
     """A small but complete cache, written with the package's own writer."""
-    from eagle3_cache.shard_format import write_target_embeddings
-
     cache_dir.mkdir()
     records = []
     for index in range(num_shards(num_samples, shard_size)):
@@ -111,11 +133,24 @@ def write_cache(cache_dir, num_samples=5, shard_size=2):
         records.append({"file": shard_file_name(index), "num_samples": count, "bytes": writer.size, "sha256": digest})
     write_target_embeddings(cache_dir / "target_embeddings.safetensors", torch.zeros(7, 3))
     manifest = {
-        "format_version": 2, "target_model": "tiny", "target_vocab_size": 7, "draft_vocab_size": 5,
-        "seq_length": 6, "dtype": "bf16", "num_samples": num_samples, "shard_size": shard_size,
-        "target_probs_topk": 0, "aux_hidden_dim": 9, "aux_layer_ids": [0, 1, 2],
-        "selected_token_ids": [0, 1, 2, 3, 4], "input_data": "x.jsonl", "split": None, "shuffle_seed": 42,
-        "mask_reasoning_content": False, "mask_generation_prompt": False, "shards": records,
+        "format_version": 2,
+        "target_model": "tiny",
+        "target_vocab_size": 7,
+        "draft_vocab_size": 5,
+        "seq_length": 6,
+        "dtype": "bf16",
+        "num_samples": num_samples,
+        "shard_size": shard_size,
+        "target_probs_topk": 0,
+        "aux_hidden_dim": 9,
+        "aux_layer_ids": [0, 1, 2],
+        "selected_token_ids": [0, 1, 2, 3, 4],
+        "input_data": "x.jsonl",
+        "split": None,
+        "shuffle_seed": 42,
+        "mask_reasoning_content": False,
+        "mask_generation_prompt": False,
+        "shards": records,
     }
     (cache_dir / "manifest.json").write_text(json.dumps(manifest))
     return manifest

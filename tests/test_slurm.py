@@ -3,7 +3,7 @@
 Every test here talks to the cluster that tests/slurm_cluster.py starts: four fake GPUs,
 one partition, no accounting database. The workflow runs through
 snakemake-executor-plugin-slurm with the user's profile plus the test cluster's overrides,
-on the tiny model and conversations of tests/test_workflow.py.
+on the tiny model and conversations the workflow tests use.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import SlurmCluster, require_slurm, running_slurm_cluster, wait_for
-from test_workflow import (
+from eagle3_cache.layout import shard_id
+from helpers import (
     HOLD_SHARD,
     NUM_SHARDS,
     RUN,
@@ -34,6 +34,7 @@ from test_workflow import (
     run_config,
     shard_path,
 )
+from slurm_cluster import SlurmCluster, require_slurm, running_slurm_cluster, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -113,9 +114,7 @@ def test_every_shard_runs_as_its_own_sbatch_job_on_its_own_gpu(
     batch_jobs = set(batch_submissions(cluster))
     for record in records:
         assert record.job_id in batch_jobs, f"shard {record.shard} ran outside an sbatch job"
-        assert (
-            jobs[record.job_id].comment == f"rule_compute_shard_wildcards_{RUN}_{record.shard:06d}"
-        )
+        assert jobs[record.job_id].comment == f"rule_compute_shard_wildcards_{RUN}_{record.shard:06d}"
         assert jobs[record.job_id].state == "COMPLETED"
         assert plugin_job_log(workdir, record.job_id).is_file()
         assert record.gpus in {str(index) for index in range(cluster.gpus)}
@@ -145,9 +144,7 @@ def test_cancelled_shard_job_fails_the_run_and_a_rerun_completes(
             "shard 1 to reach its write",
             RUN_TIMEOUT_S,
         )
-        assert (
-            run.poll() is None
-        ), f"snakemake ended before shard 1 was written:\n{run.stdout.read()}"
+        assert run.poll() is None, f"snakemake ended before shard 1 was written:\n{run.stdout.read()}"
         cancelled = running_job_of_shard(cluster, 1)
         cluster.run("scancel", cancelled)
         output, _ = run.communicate(timeout=RUN_TIMEOUT_S)
@@ -156,9 +153,7 @@ def test_cancelled_shard_job_fails_the_run_and_a_rerun_completes(
     assert run.returncode not in (0, 124, 137), f"snakemake did not fail cleanly:\n{output[-6000:]}"
     assert f"SLURM-job '{cancelled}' failed" in output
     assert not shard_path(workdir, 1).exists()
-    assert shard_path(
-        workdir, 2
-    ).exists(), "the shard job running beside the cancelled one did not finish"
+    assert shard_path(workdir, 2).exists(), "the shard job running beside the cancelled one did not finish"
 
     # The manifest is the cache's commit point; validation was covered by the first run.
     rerun = snakemake_on_cluster(cluster, workdir, f"results/{RUN}/shards/manifest.json")
@@ -175,9 +170,7 @@ def slurm_run_config(tiny_chat_target: Path) -> dict:
     return {**run_config(tiny_chat_target), "device": "auto"}
 
 
-def snakemake_on_cluster(
-    cluster: SlurmCluster, workdir: Path, *targets: str
-) -> subprocess.CompletedProcess:
+def snakemake_on_cluster(cluster: SlurmCluster, workdir: Path, *targets: str) -> subprocess.CompletedProcess:
     """Run the workflow through SLURM to its end; output is stdout and stderr together."""
     run = start_snakemake_on_cluster(cluster, workdir, *targets)
     output, _ = run.communicate()
@@ -210,9 +203,7 @@ def kill_if_running(run: subprocess.Popen) -> None:
 def shard_records(workdir: Path) -> list[ShardRecord]:
     records = []
     for index in range(NUM_SHARDS):
-        stats = json.loads(
-            (workdir / "results" / RUN / "shard_stats" / f"shard-{index:06d}.json").read_text()
-        )
+        stats = json.loads((workdir / "results" / RUN / "shard_stats" / f"shard-{shard_id(index)}.json").read_text())
         records.append(ShardRecord(index, stats["slurm_job_id"], stats["cuda_visible_devices"]))
     return records
 
@@ -229,9 +220,7 @@ def slurm_jobs(cluster: SlurmCluster) -> dict[str, SlurmJob]:
     jobs = {}
     for line in listing.splitlines():
         job_id, comment, state, start, end = line.split("|")
-        jobs[job_id] = SlurmJob(
-            job_id, comment, state, datetime.fromisoformat(start), datetime.fromisoformat(end)
-        )
+        jobs[job_id] = SlurmJob(job_id, comment, state, datetime.fromisoformat(start), datetime.fromisoformat(end))
     return jobs
 
 
@@ -244,9 +233,7 @@ def running_job_of_shard(cluster: SlurmCluster, shard: int) -> str:
 
 
 def plugin_job_log(workdir: Path, job_id: str) -> Path:
-    matches = list(
-        (workdir / ".snakemake" / "slurm_logs" / "rule_compute_shard").glob(f"*/{job_id}.log")
-    )
+    matches = list((workdir / ".snakemake" / "slurm_logs" / "rule_compute_shard").glob(f"*/{job_id}.log"))
     assert len(matches) == 1, f"no single plugin log for SLURM job {job_id}: {matches}"
     return matches[0]
 
@@ -257,6 +244,4 @@ def assert_no_gpu_shared_at_once(records: list[ShardRecord], jobs: dict[str, Slu
             a, b = jobs[first.job_id], jobs[second.job_id]
             overlapped = a.start < b.end and b.start < a.end
             if first.shard < second.shard and overlapped:
-                assert (
-                    first.gpus != second.gpus
-                ), f"shards {first.shard} and {second.shard} shared GPU {first.gpus}"
+                assert first.gpus != second.gpus, f"shards {first.shard} and {second.shard} shared GPU {first.gpus}"

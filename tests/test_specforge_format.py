@@ -7,32 +7,33 @@ import shutil
 
 import pytest
 import torch
-from conftest import PARITY_ROWS, build_tiny_cache, random_token_block, tiny_llama_config, write_token_store
+
+from eagle3_cache.cache_rows import CacheSpec, compute_cache_batch
 from eagle3_cache.errors import CacheConfigError
-from eagle3_cache.shard_format import EMBEDDINGS_FILE, MANIFEST_FILE, ShardLayout, shard_file_name
+from eagle3_cache.layout import EMBEDDINGS_FILE, MANIFEST_FILE, VOCAB_MAPPING_FILE, shard_dir_name, shard_file_name
+from eagle3_cache.pipeline import ShardJob
+from eagle3_cache.provenance import SHARD_SETTING_KEYS, settings_fingerprint
+from eagle3_cache.shard_format import ShardLayout
+from eagle3_cache.specforge_cache import check_specforge_cache, manifest_format, remove_specforge_files
 from eagle3_cache.specforge_format import (
-    VOCAB_MAPPING_FILE,
     WEIGHT_INDEX_FILE,
-    check_specforge_cache,
-    compute_specforge_shard,
     lm_head_key,
-    manifest_format,
     nonfinite_values,
     read_sample_file,
-    remove_specforge_files,
     sample_file_name,
     sample_problems,
     sample_tensors,
     serialized,
-    shard_dir_name,
     staging_dir_for,
     target_dir_problems,
     vocab_mapping,
     write_vocab_mapping,
     write_weight_index,
 )
-from eagle3_cache.target import CacheSpec, compute_cache_batch, resolve_aux_layer_ids
-from eagle3_cache.tokenized import TokenBlock
+from eagle3_cache.specforge_shard import compute_specforge_shard
+from eagle3_cache.target import resolve_aux_layer_ids
+from eagle3_cache.token_store import TokenBlock
+from helpers import PARITY_ROWS, build_tiny_cache, random_token_block, tiny_llama_config, write_token_store
 
 SEQ = 20
 LENGTHS = [7, SEQ, 3, 12, 12, 1, 18, 9, 5, 16, 2]  # 11 samples: shards of 4, 4 and a partial 3
@@ -56,8 +57,7 @@ def specforge_shard(model, store_path, cache_dir, index, batch_size=3, **overrid
     layout = ShardLayout(SEQ, 3 * model.config.hidden_size, spec.draft_vocab_size, spec.dtype, 0)
     path = cache_dir / shard_dir_name(index)
     result = compute_specforge_shard(
-        model, spec, layout, tokenized_path=store_path, num_samples=len(LENGTHS), shard_index=index,
-        shard_size=4, batch_size=batch_size, shard_path=path,
+        model, spec, layout, ShardJob(store_path, len(LENGTHS), index, 4, batch_size, path)
     )
     return path, result
 
@@ -156,7 +156,9 @@ def test_only_bf16_is_written(tiny_llama, store, tmp_path):
 
 def test_sample_checks_name_what_is_wrong():
     good = sample_tensors(
-        torch.arange(5), torch.tensor([0, 0, 1, 1, 1]), torch.zeros(5, 4, dtype=torch.bfloat16),
+        torch.arange(5),
+        torch.tensor([0, 0, 1, 1, 1]),
+        torch.zeros(5, 4, dtype=torch.bfloat16),
         torch.zeros(5, 12, dtype=torch.bfloat16),
     )
     assert sample_problems(good, num_tokens=5, hidden_size=4) == []
@@ -313,7 +315,12 @@ def test_the_specforge_manifest_removes_the_automodel_files(tiny_chat_target, tm
     assert check_specforge_cache(cache.cache_dir) == []
 
 
-
 def test_an_unknown_target_repr_is_refused(tiny_llama):
     with pytest.raises(ValueError, match="target_repr must be one of"):
         spec_for(tiny_llama, target_repr="logits")
+
+
+def test_shards_of_the_other_format_are_caught_by_the_settings_fingerprint():
+    settings = dict.fromkeys(SHARD_SETTING_KEYS, 0)
+    automodel, specforge = ({**settings, "format": name} for name in ("automodel", "specforge"))
+    assert settings_fingerprint(automodel) != settings_fingerprint(specforge)

@@ -14,9 +14,12 @@ import types
 
 import pytest
 import torch
-from conftest import PARITY_ROWS, build_tiny_cache
-from eagle3_cache.specforge_format import VOCAB_MAPPING_FILE, sample_paths, write_weight_index
-from eagle3_cache.tokenized import read_token_block
+
+from eagle3_cache.layout import VOCAB_MAPPING_FILE
+from eagle3_cache.specforge_cache import sample_paths
+from eagle3_cache.specforge_format import write_weight_index
+from eagle3_cache.token_store import read_token_block
+from helpers import PARITY_ROWS, build_tiny_cache
 
 ORACLE = "specforge.runtime.data_plane.offline_reader"
 if os.environ.get("CI"):
@@ -103,7 +106,7 @@ def test_feature_dataloader_batches_our_files(cache):
     assert [len(b.sample_ids) for b in batches] == [4, 2]
     tokens = read_token_block(cache.tokenized, 0, len(PARITY_ROWS))
     lengths = tokens.attention_mask.sum(dim=1)
-    for start, batch in zip((0, 4), batches):
+    for start, batch in zip((0, 4), batches, strict=True):
         t = batch.tensors
         rows = slice(start, start + len(batch.sample_ids))
         width = int(lengths[rows].max())
@@ -129,8 +132,12 @@ def test_target_head_turns_our_hidden_state_into_the_live_targets_logits(request
     for batch in offline_loader(cache.cache_dir, batch_size=3):
         t = batch.tensors
         input_ids, logits, loss_mask = _prepare_eagle_target(
-            target_head=head, target_repr="hidden_state", input_ids=t["input_ids"], target=t["target"],
-            loss_mask=t["loss_mask"], device=torch.device("cpu"),
+            target_head=head,
+            target_repr="hidden_state",
+            input_ids=t["input_ids"],
+            target=t["target"],
+            loss_mask=t["loss_mask"],
+            device=torch.device("cpu"),
         )
         assert logits.shape == (*t["input_ids"].shape, model.config.vocab_size)
         with torch.no_grad():

@@ -8,12 +8,16 @@ import shutil
 
 import pytest
 import torch
-from conftest import PARITY_ROWS, TinyCache, build_tiny_cache
-from eagle3_cache.report import ValidationInputs, parity_sample_indices, render_html
-from eagle3_cache.shard_format import MANIFEST_FILE, ShardLayout, file_sha256, read_manifest
-from eagle3_cache.specforge_format import read_sample_file, sample_file_name, serialized, specforge_file_bytes
-from eagle3_cache.specforge_validation import automodel_written_bytes, validate_specforge_cache
+
+from eagle3_cache.layout import MANIFEST_FILE
+from eagle3_cache.parity import parity_sample_indices
+from eagle3_cache.report_html import render_html
+from eagle3_cache.shard_format import ShardLayout, file_sha256, read_manifest
+from eagle3_cache.specforge_format import read_sample_file, sample_file_name, serialized, specforge_files_bytes
+from eagle3_cache.specforge_validation import automodel_written_bytes, specforge_checks
 from eagle3_cache.target import load_target
+from eagle3_cache.validation import ValidationInputs, validate_cache
+from helpers import PARITY_ROWS, TinyCache, build_tiny_cache
 
 SHARD_SIZE = 4
 DRAFT_VOCAB = 300  # most of the random target's vocabulary, as in test_report.py
@@ -52,7 +56,7 @@ def validate(cache: TinyCache, model, num_samples: int = 3):
         num_samples=num_samples,
         seed=0,
     )
-    return validate_specforge_cache(inputs, lambda: contextlib.nullcontext(model))
+    return validate_cache(inputs, lambda: contextlib.nullcontext(model), specforge_checks)
 
 
 def failed(report) -> set[str]:
@@ -76,7 +80,13 @@ def test_a_clean_cache_passes_every_check(cache, target_model):
     report = validate(cache, target_model)
     assert failed(report) == set(), [c.summary for c in report.checks]
     assert [c.key for c in report.checks] == [
-        "integrity", "parity", "sanity", "vocabulary", "disk", "cost", "provenance"
+        "integrity",
+        "parity",
+        "sanity",
+        "vocabulary",
+        "disk",
+        "cost",
+        "provenance",
     ]
     parity = {row["field"]: row for row in report.check("parity").series["fields"]}
     assert parity.keys() == {"hidden_state", "aux_hidden_state", "logits"}
@@ -135,10 +145,12 @@ def test_the_file_size_estimate_and_the_automodel_bytes():
 
     for length in (1, 37, 300):
         sample = sample_tensors(
-            torch.zeros(length, dtype=torch.int64), torch.zeros(length, dtype=torch.int64),
-            torch.zeros(length, 64, dtype=torch.bfloat16), torch.zeros(length, 192, dtype=torch.bfloat16),
+            torch.zeros(length, dtype=torch.int64),
+            torch.zeros(length, dtype=torch.int64),
+            torch.zeros(length, 64, dtype=torch.bfloat16),
+            torch.zeros(length, 192, dtype=torch.bfloat16),
         )
-        assert abs(specforge_file_bytes(length, 64) - len(serialized(sample))) <= 256
+        assert abs(specforge_files_bytes([length], 64) - len(serialized(sample))) <= 256
     layout = ShardLayout(seq_length=10, aux_hidden_dim=6, draft_vocab_size=4, dtype="bf16", target_probs_topk=0)
     # Two samples of 3 and 10 tokens: 24 bytes at each of 20 positions, 6·2 + 1 + 4·2 at each of 13.
     assert automodel_written_bytes(layout, [3, 10]) == 20 * 24 + 13 * 21

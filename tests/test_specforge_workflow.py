@@ -8,13 +8,16 @@ import shutil
 from pathlib import Path
 
 import pytest
+
+from eagle3_cache.layout import MANIFEST_FILE, VOCAB_MAPPING_FILE, shard_dir_name, shard_id
 from eagle3_cache.shard_format import check_cache
-from eagle3_cache.specforge_format import VOCAB_MAPPING_FILE, check_specforge_cache
-from test_workflow import (
+from eagle3_cache.specforge_cache import check_specforge_cache
+from helpers import (
     HUB_MODEL,
     NUM_SHARDS,
     RUN,
     cache_dir,
+    every_shard,
     jobs_run,
     kill_shard_writer_mid_write,
     new_workdir,
@@ -26,11 +29,11 @@ from test_workflow import (
 
 
 def every_specforge_shard(count: int = NUM_SHARDS) -> set[str]:
-    return {f"compute_specforge_shard-{index:06d}" for index in range(count)}
+    return {f"compute_specforge_shard-{shard_id(index)}" for index in range(count)}
 
 
 def shard_dir(workdir: Path, index: int) -> Path:
-    return cache_dir(workdir) / f"shard-{index:06d}"
+    return cache_dir(workdir) / shard_dir_name(index)
 
 
 def file_bytes(directory: Path) -> dict[str, bytes]:
@@ -39,7 +42,7 @@ def file_bytes(directory: Path) -> dict[str, bytes]:
 
 def assert_complete_specforge_cache(workdir: Path) -> None:
     """Exactly the shard directories, mapping and manifest, all checks passing, report written."""
-    expected = {f"shard-{index:06d}" for index in range(NUM_SHARDS)} | {"manifest.json", VOCAB_MAPPING_FILE}
+    expected = {shard_dir_name(index) for index in range(NUM_SHARDS)} | {MANIFEST_FILE, VOCAB_MAPPING_FILE}
     assert {path.name for path in cache_dir(workdir).iterdir()} == expected
     assert check_specforge_cache(cache_dir(workdir)) == []
     assert not (workdir / "results" / RUN / "shards.staging").exists()
@@ -88,7 +91,7 @@ def test_1_second_run_does_nothing(workdir):
 def test_2_format_reruns_shards_manifest_and_report_only(workdir, tiny_chat_target):
     write_config(workdir, run_config(tiny_chat_target, format="automodel"))
     jobs = jobs_run(snakemake(workdir).stdout)
-    assert jobs == {"target_embeddings", "manifest", "validate"} | {f"compute_shard-{i:06d}" for i in range(NUM_SHARDS)}
+    assert jobs == {"target_embeddings", "manifest", "validate"} | every_shard()
     assert check_cache(cache_dir(workdir)) == []
     write_config(workdir, run_config(tiny_chat_target, format="specforge"))
     jobs = jobs_run(snakemake(workdir).stdout)

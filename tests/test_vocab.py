@@ -10,19 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tokenize_to_store
-
 from eagle3_cache import vocab
-from eagle3_cache.tokenized import TokenizedSample
 from eagle3_cache.errors import CacheConfigError
-from eagle3_cache.tokenized import TokenizedHeader, read_tokenized_info, write_tokenized
+from eagle3_cache.token_store import TokenizedSample, read_tokenized_info, synthetic_header, write_tokenized
 from eagle3_cache.vocab import (
     count_supervised_tokens,
     read_vocab_selection,
     select_draft_vocab,
+    store_vocab_selection,
     write_vocab_counts,
     write_vocab_selection,
 )
+from helpers import tokenize_to_store
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "workflow" / "scripts"
 NO_SPECIALS = (None, None, None, None)
@@ -59,11 +58,6 @@ def test_draft_vocab_below_one_is_refused(size):
         select([1, 2], size)
 
 
-def test_selection_dtype():
-    selected = select_draft_vocab(np.array([1, 2, 3]), NO_SPECIALS, 2, 3)
-    assert selected.dtype == torch.int64
-
-
 def token_store(path: Path, rows: list[tuple[list[int], list[int]]], vocab_size: int, seq_length: int = 4):
     """A store from (input_ids, loss_mask) rows padded with id 0."""
     samples = []
@@ -77,17 +71,7 @@ def token_store(path: Path, rows: list[tuple[list[int], list[int]]], vocab_size:
                 truncated=False,
             )
         )
-    header = TokenizedHeader(
-        seq_length=seq_length,
-        target_vocab_size=vocab_size,
-        special_token_ids=(1, 2, None, 0),
-        pad_token_id=0,
-        tokenizer_hash="t",
-        chat_template_hash="c",
-        source={"input_data": "x", "split": None, "shuffle_seed": 42},
-        mask_reasoning_content=False,
-        mask_generation_prompt=False,
-    )
+    header = synthetic_header(seq_length, vocab_size, special_token_ids=(1, 2, None, 0), pad_token_id=0)
     write_tokenized(path, header, samples, len(samples))
     return path
 
@@ -106,7 +90,7 @@ def test_counts_only_loss_masked_unshifted_in_range_ids(tmp_path, monkeypatch):
 
 def test_selection_file_round_trip(tmp_path):
     path = tmp_path / "vocab_selection.pt"
-    write_vocab_selection(path, torch.tensor([3, 1, 2]), 10)
+    write_vocab_selection(path, torch.tensor([3, 1, 2], dtype=torch.int32), 10)
     saved = torch.load(path, weights_only=True)
     assert saved["selected_token_ids"].dtype == torch.int64 and saved["target_vocab_size"] == 10
     selected, vocab_size = read_vocab_selection(path)
@@ -160,12 +144,6 @@ def automodel_selection(automodel_eagle3, tokenizer, input_data, seq_length, voc
     return selected
 
 
-def our_selection(store, draft_vocab_size) -> torch.Tensor:
-    info = read_tokenized_info(store)
-    counts = count_supervised_tokens(store, info.target_vocab_size)
-    return select_draft_vocab(counts, info.special_token_ids, draft_vocab_size, info.target_vocab_size)
-
-
 @pytest.mark.automodel
 @pytest.mark.parametrize("pad_token", ["<pad>", None])
 @pytest.mark.parametrize("draft_vocab_size", [1, 3, 40, 383, 384, None])
@@ -177,7 +155,7 @@ def test_parity_tiny_tokenizer(
     theirs = automodel_selection(
         automodel_eagle3, make_chat_tokenizer(pad_token=pad_token), parity_jsonl, 40, 384, draft_vocab_size
     )
-    assert torch.equal(our_selection(store, draft_vocab_size), theirs)
+    assert torch.equal(store_vocab_selection(store, draft_vocab_size).selected, theirs)
 
 
 @pytest.mark.automodel
@@ -188,4 +166,4 @@ def test_parity_smollm2(tmp_path, automodel_eagle3, smollm2_tokenizer, parity_js
         theirs = automodel_selection(
             automodel_eagle3, smollm2_tokenizer, parity_jsonl, 64, vocab_size, draft_vocab_size
         )
-        assert torch.equal(our_selection(store, draft_vocab_size), theirs)
+        assert torch.equal(store_vocab_selection(store, draft_vocab_size).selected, theirs)

@@ -7,135 +7,34 @@ other. What reran is read from the job headers Snakemake prints for every job it
 
 import hashlib
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from eagle3_cache.shard_format import check_cache
-
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
-WORKFLOW_FILES = ["Snakefile", "workflow", "profiles", "envs"]
-RUN = "tiny"
-NUM_CONVERSATIONS = 20
-SHARD_SIZE = 4
-NUM_SHARDS = 5
-RUN_TIMEOUT_S = 900
-# One thread per target-model job, so that two shard jobs share the 2 cores of a CI machine.
-LOCAL_RUN = ["--profile", "profiles/local", "--set-threads", "compute_shard=1", "validate=1", "--cores", "2"]
-
-JOB_HEADER = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):$")
-SHARD_WILDCARD = re.compile(r"^\s+wildcards: .*\bshard=(\d{6})")
-
-WORDS = (
-    "the model reads every token and writes a short answer about rivers cities numbers "
-    "colors music weather trains gardens bread stars"
-).split()
-
-
-def every_shard(count: int = NUM_SHARDS) -> set[str]:
-    return {f"compute_shard-{index:06d}" for index in range(count)}
-
+from helpers import (
+    HUB_MODEL,
+    NUM_CONVERSATIONS,
+    NUM_SHARDS,
+    REPO,
+    assert_complete_cache,
+    cache_dir,
+    digest,
+    every_shard,
+    jobs_run,
+    kill_shard_writer_mid_write,
+    new_workdir,
+    run_config,
+    shard_path,
+    snakemake,
+    snakemake_static,
+    write_config,
+)
 
 # --- Setup ----------------------------------------------------------------------------------
-
-
-def conversation(index: int) -> dict:
-    """A short deterministic user/assistant exchange; lengths vary with the index."""
-
-    def text(start: int, length: int) -> str:
-        return " ".join(WORDS[(start + i * 7) % len(WORDS)] for i in range(length))
-
-    return {
-        "messages": [
-            {"role": "user", "content": text(index, 2 + index % 5)},
-            {"role": "assistant", "content": text(index * 3, 3 + index % 7)},
-        ]
-    }
-
-
-def run_config(target_model: str | Path, **overrides) -> dict:
-    settings = {
-        "target_model": str(target_model),
-        "input_data": "data/conversations.jsonl",
-        "seq_length": 32,
-        "draft_vocab_size": 64,
-        "shard_size": SHARD_SIZE,
-        "batch_size": 2,
-    }
-    settings.update(overrides)
-    # Not strict: a random model's predictions fail the report's quality thresholds.
-    validation = {"num_samples": 2, "strict": False}
-    return {"runs": {RUN: settings}, "device": "cpu", "validation": validation}
-
-
-def write_config(workdir: Path, config: dict) -> None:
-    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config))
-
-
-def new_workdir(path: Path, config: dict) -> Path:
-    """A copy of the workflow with `config` and the tiny conversations."""
-    for name in WORKFLOW_FILES:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, path / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, path / name)
-    (path / "config").mkdir()
-    write_config(path, config)
-    (path / "data").mkdir()
-    lines = [json.dumps(conversation(index)) for index in range(NUM_CONVERSATIONS)]
-    (path / "data" / "conversations.jsonl").write_text("\n".join(lines) + "\n")
-    return path
-
-
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run snakemake with the local profile on 2 cores; output is stdout and stderr together."""
-    command = ["timeout", "-k", "10", str(RUN_TIMEOUT_S), SNAKEMAKE, *LOCAL_RUN, *args]
-    result = subprocess.run(
-        command,
-        cwd=workdir,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    if check and result.returncode != 0:
-        pytest.fail(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-6000:]}")
-    return result
-
-
-def jobs_run(output: str) -> set[str]:
-    """The jobs a snakemake run executed ("compute_shard-000003" for a shard), `all` left out."""
-    jobs = []
-    for line in output.splitlines():
-        header = JOB_HEADER.match(line)
-        shard = SHARD_WILDCARD.match(line)
-        if header:
-            jobs.append(header.group(1))
-        elif shard and jobs and jobs[-1] in ("compute_shard", "compute_specforge_shard"):
-            jobs[-1] = f"{jobs[-1]}-{shard.group(1)}"
-    assert len(jobs) == len(set(jobs)), f"a job ran twice: {jobs}"
-    return set(jobs) - {"all"}
-
-
-def cache_dir(workdir: Path) -> Path:
-    return workdir / "results" / RUN / "shards"
-
-
-def shard_path(workdir: Path, index: int) -> Path:
-    return cache_dir(workdir) / f"shard-{index:06d}.safetensors"
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="session")
@@ -149,15 +48,6 @@ def completed(tmp_path_factory, tiny_chat_target) -> tuple[Path, set[str]]:
 def workdir(completed, tmp_path) -> Path:
     """A private copy of the completed workdir (timestamps and Snakemake metadata kept)."""
     return Path(shutil.copytree(completed[0], tmp_path / "workdir", symlinks=True))
-
-
-def assert_complete_cache(workdir: Path, num_shards: int) -> None:
-    """Exactly the expected files in the cache dir, all checks passing, report written."""
-    expected = {shard_path(workdir, index).name for index in range(num_shards)}
-    expected |= {"manifest.json", "target_embeddings.safetensors"}
-    assert {path.name for path in cache_dir(workdir).iterdir()} == expected
-    assert check_cache(cache_dir(workdir)) == []
-    assert (workdir / "results" / RUN / "validation_report.html").is_file()
 
 
 # --- End to end -----------------------------------------------------------------------------
@@ -238,60 +128,8 @@ def assert_automodel_reads(cache: Path, shard_size: int) -> None:
     assert last["target_probs"].shape == (32, 64)
 
 
-# Injected into the shard job through PYTHONPATH: holds the shard named by HOLD_DESTINATION just
-# before its temp file is moved into place and tells the test the writer's pid, so that the SIGKILL
-# lands while the shard is still being written.
-HOLD_SHARD = """
-import os, time
-from pathlib import Path
-
-_replace = os.replace
-
-
-def replace(source, destination, *args, **kwargs):
-    if str(destination).endswith(os.environ["HOLD_DESTINATION"]):
-        Path(os.environ["HOLD_MARKER"]).write_text(str(os.getpid()))
-        time.sleep(3600)
-    return _replace(source, destination, *args, **kwargs)
-
-
-os.replace = replace
-"""
-
-
-def kill_shard_writer_mid_write(
-    workdir: Path, hook_dir: Path, destination: str = "shard-000001.safetensors"
-) -> subprocess.CompletedProcess:
-    """Run the workflow, SIGKILL the job writing `destination` at its final rename, return the run."""
-    hook_dir.mkdir()
-    (hook_dir / "sitecustomize.py").write_text(HOLD_SHARD)
-    marker = hook_dir / "writer.pid"
-    env = {**os.environ, "PYTHONPATH": str(hook_dir), "HOLD_MARKER": str(marker), "HOLD_DESTINATION": destination}
-    run = subprocess.Popen(
-        [SNAKEMAKE, *LOCAL_RUN],
-        cwd=workdir,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while not marker.exists() or not marker.read_text():
-            assert run.poll() is None, f"snakemake ended before the write:\n{run.stdout.read()}"
-            assert time.monotonic() < deadline, "the shard job never reached its write"
-            time.sleep(0.2)
-        os.kill(int(marker.read_text()), signal.SIGKILL)
-        output, _ = run.communicate(timeout=RUN_TIMEOUT_S)
-    finally:
-        run.kill()
-    return subprocess.CompletedProcess(run.args, run.returncode, output)
-
-
 @pytest.mark.slow
-def test_8_killed_shard_job_leaves_no_shard_and_the_next_run_completes(
-    workdir, completed, tmp_path
-):
+def test_8_killed_shard_job_leaves_no_shard_and_the_next_run_completes(workdir, completed, tmp_path):
     shard_path(workdir, 1).unlink()
     killed = kill_shard_writer_mid_write(workdir, tmp_path / "hook")
     assert killed.returncode != 0, killed.stdout[-6000:]
@@ -306,20 +144,17 @@ def test_8_killed_shard_job_leaves_no_shard_and_the_next_run_completes(
     assert digest(shard_path(workdir, 1)) == digest(shard_path(completed[0], 1))
 
 
+@pytest.mark.slow
+def test_9_a_bare_snakemake_after_a_code_only_edit_plans_nothing(workdir):
+    for script in (workdir / "workflow" / "scripts").glob("*.py"):
+        script.write_text(script.read_text() + "# An edit that changes no result.\n")
+    result = snakemake_static(workdir, "-n")
+    assert result.returncode == 0, result.stdout
+    assert jobs_run(result.stdout) == set()
+    assert "Nothing to be done" in result.stdout
+
+
 # --- Static checks (fast) -------------------------------------------------------------------
-
-HUB_MODEL = "example-org/example-model"
-
-
-def snakemake_static(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    """snakemake without the profile; output is stdout and stderr together."""
-    return subprocess.run(
-        ["timeout", "-k", "10", "300", SNAKEMAKE, *args],
-        cwd=workdir,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
 
 
 def test_lint_is_clean(tmp_path):

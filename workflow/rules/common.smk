@@ -1,6 +1,6 @@
-import math
 import re
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 # Makes the rule scripts' package importable; appended so that it never shadows
@@ -8,15 +8,32 @@ from pathlib import Path
 sys.path.append(str(Path(workflow.basedir, "workflow", "scripts")))
 
 from eagle3_cache import CACHE_SEMANTICS_VERSION
-from eagle3_cache.demo_model import DEMO_GGUF, DEMO_PACKAGE
+from eagle3_cache.layout import (
+    DEMO_GGUF,
+    DEMO_MODEL,
+    DEMO_PACKAGE,
+    EMBEDDINGS_FILE,
+    LOCAL_DATA_SUFFIXES,
+    MANIFEST_FILE,
+    MANIFEST_SETTINGS,
+    SELECT_VOCAB_SETTINGS,
+    SHARD_DIR,
+    SHARD_FILE,
+    SHARD_ID,
+    SHARD_SETTINGS,
+    TARGET_SETTINGS,
+    TOKENIZE_SETTINGS,
+    VOCAB_MAPPING_FILE,
+    num_shards,
+    shard_id,
+)
 
-DEMO_MODEL = "resources/models/SmolLM2-135M-Instruct"
-LOCAL_DATA_SUFFIXES = {".json", ".jsonl", ".parquet"}
+CACHE_DIR = "results/{run}/shards"
 
 
 wildcard_constraints:
     run="|".join(re.escape(run) for run in config["runs"]),
-    shard=r"\d{6}",
+    shard=SHARD_ID,
 
 
 def run_settings(run: str) -> dict:
@@ -29,10 +46,15 @@ def setting(name: str):
     return lambda wildcards: run_settings(wildcards.run)[name]
 
 
+def run_params(names: Sequence[str]) -> dict:
+    """A rule's params for the run settings `names`, as keyword arguments: `params: **run_params(...)`."""
+    return {name: setting(name) for name in names}
+
+
 def is_local_data(input_data: str) -> bool:
     """Whether input_data names a local file or folder rather than a hub dataset."""
     path = Path(input_data)
-    return path.exists() or path.suffix in LOCAL_DATA_SUFFIXES
+    return path.exists() or path.suffix.lower() in LOCAL_DATA_SUFFIXES
 
 
 def data_input(wildcards) -> list[str]:
@@ -54,20 +76,20 @@ def gpus_per_job(wildcards) -> int:
     return 0 if config["device"] == "cpu" else config["gpus_per_job"]
 
 
-def num_shards(run: str) -> int:
-    """ceil(samples / shard_size), known once the tokenize checkpoint has run."""
+def run_num_shards(run: str) -> int:
+    """The run's number of shards, known once the tokenize checkpoint has run."""
     tokenized = checkpoints.tokenize.get(run=run).output.tokenized
     # Imported only now: the module pulls in torch, which a dry run before
     # tokenization should not pay for.
-    from eagle3_cache.tokenized import read_tokenized_info
+    from eagle3_cache.token_store import read_tokenized_info
 
     num_samples = read_tokenized_info(tokenized).num_samples
-    return math.ceil(num_samples / run_settings(run)["shard_size"])
+    return num_shards(num_samples, run_settings(run)["shard_size"])
 
 
 def expand_shards(pattern: str, run: str) -> list[str]:
     """`pattern` (with a {shard} wildcard) for every shard of the run."""
-    shards = [f"{index:06d}" for index in range(num_shards(run))]
+    shards = [shard_id(index) for index in range(run_num_shards(run))]
     return expand(pattern, run=run, shard=shards)
 
 
@@ -81,7 +103,7 @@ def shard_rule(run: str):
     return rules.compute_specforge_shard if is_specforge(run) else rules.compute_shard
 
 
-def every_shard(pick):
+def every_shard(pick: Callable):
     """An input function: the pattern `pick(shard rule)` (with a {shard} wildcard) for every shard of
     the job's run, taken from the shard rule of the run's format."""
     return lambda wildcards: expand_shards(

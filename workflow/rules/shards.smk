@@ -4,7 +4,7 @@ rule compute_shard:
         selection=rules.select_vocab.output.selection,
         model=model_input,
     output:
-        shard="results/{run}/shards/shard-{shard}.safetensors",
+        shard=f"{CACHE_DIR}/{SHARD_FILE}",
         stats="results/{run}/shard_stats/shard-{shard}.json",
     log:
         "logs/{run}/compute_shard-{shard}.log",
@@ -16,14 +16,7 @@ rule compute_shard:
     resources:
         gpu=gpus_per_job,
     params:
-        target_model=setting("target_model"),
-        revision=setting("revision"),
-        trust_remote_code=setting("trust_remote_code"),
-        aux_layer_ids=setting("aux_layer_ids"),
-        dtype=setting("dtype"),
-        target_probs_topk=setting("target_probs_topk"),
-        seq_length=setting("seq_length"),
-        shard_size=setting("shard_size"),
+        **run_params(SHARD_SETTINGS),
         cache_semantics_version=CACHE_SEMANTICS_VERSION,
     script:
         "../scripts/compute_shard.py"
@@ -33,14 +26,12 @@ rule target_embeddings:
     input:
         model=model_input,
     output:
-        embeddings="results/{run}/shards/target_embeddings.safetensors",
+        embeddings=f"{CACHE_DIR}/{EMBEDDINGS_FILE}",
     log:
         "logs/{run}/target_embeddings.log",
     conda:
         "../../envs/eagle3-cache.yaml"
     params:
-        target_model=setting("target_model"),
-        revision=setting("revision"),
-        trust_remote_code=setting("trust_remote_code"),
+        **run_params(TARGET_SETTINGS),
     script:
         "../scripts/target_embeddings.py"

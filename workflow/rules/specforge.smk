@@ -9,26 +9,19 @@ rule compute_specforge_shard:
         selection=rules.select_vocab.output.selection,
         model=model_input,
     output:
-        shard=directory("results/{run}/shards/shard-{shard}"),
+        shard=directory(f"{CACHE_DIR}/{SHARD_DIR}"),
         stats="results/{run}/shard_stats/shard-{shard}.specforge.json",
     log:
         "logs/{run}/compute_specforge_shard-{shard}.log",
     benchmark:
-        "benchmarks/{run}/specforge-shard-{shard}.tsv"
+        "benchmarks/{run}/specforge/shard-{shard}.tsv"
     conda:
         "../../envs/eagle3-cache.yaml"
     threads: 4
     resources:
         gpu=gpus_per_job,
     params:
-        target_model=setting("target_model"),
-        revision=setting("revision"),
-        trust_remote_code=setting("trust_remote_code"),
-        aux_layer_ids=setting("aux_layer_ids"),
-        dtype=setting("dtype"),
-        target_probs_topk=setting("target_probs_topk"),
-        seq_length=setting("seq_length"),
-        shard_size=setting("shard_size"),
+        **run_params(SHARD_SETTINGS),
         cache_semantics_version=CACHE_SEMANTICS_VERSION,
     script:
         "../scripts/compute_shard.py"
@@ -38,7 +31,7 @@ rule specforge_vocab_mapping:
     input:
         selection=rules.select_vocab.output.selection,
     output:
-        mapping="results/{run}/shards/vocab_mapping.pt",
+        mapping=f"{CACHE_DIR}/{VOCAB_MAPPING_FILE}",
     log:
         "logs/{run}/specforge_vocab_mapping.log",
     localrule: True

@@ -8,16 +8,7 @@ checkpoint tokenize:
         "logs/{run}/tokenize.log",
     conda:
         "../../envs/eagle3-cache.yaml"
-    threads: 4
     params:
-        target_model=setting("target_model"),
-        revision=setting("revision"),
-        trust_remote_code=setting("trust_remote_code"),
-        input_data=setting("input_data"),
-        split=setting("split"),
-        shuffle_seed=setting("shuffle_seed"),
-        seq_length=setting("seq_length"),
-        mask_reasoning_content=setting("mask_reasoning_content"),
-        mask_generation_prompt=setting("mask_generation_prompt"),
+        **run_params(TOKENIZE_SETTINGS),
     script:
         "../scripts/tokenize_conversations.py"

@@ -20,12 +20,8 @@ rule validate:
     resources:
         gpu=gpus_per_job,
     params:
-        num_samples=config["validation"]["num_samples"],
-        seed=config["validation"]["seed"],
-        strict=config["validation"]["strict"],
-        target_model=setting("target_model"),
-        revision=setting("revision"),
-        trust_remote_code=setting("trust_remote_code"),
+        **config["validation"],
+        **run_params(TARGET_SETTINGS),
         cache_dir=subpath(input.manifest, parent=True),
         # Read when present; as inputs, a missing one would force its shard to rerun.
         benchmarks=every_shard(lambda rule: rule.benchmark),

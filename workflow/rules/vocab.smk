@@ -9,6 +9,6 @@ rule select_vocab:
     conda:
         "../../envs/eagle3-cache.yaml"
     params:
-        draft_vocab_size=setting("draft_vocab_size"),
+        **run_params(SELECT_VOCAB_SETTINGS),
     script:
         "../scripts/select_vocab.py"

@@ -7,13 +7,13 @@ import torch
 from eagle3_cache.gpu_lease import lease_gpus
 from eagle3_cache.logs import setup_logging
 from eagle3_cache.pipeline import compute_shard, run_shard_job
-from eagle3_cache.specforge_format import compute_specforge_shard
+from eagle3_cache.specforge_shard import compute_specforge_shard
 from eagle3_cache.target import resolve_device
 
 snakemake = snakemake  # noqa: F821 (injected by Snakemake's script directive)
 log = setup_logging(snakemake.log[0])
-# The two shard rules share this script; each writes its own output format.
-COMPUTE = {"compute_shard": compute_shard, "compute_specforge_shard": compute_specforge_shard}
+# The two shard rules share this script; the run's format decides what it writes.
+COMPUTE = {"automodel": compute_shard, "specforge": compute_specforge_shard}
 shard_index = int(snakemake.wildcards.shard)
 # Snakemake budgets cores by `threads`; on the CPU, torch would otherwise take them all.
 torch.set_num_threads(snakemake.threads)
@@ -30,7 +30,7 @@ with lease_gpus(snakemake.config["gpus_per_job"], device=snakemake.config["devic
         num_gpus=max(1, len(gpus)),
         shard_path=snakemake.output.shard,
         stats_path=snakemake.output.stats,
-        compute=COMPUTE[snakemake.rule],
+        compute=COMPUTE[snakemake.params.format],
     )
 
 phases = ", ".join(f"{name} {seconds:.2f}s" for name, seconds in sorted(stats["seconds"].items()))

@@ -1,4 +1,4 @@
-"""Rule `tokenize`: conversations -> results/{run}/tokenized.h5 (see eagle3_cache.tokenized)."""
+"""Rule `tokenize`: conversations -> results/{run}/tokenized.h5 (see eagle3_cache.token_store)."""
 
 from eagle3_cache.logs import setup_logging
 from eagle3_cache.tokenization import tokenize_dataset

@@ -1,4 +1,4 @@
-"""Rule script: validate a run's finished cache and write its report (see eagle3_cache.report).
+"""Rule script: validate a run's finished cache and write its report (see eagle3_cache.validation).
 
 With `validation.strict` (the default) a failed check fails the job; the report is then kept as
 `validation_report.FAILED.html` beside the declared output, and the error names it.
@@ -6,23 +6,32 @@ With `validation.strict` (the default) a failed check fails the job; the report 
 
 import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
+import torch
 from torch import nn
 
 from eagle3_cache.gpu_lease import lease_gpus
 from eagle3_cache.logs import setup_logging
-from eagle3_cache.report import ValidationInputs, failure_message, validate_cache, write_report
-from eagle3_cache.specforge_format import manifest_format
-from eagle3_cache.specforge_validation import validate_specforge_cache
+from eagle3_cache.specforge_cache import manifest_format
+from eagle3_cache.specforge_validation import specforge_checks
 from eagle3_cache.target import load_target, resolve_device
+from eagle3_cache.validation import (
+    ValidationInputs,
+    automodel_checks,
+    failure_message,
+    validate_cache,
+    write_report,
+)
 
 snakemake = snakemake  # noqa: F821 (injected by Snakemake's script directive)
 log = setup_logging(snakemake.log[0])
 params = snakemake.params
 config = snakemake.config
 run = snakemake.wildcards.run
+# The parity check runs the target; on the CPU torch would otherwise take every core, not the job's.
+torch.set_num_threads(snakemake.threads)
 
 
 @contextlib.contextmanager
@@ -49,8 +58,8 @@ inputs = ValidationInputs(
     num_samples=params.num_samples,
     seed=params.seed,
 )
-validate = validate_specforge_cache if manifest_format(inputs.cache_dir) == "specforge" else validate_cache
-report = validate(inputs, leased_target)
+format_checks = specforge_checks if manifest_format(inputs.cache_dir) == "specforge" else automodel_checks
+report = validate_cache(inputs, leased_target, format_checks)
 kept = write_report(report, Path(snakemake.output.report), Path(snakemake.output.json), strict=params.strict)
 if kept is not None:
     sys.exit(failure_message(report, kept))

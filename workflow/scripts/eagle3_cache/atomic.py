@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -17,9 +19,18 @@ def temp_path_for(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".tmp")
 
 
+def new_file_mode() -> int:
+    """The mode `open()` gives a new file: 0o666 less the process umask."""
+    # The umask can only be read by setting it, so it is put straight back.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success fsync it and `os.replace` it onto `path`.
+    """Yield a temp path beside `path`; on success fsync it, give it the normal new-file mode
+    and `os.replace` it onto `path`.
 
     On any exception the temp file is removed and `path` is left untouched.
     """
@@ -30,9 +41,33 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        # Writers that stage through a private temp file of their own (safetensors) leave it 0600.
+        tmp.chmod(new_file_mode())
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder beside `path`; on success give its files the normal
+    new-file mode and rename it to `path`.
+
+    On any exception the staging folder is removed and `path` is left untouched.
+    """
+    final = Path(path)
+    staging = temp_path_for(final)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        for file in staging.rglob("*"):
+            if file.is_file():
+                file.chmod(new_file_mode())
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
         raise
 
 

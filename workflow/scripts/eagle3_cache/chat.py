@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from eagle3_cache.data import Conversation
-from eagle3_cache.errors import CacheConfigError
-from eagle3_cache.tokenized import TokenizedSample
+from .data import Conversation
+from .errors import CacheConfigError
+from .token_store import TokenizedSample
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 GENERATION_TAG = re.compile(r"\{%-?\s+generation\s+-?%\}")
 SPECIAL_TOKEN_NAMES = ("bos", "eos", "pad", "unk")
@@ -275,7 +275,7 @@ class ChatTokenizer:
         """Log the first sample with each kind of problem; the rest would repeat it."""
         if problem not in self._warned:
             self._warned.add(problem)
-            logger.warning("sample %d: %s (logged once, for the first such sample)", sample, problem)
+            log.warning("sample %d: %s (logged once, for the first such sample)", sample, problem)
 
 
 class _Renders:

@@ -10,15 +10,17 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 from datasets import Dataset, VerificationMode, load_dataset
 
-from eagle3_cache.errors import CacheConfigError
+from .errors import CacheConfigError
+from .layout import JSON_LINES_SUFFIXES, JSON_SUFFIXES, LOCAL_DATA_SUFFIXES, PARQUET_SUFFIX
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 ACCEPTED_ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
@@ -31,9 +33,6 @@ SHAREGPT_ROLES = {
     "model": "assistant",
     "bot": "assistant",
 }
-JSON_SUFFIXES = (".json", ".jsonl", ".ndjson")
-JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
-PARQUET_SUFFIX = ".parquet"
 
 _SLICED_SPLIT = re.compile(r"^(\w+)\[(\d*):(\d*)\]$")
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
@@ -53,7 +52,7 @@ def load_rows(input_data: str, split: str | None, shuffle_seed: int | None) -> S
     path = Path(input_data)
     if path.is_file() and path.suffix.lower() in JSON_SUFFIXES:
         if split is not None or shuffle_seed is not None:
-            logger.info("%s is a local JSON file: split and shuffle_seed are recorded but not applied", path)
+            log.info("%s is a local JSON file: split and shuffle_seed are recorded but not applied", path)
         return read_json_rows(path)
     base_split, window = parse_split(split)
     dataset = load_base_split(input_data, base_split)
@@ -75,7 +74,7 @@ def load_base_split(input_data: str, base_split: str | None) -> Dataset:
         return load_hf_dataset(str(path), base_split or "train")
     if path.exists():
         raise CacheConfigError(f"input_data {input_data!r} is neither JSON ({', '.join(JSON_SUFFIXES)}) nor Parquet")
-    if not _HUB_ID.match(input_data) or path.suffix.lower() in (*JSON_SUFFIXES, PARQUET_SUFFIX):
+    if not _HUB_ID.match(input_data) or path.suffix.lower() in LOCAL_DATA_SUFFIXES:
         raise CacheConfigError(f"input_data {input_data!r}: no such file or directory")
     if base_split is None:
         raise CacheConfigError(f"input_data {input_data!r} is a hub dataset: set `split` (e.g. train)")
@@ -141,7 +140,7 @@ def conversation_from_row(row: Mapping[str, Any], index: int) -> Conversation:
         messages = [sharegpt_message(turn, index) for turn in turns(row, "conversations", index)]
     else:
         raise CacheConfigError(
-            f"sample {index}: no `messages` (OpenAI) or `conversations` (ShareGPT) list; " f"its keys are {sorted(row)}"
+            f"sample {index}: no `messages` (OpenAI) or `conversations` (ShareGPT) list; its keys are {sorted(row)}"
         )
     if not any(message["role"] == "assistant" for message in messages):
         raise CacheConfigError(
@@ -176,7 +175,7 @@ def sharegpt_message(turn: Mapping[str, Any], index: int) -> dict[str, Any]:
     role = SHAREGPT_ROLES.get(source_role)
     if role is None:
         raise CacheConfigError(
-            f"sample {index}: unknown ShareGPT role {source_role!r}; accepted roles are " f"{', '.join(SHAREGPT_ROLES)}"
+            f"sample {index}: unknown ShareGPT role {source_role!r}; accepted roles are {', '.join(SHAREGPT_ROLES)}"
         )
     return {"role": role, "content": content_text(turn.get("value", turn.get("content", "")))}
 

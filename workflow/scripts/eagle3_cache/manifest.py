@@ -9,20 +9,15 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from .errors import CacheConfigError
+from .layout import num_shards, samples_in_shard, shard_file_name
 from .provenance import ids_fingerprint, package_versions, producer, settings_fingerprint
-from .shard_format import (
-    FORMAT_VERSION,
-    leftover_temp_files,
-    num_shards,
-    samples_in_shard,
-    shard_file_name,
-    shard_indices_in,
-)
-from .tokenized import TokenizedInfo
+from .shard_format import FORMAT_VERSION, leftover_temp_files, shard_indices_in
+from .token_store import TokenizedInfo
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +60,14 @@ def remove_stale_files(cache_dir: Path, shard_count: int) -> list[Path]:
     return stale
 
 
-def build_manifest(
-    settings: Mapping[str, Any],
-    stats: Sequence[Mapping[str, Any]],
-    selected_token_ids: list[int],
-    target_vocab_size: int,
-    info: TokenizedInfo,
+def automodel_fields(
+    settings: Mapping[str, Any], first: Mapping[str, Any], selected_token_ids: list[int], info: TokenizedInfo
 ) -> dict[str, Any]:
-    """Automodel's manifest fields, plus integrity and provenance records."""
-    first = stats[0]
+    """The fields NeMo Automodel's reader checks, from the settings and the first shard's stats."""
     return {
         "format_version": FORMAT_VERSION,
         "target_model": settings["target_model"],
-        "target_vocab_size": target_vocab_size,
+        "target_vocab_size": first["target_vocab_size"],
         "draft_vocab_size": len(selected_token_ids),
         "seq_length": settings["seq_length"],
         "dtype": settings["dtype"],
@@ -92,17 +82,28 @@ def build_manifest(
         "shuffle_seed": settings["shuffle_seed"],
         "mask_reasoning_content": settings["mask_reasoning_content"],
         "mask_generation_prompt": settings["mask_generation_prompt"],
-        # Beyond Automodel's fields (its reader ignores them):
+    }
+
+
+def provenance_fields(settings: Mapping[str, Any], stats: Sequence[Mapping[str, Any]], info: TokenizedInfo) -> dict:
+    """Beyond Automodel's fields (its reader ignores them): what built the cache, and each shard's record."""
+    return {
         "revision": settings["revision"],
         "trust_remote_code": settings["trust_remote_code"],
-        "target_model_identity": first["model_identity"],
+        "format": settings["format"],
+        "target_model_identity": stats[0]["model_identity"],
         "tokenizer_sha256": info.tokenizer_hash,
         "chat_template_sha256": info.chat_template_hash,
         "settings_fingerprint": settings_fingerprint(settings),
         "producer": producer(),
         "packages": package_versions(),
         "shards": [
-            {"file": shard_file_name(s["shard"]), "num_samples": s["num_samples"], "bytes": s["bytes"], "sha256": s["sha256"]}
+            {
+                "file": shard_file_name(s["shard"]),
+                "num_samples": s["num_samples"],
+                "bytes": s["bytes"],
+                "sha256": s["sha256"],
+            }
             for s in stats
         ],
     }
@@ -113,7 +114,6 @@ def checked_manifest(
     settings: Mapping[str, Any],
     stats: Sequence[Mapping[str, Any]],
     selected_token_ids: list[int],
-    target_vocab_size: int,
     info: TokenizedInfo,
 ) -> dict[str, Any]:
     """The manifest for a complete, consistent shard set; stale files are removed first."""
@@ -126,8 +126,12 @@ def checked_manifest(
     reasons = inconsistent_shards(stats, settings, selected_token_ids, info)
     if reasons:
         raise CacheConfigError(
-            f"{cache_dir}: shards do not form one cache: " + "; ".join(reasons)
+            f"{cache_dir}: shards do not form one cache: "
+            + "; ".join(reasons)
             + ". Delete the listed shards (or re-run with --forcerun compute_shard) and run again."
         )
     remove_stale_files(cache_dir, shard_count)
-    return build_manifest(settings, stats, selected_token_ids, target_vocab_size, info)
+    return {
+        **automodel_fields(settings, stats[0], selected_token_ids, info),
+        **provenance_fields(settings, stats, info),
+    }

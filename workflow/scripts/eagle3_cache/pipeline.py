@@ -14,28 +14,23 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from .atomic import write_json_atomic
+from .cache_rows import CacheBatch, CacheSpec, compute_cache_batch
 from .errors import CacheConfigError
+from .layout import samples_in_shard
 from .provenance import ids_fingerprint, settings_fingerprint
-from .shard_format import ShardLayout, ShardWriter, samples_in_shard
-from .target import (
-    CacheBatch,
-    CacheSpec,
-    compute_cache_batch,
-    hidden_size,
-    load_target,
-    model_identity,
-    resolve_aux_layer_ids,
-)
+from .shard_format import ShardLayout, ShardWriter
+from .target import hidden_size, load_target, model_identity, resolve_aux_layer_ids
 from .timing import PhaseTimer
-from .tokenized import TokenBlock, read_token_block, read_tokenized_info
+from .token_store import TokenBlock, read_token_block, read_tokenized_info
 from .vocab import read_vocab_selection
 
 log = logging.getLogger(__name__)
@@ -153,38 +148,49 @@ class ShardResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-# Writes one shard in an output format, taking `compute_shard`'s arguments.
-ShardComputer = Callable[..., ShardResult]
+@dataclass(frozen=True)
+class ShardJob:
+    """Which shard of a tokenized dataset a job computes, its batch size, and where the shard goes."""
+
+    tokenized_path: str | Path
+    num_samples: int
+    shard_index: int
+    shard_size: int
+    batch_size: int
+    shard_path: str | Path
+
+    @property
+    def first_sample(self) -> int:
+        return self.shard_index * self.shard_size
+
+    @property
+    def shard_samples(self) -> int:
+        return samples_in_shard(self.shard_index, self.num_samples, self.shard_size)
+
+    def read_tokens(self) -> TokenBlock:
+        """The shard's rows of the token store."""
+        return read_token_block(self.tokenized_path, self.first_sample, self.first_sample + self.shard_samples)
 
 
-def compute_shard(
-    model: nn.Module,
-    spec: CacheSpec,
-    layout: ShardLayout,
-    *,
-    tokenized_path: str | Path,
-    num_samples: int,
-    shard_index: int,
-    shard_size: int,
-    batch_size: int,
-    shard_path: str | Path,
-) -> ShardResult:
-    """Compute shard `shard_index` of a tokenized dataset and write it to `shard_path` atomically."""
-    device = model.get_input_embeddings().weight.device
-    timer = PhaseTimer(device)
-    first = shard_index * shard_size
-    count = samples_in_shard(shard_index, num_samples, shard_size)
+# Writes one shard in an output format.
+ShardComputer = Callable[[nn.Module, CacheSpec, ShardLayout, ShardJob], ShardResult]
+
+
+def compute_shard(model: nn.Module, spec: CacheSpec, layout: ShardLayout, job: ShardJob) -> ShardResult:
+    """Compute shard `job.shard_index` of a tokenized dataset and write it to `job.shard_path` atomically."""
+    timer = PhaseTimer(model.get_input_embeddings().weight.device)
     with timer.phase("read"):
-        block = read_token_block(tokenized_path, first, first + count)
-    with ShardWriter(shard_path, layout, count) as writer:
+        block = job.read_tokens()
+    count = job.shard_samples
+    with ShardWriter(job.shard_path, layout, count) as writer:
         computed_tokens, write_seconds = stream_rows(
-            model, spec, block, functools.partial(write_batch_rows, writer), batch_size, timer
+            model, spec, block, functools.partial(write_batch_rows, writer), job.batch_size, timer
         )
         with timer.phase("commit"):
             sha256 = writer.commit()
     return ShardResult(
         num_samples=count,
-        first_sample=first,
+        first_sample=job.first_sample,
         bytes=writer.size,
         sha256=sha256,
         real_tokens=int(block.attention_mask.sum()),
@@ -236,8 +242,8 @@ def run_shard_job(
 ) -> dict[str, Any]:
     """What a shard job does once it holds its devices: load the target, write the shard and its stats.
 
-    `settings` are the shard rule's params; `compute` writes the shard in its output format (it takes
-    `compute_shard`'s arguments). Returns the stats written to `stats_path`.
+    `settings` are the shard rule's params; `compute` writes the shard in its output format. Returns the
+    stats written to `stats_path`.
     """
     started = time.perf_counter()
     model = load_target(
@@ -258,17 +264,8 @@ def run_shard_job(
         target_probs_topk=settings["target_probs_topk"],
         seq_length=settings["seq_length"],
     )
-    result = compute(
-        model,
-        spec,
-        layout,
-        tokenized_path=tokenized_path,
-        num_samples=info.num_samples,
-        shard_index=shard_index,
-        shard_size=settings["shard_size"],
-        batch_size=batch_size,
-        shard_path=shard_path,
-    )
+    job = ShardJob(tokenized_path, info.num_samples, shard_index, settings["shard_size"], batch_size, shard_path)
+    result = compute(model, spec, layout, job)
     result.seconds["load"] = load_seconds
     result.seconds["total"] = time.perf_counter() - started
     stats = {

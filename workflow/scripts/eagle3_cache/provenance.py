@@ -5,23 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+from collections.abc import Mapping
 from importlib import metadata
-from typing import Any, Mapping
+from typing import Any
 
 from . import CACHE_SEMANTICS_VERSION, __version__
+from .layout import SHARD_SETTINGS
 
-# The settings that decide a shard's bytes (given the tokenized data and the draft vocabulary).
-SHARD_SETTING_KEYS = (
-    "target_model",
-    "revision",
-    "trust_remote_code",
-    "aux_layer_ids",
-    "dtype",
-    "target_probs_topk",
-    "seq_length",
-    "shard_size",
-    "cache_semantics_version",
-)
+# The shard rule's params: its settings and the cache semantics version.
+SHARD_SETTING_KEYS = (*SHARD_SETTINGS, "cache_semantics_version")
 RECORDED_PACKAGES = ("torch", "transformers", "safetensors", "h5py", "datasets", "tokenizers", "numpy", "snakemake")
 
 

@@ -16,21 +16,19 @@ import hashlib
 import json
 import math
 import os
-import re
 import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
 from .atomic import atomic_output, temp_path_for
+from .layout import EMBEDDINGS_FILE, MANIFEST_FILE, SHARD_NAME, num_shards, samples_in_shard, shard_file_name
 
 FORMAT_VERSION = 2
-MANIFEST_FILE = "manifest.json"
-EMBEDDINGS_FILE = "target_embeddings.safetensors"
-SHARD_NAME = re.compile(r"^shard-(\d{6})\.safetensors$")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SAFETENSORS_DTYPES = {
     torch.int64: "I64",
@@ -61,21 +59,6 @@ AUTOMODEL_MANIFEST_KEYS = (
     "mask_generation_prompt",
 )
 HASH_CHUNK_BYTES = 16 << 20
-
-
-def shard_file_name(index: int) -> str:
-    """`shard-000042.safetensors`, the name Automodel's reader expects for shard 42."""
-    return f"shard-{index:06d}.safetensors"
-
-
-def num_shards(num_samples: int, shard_size: int) -> int:
-    """How many shards `num_samples` samples fill."""
-    return math.ceil(num_samples / shard_size)
-
-
-def samples_in_shard(index: int, num_samples: int, shard_size: int) -> int:
-    """Every shard holds `shard_size` samples except the last."""
-    return min(shard_size, num_samples - index * shard_size)
 
 
 def is_topk(target_probs_topk: int | None, draft_vocab_size: int) -> bool:
@@ -192,7 +175,7 @@ class ShardWriter:
         self.size = self.data_start + sum(f.sample_bytes for f in self.fields.values()) * num_samples
         self._output = atomic_output(self.path)
         self.tmp = self._output.__enter__()
-        self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
         os.pwrite(self.fd, header, 0)
         os.ftruncate(self.fd, self.size)
 
@@ -318,11 +301,16 @@ def shard_layout_problems(path: Path, layout: ShardLayout, num_samples: int) -> 
 
 def safetensors_entries(path: Path) -> dict[str, Any]:
     """The tensor entries of a safetensors header, without reading the data."""
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        entries = json.loads(handle.read(length))
+    entries = json.loads(stored_safetensors_header(path))
     entries.pop("__metadata__", None)
     return entries
+
+
+def stored_safetensors_header(path: str | os.PathLike) -> bytes:
+    """The JSON header bytes of a safetensors file (names, dtypes, shapes, offsets), without reading the data."""
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        return handle.read(length)
 
 
 def shard_record_problems(cache_dir: Path, manifest: Mapping[str, Any], verify_hashes: bool) -> list[CacheProblem]:
@@ -353,15 +341,22 @@ def shard_records_problems(manifest: Mapping[str, Any]) -> list[CacheProblem]:
     return []
 
 
+def readable_manifest(cache_dir: Path) -> dict[str, Any] | CacheProblem:
+    """The manifest of a cache directory, or why there is none to check it against."""
+    if not (cache_dir / MANIFEST_FILE).exists():
+        return CacheProblem(MANIFEST_FILE, "missing: the cache is incomplete (the manifest is written last)")
+    try:
+        return read_manifest(cache_dir)
+    except json.JSONDecodeError as error:
+        return CacheProblem(MANIFEST_FILE, f"not valid JSON: {error}")
+
+
 def check_cache(cache_dir: str | os.PathLike, verify_hashes: bool = True) -> list[CacheProblem]:
     """Everything wrong with a cache directory; empty when it is complete and intact."""
     cache_dir = Path(cache_dir)
-    if not (cache_dir / MANIFEST_FILE).exists():
-        return [CacheProblem(MANIFEST_FILE, "missing: the cache is incomplete (the manifest is written last)")]
-    try:
-        manifest = read_manifest(cache_dir)
-    except json.JSONDecodeError as error:
-        return [CacheProblem(MANIFEST_FILE, f"not valid JSON: {error}")]
+    manifest = readable_manifest(cache_dir)
+    if isinstance(manifest, CacheProblem):
+        return [manifest]
     problems = manifest_problems(manifest)
     if problems:
         return problems

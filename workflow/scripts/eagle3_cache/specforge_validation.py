@@ -7,52 +7,37 @@
   lm_head(hidden_state) against the target's own logits;
 - numerically sane: no NaN or Inf in either hidden state; tokens and loss masks as tokenized;
 - disk: bytes per real token, beside what the Automodel format costs at the same settings;
-- vocabulary, cost and provenance: the Automodel report's own checks, which read nothing format-specific.
+- vocabulary, cost and provenance: `validation`'s shared checks, which read nothing format-specific.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import time
-from datetime import datetime, timezone
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Mapping, Sequence
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from .report import (
-    TOLERANCE_ULPS,
-    CheckResult,
-    FieldErrors,
-    ValidationInputs,
-    ValidationReport,
-    allocated_bytes,
-    cost_check,
-    format_bytes,
-    listed,
-    parity_eps,
-    parity_sample_indices,
-    problems_summary,
-    provenance_check,
-    read_stats,
-    run_check,
-    shard_compute_dtypes,
-    vocabulary_check,
-)
-from .shard_format import MANIFEST_FILE, ShardLayout, read_manifest, samples_in_shard
+from .cache_rows import CacheSpec, compute_cache_batch
+from .layout import MANIFEST_FILE, VOCAB_MAPPING_FILE, samples_in_shard
+from .parity import TOLERANCE_RULE, FieldErrors, parity_eps, parity_sample_indices, tolerance_problems, tolerance_row
+from .report_html import format_bytes
+from .results import CheckResult, listed, problems_summary
+from .shard_format import ShardLayout, read_manifest
+from .specforge_cache import check_specforge_cache, sample_paths
 from .specforge_format import (
     HIDDEN_KEYS,
+    TARGET_REPR,
     bytes_per_token,
-    check_specforge_cache,
     nonfinite_values,
     read_sample_file,
-    sample_paths,
     target_dir_problems,
 )
-from .target import CacheSpec, compute_cache_batch
-from .tokenized import TokenBlock, TokenizedInfo, read_token_block, read_token_rows, read_tokenized_info
+from .token_store import TokenBlock, TokenizedInfo, read_token_block, read_token_rows
+from .validation import CacheReads, Check, allocated_bytes, cache_spec, shard_compute_dtypes
 
 # Positions whose full-vocabulary logits are compared at once ([block, V] fp32).
 LOGIT_POSITION_BLOCK = 128
@@ -62,24 +47,15 @@ FULL_WIDTH_FIELDS = ("input_ids", "attention_mask", "loss_mask")
 RECOMPUTED = {"hidden_state": "final_hidden_state", "aux_hidden_state": "aux_hidden_states"}
 
 
-def validate_specforge_cache(
-    inputs: ValidationInputs, open_target: Callable[[], ContextManager[nn.Module]]
-) -> ValidationReport:
-    """Run every check on one run's specforge cache. `open_target()` yields the target for the parity check."""
-    manifest = functools.cache(lambda: read_manifest(inputs.cache_dir))
-    info = functools.cache(lambda: read_tokenized_info(inputs.tokenized))
-    stats = read_stats(inputs.stats)
-    checks = [
-        run_check("integrity", lambda: integrity_check(inputs.cache_dir)),
-        run_check("parity", lambda: parity_check(open_target, manifest(), inputs, stats)),
-        run_check("sanity", lambda: sanity_check(inputs.cache_dir, manifest(), inputs.tokenized)),
-        run_check("vocabulary", lambda: vocabulary_check(np.load(inputs.counts), manifest(), inputs.selection)),
-        run_check("disk", lambda: disk_check(inputs.cache_dir, manifest(), info())),
-        run_check("cost", lambda: cost_check(stats, inputs.benchmarks, len(inputs.stats))),
-        run_check("provenance", lambda: provenance_check(manifest(), info(), stats)),
-    ]
-    generated_at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return ValidationReport(inputs.run, str(inputs.cache_dir), checks, generated_at)
+def specforge_checks(reads: CacheReads) -> dict[str, Check]:
+    """The checks of a specforge cache's files, for `validate_cache`."""
+    inputs = reads.inputs
+    return {
+        "integrity": lambda: integrity_check(inputs.cache_dir),
+        "parity": lambda: parity_check(reads),
+        "sanity": lambda: sanity_check(inputs.cache_dir, reads.manifest, inputs.tokenized),
+        "disk": lambda: disk_check(inputs.cache_dir, reads.manifest, reads.info),
+    }
 
 
 # --- Complete and intact -------------------------------------------------------------------------
@@ -117,18 +93,6 @@ def target_notes(manifest: Mapping[str, Any]) -> list[str]:
 # --- Live parity ---------------------------------------------------------------------------------
 
 
-def hidden_state_spec(manifest: Mapping[str, Any]) -> CacheSpec:
-    """The CacheSpec the shards were computed under, for the hidden-state representation."""
-    return CacheSpec(
-        aux_layer_ids=list(manifest["aux_layer_ids"]),
-        selected_token_ids=torch.tensor(manifest["selected_token_ids"], dtype=torch.long),
-        target_vocab_size=int(manifest["target_vocab_size"]),
-        dtype=manifest["dtype"],
-        target_probs_topk=0,
-        target_repr="hidden_state",
-    )
-
-
 def sample_path(cache_dir: Path, manifest: Mapping[str, Any], sample: int) -> Path:
     """Where the manifest puts one sample's file."""
     shard, row = divmod(sample, int(manifest["shard_size"]))
@@ -158,23 +122,19 @@ def compare_with_live_target(
     return errors
 
 
-def parity_check(
-    open_target: Callable[[], ContextManager[nn.Module]],
-    manifest: Mapping[str, Any],
-    inputs: ValidationInputs,
-    stats: Sequence[Mapping[str, Any]],
-) -> CheckResult:
-    """Recompute `inputs.num_samples` samples with the live target and compare them with their files."""
+def parity_check(reads: CacheReads) -> CheckResult:
+    """Recompute `validation.num_samples` samples with the live target and compare them with their files."""
+    inputs, manifest = reads.inputs, reads.manifest
     samples = parity_sample_indices(
         int(manifest["num_samples"]), int(manifest["shard_size"]), inputs.num_samples, inputs.seed
     )
     if not samples:
         return CheckResult("parity", True, "not run: validation.num_samples is 0", {"samples_checked": 0})
-    spec = hidden_state_spec(manifest)
+    spec = dataclasses.replace(cache_spec(manifest), target_repr=TARGET_REPR)
     started = time.perf_counter()
-    with open_target() as model:
+    with reads.open_target() as model:
         load_seconds = time.perf_counter() - started
-        eps = parity_eps(spec.cache_dtype, shard_compute_dtypes(stats) | {next(model.parameters()).dtype})
+        eps = parity_eps(spec.cache_dtype, shard_compute_dtypes(reads.stats) | {next(model.parameters()).dtype})
         tokens = read_token_rows(inputs.tokenized, samples)
         compared = {
             sample: compare_with_live_target(
@@ -192,27 +152,14 @@ def parity_check(
 def parity_result(compared: Mapping[int, Mapping[str, FieldErrors]], eps: float, load_seconds: float) -> CheckResult:
     """Per field, the largest errors over every sample checked; a problem per sample and field beyond tolerance."""
     keys = next(iter(compared.values())).keys()
-    fields = [
-        {
-            "field": key,
-            "compared": sum(errors[key].compared for errors in compared.values()),
-            "differing": sum(errors[key].beyond_tolerance for errors in compared.values()),
-            "max_abs_error": max(errors[key].max_abs for errors in compared.values()),
-            "max_rel_error": max(errors[key].max_rel for errors in compared.values()),
-        }
-        for key in keys
-    ]
+    fields = [tolerance_row(key, [errors[key] for errors in compared.values()]) for key in keys]
     problems = [
-        f"sample {sample}: {key}: {e.beyond_tolerance} of {e.compared} values beyond tolerance; largest error "
-        f"{e.max_abs:.3g}, worst at position {e.worst_position}: {e.max_rel:.3g} of its largest |value|"
-        for sample, errors in compared.items()
-        for key, e in errors.items()
-        if e.beyond_tolerance
+        line for sample, errors in compared.items() for line in tolerance_problems(f"sample {sample}", errors, eps)
     ]
     figures = {
         "samples_checked": len(compared),
         "eps": eps,
-        "tolerance": f"|Δ| ≤ {TOLERANCE_ULPS}·eps·(|value| + largest |value| at its position)",
+        "tolerance": TOLERANCE_RULE,
         "model_load_seconds": load_seconds,
     }
     series = {"fields": fields, "samples": [{"sample": sample} for sample in compared]}
@@ -290,10 +237,13 @@ def disk_check(cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo
     allocated = allocated_bytes(paths)
     per_token = bytes_per_token(hidden)
     container = file_bytes - real_tokens * sum(per_token.values())
+    mapping = cache_dir / VOCAB_MAPPING_FILE
     figures = {
         "num_samples": len(paths),
         "real_tokens": real_tokens,
+        "per_sample_bytes": file_bytes / len(paths),
         "file_bytes": file_bytes,
+        "total_bytes": file_bytes + (mapping.stat().st_size if mapping.exists() else 0),
         "allocated_bytes": allocated,
         "bytes_per_real_token": file_bytes / real_tokens,
         "allocated_bytes_per_real_token": allocated / real_tokens,

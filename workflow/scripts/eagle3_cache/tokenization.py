@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from .chat import ChatTokenizer, chat_template_hash, special_token_ids, tokenizer_hash
 from .data import iter_conversations, load_rows
 from .errors import CacheConfigError
-from .tokenized import TokenizedHeader, TokenizedSample, read_tokenized_info, write_tokenized
+from .token_store import TokenizedHeader, TokenizedSample, read_tokenized_info, write_tokenized
 
 PROGRESS_EVERY = 1000
 log = logging.getLogger(__name__)

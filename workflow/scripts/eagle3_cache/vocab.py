@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from eagle3_cache.atomic import atomic_output, torch_save_atomic
-from eagle3_cache.errors import CacheConfigError
-from eagle3_cache.tokenized import iter_token_blocks
+from .atomic import atomic_output, torch_save_atomic
+from .errors import CacheConfigError
+from .token_store import iter_token_blocks, read_tokenized_info
 
 # Rows per read while counting; bounds RAM to a few such blocks of int64 [rows, seq_length].
 COUNT_BLOCK_ROWS = 256
@@ -80,3 +81,38 @@ def write_vocab_counts(path: str | os.PathLike, counts: np.ndarray) -> None:
     """The per-id counts as .npy, for the report's coverage curve."""
     with atomic_output(path) as tmp, open(tmp, "wb") as handle:
         np.save(handle, counts)
+
+
+@dataclass(frozen=True)
+class VocabSelection:
+    """A draft vocabulary and the supervised-token counts it was chosen from."""
+
+    selected: torch.LongTensor
+    counts: np.ndarray  # int64 [target_vocab_size]
+
+    @property
+    def target_vocab_size(self) -> int:
+        return len(self.counts)
+
+
+def store_vocab_selection(tokenized: str | os.PathLike, draft_vocab_size: int | None) -> VocabSelection:
+    """The draft vocabulary of a tokenized store, with its specials, as the select_vocab rule picks it."""
+    info = read_tokenized_info(tokenized)
+    counts = count_supervised_tokens(tokenized, info.target_vocab_size)
+    selected = select_draft_vocab(counts, info.special_token_ids, draft_vocab_size, info.target_vocab_size)
+    return VocabSelection(selected, counts)
+
+
+def build_vocab_selection(
+    tokenized: str | os.PathLike,
+    draft_vocab_size: int | None,
+    selection_path: str | os.PathLike,
+    counts_path: str | os.PathLike | None = None,
+) -> VocabSelection:
+    """The select_vocab rule's step: the store's draft vocabulary, written to `selection_path`
+    (and its counts to `counts_path` when given)."""
+    vocab = store_vocab_selection(tokenized, draft_vocab_size)
+    if counts_path is not None:
+        write_vocab_counts(counts_path, vocab.counts)
+    write_vocab_selection(selection_path, vocab.selected, vocab.target_vocab_size)
+    return vocab

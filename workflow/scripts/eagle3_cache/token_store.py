@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import h5py
 import numpy as np
 import torch
 
-from eagle3_cache.atomic import atomic_output
-from eagle3_cache.errors import CacheConfigError
+from .atomic import atomic_output
+from .errors import CacheConfigError
 
 FORMAT_VERSION = 1
 # Rows per HDF5 chunk: small enough that reading a few scattered rows stays cheap.
@@ -67,6 +68,23 @@ class TokenizedHeader:
     source: dict[str, Any]  # input_data, split, shuffle_seed
     mask_reasoning_content: bool
     mask_generation_prompt: bool
+
+
+def synthetic_header(seq_length: int, target_vocab_size: int, **overrides: Any) -> TokenizedHeader:
+    """A header for rows made without a tokenizer (benchmarks, tests): specials (1, 2, 2, None), pad 2,
+    placeholder hashes and a `random` source."""
+    fields: dict[str, Any] = dict(
+        seq_length=seq_length,
+        target_vocab_size=target_vocab_size,
+        special_token_ids=(1, 2, 2, None),
+        pad_token_id=2,
+        tokenizer_hash="synthetic",
+        chat_template_hash="synthetic",
+        source={"input_data": "random", "split": None, "shuffle_seed": 42},
+        mask_reasoning_content=False,
+        mask_generation_prompt=False,
+    )
+    return TokenizedHeader(**{**fields, **overrides})
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,484 @@
+"""Helpers the tests share: tiny models and token stores, chat templates, a finished cache built in-process,
+and copies of the workflow to run Snakemake in."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from eagle3_cache.layout import shard_file_name, shard_id
+from eagle3_cache.shard_format import check_cache
+from eagle3_cache.token_store import TokenBlock, TokenizedSample, synthetic_header, write_tokenized
+
+
+def tiny_llama_config(**overrides):
+    """A Llama config small enough to run in milliseconds, deep enough for the default aux layers."""
+    from transformers import LlamaConfig
+
+    settings = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    settings.update(overrides)
+    return LlamaConfig(**settings)
+
+
+def random_token_block(lengths: list[int], seq_length: int, vocab_size: int = 128, seed: int = 0, pad_id: int = 2):
+    """Right-padded random rows with a loss mask over the second half of each row's content."""
+    generator = torch.Generator().manual_seed(seed)
+    n = len(lengths)
+    input_ids = torch.full((n, seq_length), pad_id, dtype=torch.int64)
+    attention_mask = torch.zeros((n, seq_length), dtype=torch.int64)
+    loss_mask = torch.zeros((n, seq_length), dtype=torch.int64)
+    for row, length in enumerate(lengths):
+        input_ids[row, :length] = torch.randint(3, vocab_size, (length,), generator=generator)
+        attention_mask[row, :length] = 1
+        loss_mask[row, length // 2 : length] = 1
+    return TokenBlock(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask)
+
+
+def write_token_store(path, block, *, target_vocab_size: int = 128, pad_id: int = 2) -> None:
+    """A tokenized store holding exactly the rows of `block` (for shard tests without a tokenizer)."""
+    seq_length = block.input_ids.shape[1]
+    header = synthetic_header(seq_length, target_vocab_size, pad_token_id=pad_id)
+    lengths = block.attention_mask.sum(dim=1).tolist()
+    samples = [
+        TokenizedSample(
+            input_ids=block.input_ids[row].numpy(),
+            loss_mask=block.loss_mask[row].numpy().astype("uint8"),
+            length=length,
+            truncated=length == seq_length,
+        )
+        for row, length in enumerate(lengths)
+    ]
+    write_tokenized(path, header, samples, len(samples))
+
+
+# --- Chat templates and conversations --------------------------------------------------------
+
+# ChatML without {% generation %} tags: assistant spans come from prefix renders. Assistant turns
+# carry a <think> block; the generation prompt reads enable_thinking.
+CHATML_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+    "{% if m['role'] == 'assistant' %}{{ '<think>' + (m['reasoning_content'] or '') + '</think>' }}{% endif %}"
+    "{{ m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and enable_thinking %}{{ '<think>' }}"
+    "{% else %}{{ '<think></think>' }}{% endif %}{% endif %}"
+)
+
+
+# The same rendering, with the assistant's think block, content and <|im_end|> in {% generation %}.
+CHATML_GENERATION_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+    "{% if m['role'] == 'assistant' %}{% generation %}"
+    "{{ '<think>' + (m['reasoning_content'] or '') + '</think>' + m['content'] + '<|im_end|>' }}"
+    "{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ m['content'] + '<|im_end|>' + '\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and enable_thinking %}{{ '<think>' }}"
+    "{% else %}{{ '<think></think>' }}{% endif %}{% endif %}"
+)
+
+
+# Conversations for the Automodel parity tests: both row schemas, system turns, several assistant
+# turns, reasoning, list-of-parts content, and rows long enough to be truncated mid-turn.
+PARITY_ROWS = [
+    {"messages": [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "I am fine."}]},
+    {
+        "messages": [
+            {"role": "system", "content": "You think step by step."},
+            {"role": "user", "content": "What is two plus two?"},
+            {"role": "assistant", "content": "Four.", "reasoning_content": "two plus two is four"},
+            {"role": "user", "content": "Thanks"},
+            {"role": "assistant", "content": "You are welcome."},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "The quick"}, {"type": "text", "text": "fox"}]},
+            {"role": "assistant", "content": "jumps over the lazy dog."},
+        ]
+    },
+    {
+        "conversations": [
+            {"from": "human", "value": "How are you today?"},
+            {"from": "gpt", "value": "Fine, thanks for asking."},
+            {"from": "human", "value": "Good."},
+            {"from": "gpt", "value": "Today is a good day."},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "Tell me about the fox."},
+            {"role": "assistant", "content": "The quick brown fox jumps over the lazy dog. " * 6},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "Let me think about it step by step. " * 8},
+            {"role": "assistant", "content": "Sure."},
+        ]
+    },
+]
+
+
+def tokenize_to_store(
+    path, tokenizer, input_data, seq_length, *, vocab_size=None, split=None, shuffle_seed=42, **mask_options
+):
+    """What the tokenize rule does, on an already loaded tokenizer (vocab_size defaults to its length)."""
+    from eagle3_cache.tokenization import write_tokenized_store
+
+    write_tokenized_store(
+        path,
+        tokenizer,
+        vocab_size or len(tokenizer),
+        input_data=str(input_data),
+        split=split,
+        shuffle_seed=shuffle_seed,
+        seq_length=seq_length,
+        **mask_options,
+    )
+    return path
+
+
+# --- A finished cache, built without Snakemake (report and end-to-end tests) -----------------
+
+
+@dataclass(frozen=True)
+class TinyCache:
+    """A finished run laid out as `results/{run}/`: tokenized store, vocabulary files, shards, shard stats."""
+
+    run_dir: Path
+
+    @property
+    def tokenized(self) -> Path:
+        return self.run_dir / "tokenized.h5"
+
+    @property
+    def selection(self) -> Path:
+        return self.run_dir / "vocab_selection.pt"
+
+    @property
+    def counts(self) -> Path:
+        return self.run_dir / "vocab_counts.npy"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.run_dir / "shards"
+
+    @property
+    def stats(self) -> list[Path]:
+        return sorted((self.run_dir / "shard_stats").glob("shard-*.json"))
+
+
+def build_tiny_cache(
+    run_dir: Path,
+    target_dir: Path,
+    rows: list[dict],
+    *,
+    seq_length: int = 40,
+    shard_size: int = 3,
+    batch_size: int = 2,
+    draft_vocab_size: int | None = 64,
+    dtype: str = "bf16",
+    target_probs_topk: int = 0,
+    format: str = "automodel",
+) -> TinyCache:
+    """What the workflow's rules do, in-process on the CPU: tokenize `rows`, select the draft
+    vocabulary, compute every shard, store the embeddings (automodel) or the vocabulary mapping
+    (specforge) and write the manifest."""
+    from transformers import AutoTokenizer
+
+    from eagle3_cache import CACHE_SEMANTICS_VERSION
+    from eagle3_cache.atomic import write_json_atomic
+    from eagle3_cache.layout import EMBEDDINGS_FILE, MANIFEST_FILE, VOCAB_MAPPING_FILE, num_shards, shard_dir_name
+    from eagle3_cache.manifest import checked_manifest, read_shard_stats
+    from eagle3_cache.pipeline import compute_shard, run_shard_job
+    from eagle3_cache.shard_format import write_target_embeddings
+    from eagle3_cache.specforge_cache import specforge_manifest
+    from eagle3_cache.specforge_format import write_vocab_mapping
+    from eagle3_cache.specforge_shard import compute_specforge_shard
+    from eagle3_cache.target import input_embeddings
+    from eagle3_cache.token_store import read_tokenized_info
+    from eagle3_cache.vocab import build_vocab_selection
+
+    cache = TinyCache(Path(run_dir))
+    cache.run_dir.mkdir(parents=True, exist_ok=True)
+    data = cache.run_dir / "conversations.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    tokenize_to_store(cache.tokenized, tokenizer, data, seq_length)
+    info = read_tokenized_info(cache.tokenized)
+    selected = build_vocab_selection(cache.tokenized, draft_vocab_size, cache.selection, cache.counts).selected
+
+    # The manifest rule's params (the shard rule's, plus the data and mask settings).
+    settings = {
+        "target_model": str(target_dir),
+        "revision": None,
+        "trust_remote_code": False,
+        "aux_layer_ids": None,
+        "dtype": dtype,
+        "target_probs_topk": target_probs_topk,
+        "seq_length": seq_length,
+        "shard_size": shard_size,
+        "cache_semantics_version": CACHE_SEMANTICS_VERSION,
+        "input_data": str(data),
+        "split": None,
+        "shuffle_seed": 42,
+        "mask_reasoning_content": False,
+        "mask_generation_prompt": False,
+        "format": format,
+    }
+    specforge = format == "specforge"
+    shard_count = num_shards(info.num_samples, shard_size)
+    stats_paths = [cache.run_dir / "shard_stats" / f"shard-{shard_id(i)}.json" for i in range(shard_count)]
+    for index, stats_path in enumerate(stats_paths):
+        run_shard_job(
+            settings,
+            tokenized_path=cache.tokenized,
+            selection_path=cache.selection,
+            shard_index=index,
+            batch_size=batch_size,
+            device=torch.device("cpu"),
+            num_gpus=1,
+            shard_path=cache.cache_dir / (shard_dir_name if specforge else shard_file_name)(index),
+            stats_path=stats_path,
+            compute=compute_specforge_shard if specforge else compute_shard,
+        )
+    if specforge:
+        write_vocab_mapping(cache.cache_dir / VOCAB_MAPPING_FILE, selected, info.target_vocab_size)
+    else:
+        embeddings = input_embeddings(str(target_dir), revision=None, trust_remote_code=False)
+        write_target_embeddings(cache.cache_dir / EMBEDDINGS_FILE, embeddings)
+    stats = read_shard_stats(stats_paths)
+    manifest = checked_manifest(cache.cache_dir, settings, stats, selected.tolist(), info)
+    if specforge:
+        manifest = specforge_manifest(cache.cache_dir, stats, manifest)
+    write_json_atomic(cache.cache_dir / MANIFEST_FILE, manifest)
+    return cache
+
+
+# --- Copies of the workflow (workflow and SLURM tests) ---------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+WORKFLOW_FILES = ["Snakefile", "workflow", "profiles", "envs"]
+RUN = "tiny"
+NUM_CONVERSATIONS = 20
+SHARD_SIZE = 4
+NUM_SHARDS = 5
+
+WORDS = (
+    "the model reads every token and writes a short answer about rivers cities numbers "
+    "colors music weather trains gardens bread stars"
+).split()
+
+
+def conversation(index: int) -> dict:
+    """A short deterministic user/assistant exchange; lengths vary with the index."""
+
+    def text(start: int, length: int) -> str:
+        return " ".join(WORDS[(start + i * 7) % len(WORDS)] for i in range(length))
+
+    return {
+        "messages": [
+            {"role": "user", "content": text(index, 2 + index % 5)},
+            {"role": "assistant", "content": text(index * 3, 3 + index % 7)},
+        ]
+    }
+
+
+def run_config(target_model: str | Path, **overrides) -> dict:
+    settings = {
+        "target_model": str(target_model),
+        "input_data": "data/conversations.jsonl",
+        "seq_length": 32,
+        "draft_vocab_size": 64,
+        "shard_size": SHARD_SIZE,
+        "batch_size": 2,
+    }
+    settings.update(overrides)
+    # Not strict: a random model's predictions fail the report's quality thresholds.
+    validation = {"num_samples": 2, "strict": False}
+    return {"runs": {RUN: settings}, "device": "cpu", "validation": validation}
+
+
+def write_config(workdir: Path, config: dict) -> None:
+    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def new_workdir(path: Path, config: dict) -> Path:
+    """A copy of the workflow with `config` and the tiny conversations."""
+    for name in WORKFLOW_FILES:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, path / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, path / name)
+    (path / "config").mkdir()
+    write_config(path, config)
+    (path / "data").mkdir()
+    lines = [json.dumps(conversation(index)) for index in range(NUM_CONVERSATIONS)]
+    (path / "data" / "conversations.jsonl").write_text("\n".join(lines) + "\n")
+    return path
+
+
+def cache_dir(workdir: Path) -> Path:
+    return workdir / "results" / RUN / "shards"
+
+
+def shard_path(workdir: Path, index: int) -> Path:
+    return cache_dir(workdir) / shard_file_name(index)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assert_complete_cache(workdir: Path, num_shards: int) -> None:
+    """Exactly the expected files in the cache dir, all checks passing, report written."""
+    expected = {shard_path(workdir, index).name for index in range(num_shards)}
+    expected |= {"manifest.json", "target_embeddings.safetensors"}
+    assert {path.name for path in cache_dir(workdir).iterdir()} == expected
+    assert check_cache(cache_dir(workdir)) == []
+    assert (workdir / "results" / RUN / "validation_report.html").is_file()
+
+
+# Injected into the shard job through PYTHONPATH: holds the shard named by HOLD_DESTINATION
+# (shard-000001.safetensors by default) just before its temp file or staging directory is moved
+# into place and tells the test the writer's pid, so that the SIGKILL lands while the shard is
+# still being written.
+HOLD_SHARD = """
+import os, time
+from pathlib import Path
+
+_replace = os.replace
+
+
+def replace(source, destination, *args, **kwargs):
+    if str(destination).endswith(os.environ.get("HOLD_DESTINATION", "shard-000001.safetensors")):
+        Path(os.environ["HOLD_MARKER"]).write_text(str(os.getpid()))
+        time.sleep(3600)
+    return _replace(source, destination, *args, **kwargs)
+
+
+os.replace = replace
+"""
+
+
+# --- Running snakemake in a copy (workflow tests) ----------------------------------------
+
+RUN_TIMEOUT_S = 900
+# One thread per target-model job, so that two shard jobs share the 2 cores of a CI machine.
+LOCAL_RUN = [
+    "--profile",
+    "profiles/local",
+    "--set-threads",
+    "compute_shard=1",
+    "compute_specforge_shard=1",
+    "validate=1",
+    "--cores",
+    "2",
+]
+
+JOB_HEADER = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):$")
+SHARD_WILDCARD = re.compile(r"^\s+wildcards: .*\bshard=(\d{6})")
+
+
+def every_shard(count: int = NUM_SHARDS) -> set[str]:
+    return {f"compute_shard-{index:06d}" for index in range(count)}
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run snakemake with the local profile on 2 cores; output is stdout and stderr together."""
+    command = ["timeout", "-k", "10", str(RUN_TIMEOUT_S), SNAKEMAKE, *LOCAL_RUN, *args]
+    result = subprocess.run(
+        command,
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    if check and result.returncode != 0:
+        pytest.fail(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-6000:]}")
+    return result
+
+
+def jobs_run(output: str) -> set[str]:
+    """The jobs a snakemake run executed ("compute_shard-000003" for a shard), `all` left out."""
+    jobs = []
+    for line in output.splitlines():
+        header = JOB_HEADER.match(line)
+        shard = SHARD_WILDCARD.match(line)
+        if header:
+            jobs.append(header.group(1))
+        elif shard and jobs and jobs[-1] in ("compute_shard", "compute_specforge_shard"):
+            jobs[-1] = f"{jobs[-1]}-{shard.group(1)}"
+    assert len(jobs) == len(set(jobs)), f"a job ran twice: {jobs}"
+    return set(jobs) - {"all"}
+
+
+def kill_shard_writer_mid_write(
+    workdir: Path, hook_dir: Path, destination: str = "shard-000001.safetensors"
+) -> subprocess.CompletedProcess:
+    """Run the workflow, SIGKILL the job writing `destination` at its final rename, return the run."""
+    hook_dir.mkdir()
+    (hook_dir / "sitecustomize.py").write_text(HOLD_SHARD)
+    marker = hook_dir / "writer.pid"
+    env = {**os.environ, "PYTHONPATH": str(hook_dir), "HOLD_MARKER": str(marker), "HOLD_DESTINATION": destination}
+    run = subprocess.Popen(
+        [SNAKEMAKE, *LOCAL_RUN],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not marker.exists() or not marker.read_text():
+            assert run.poll() is None, f"snakemake ended before the write:\n{run.stdout.read()}"
+            assert time.monotonic() < deadline, "the shard job never reached its write"
+            time.sleep(0.2)
+        os.kill(int(marker.read_text()), signal.SIGKILL)
+        output, _ = run.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        run.kill()
+    return subprocess.CompletedProcess(run.args, run.returncode, output)
+
+
+HUB_MODEL = "example-org/example-model"
+
+
+def snakemake_static(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    """snakemake without the profile; output is stdout and stderr together."""
+    return subprocess.run(
+        ["timeout", "-k", "10", "300", SNAKEMAKE, *args],
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )

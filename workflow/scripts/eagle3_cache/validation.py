@@ -1,0 +1,476 @@
+"""Validation of a finished cache: the eight checks, run one after another, and the report they write.
+
+Each check is a function returning a `CheckResult` (passed or not, a one-line summary, figures,
+series for tables and charts, details). `validate_cache` runs them all: the shared ones and those of
+the cache's format (`automodel_checks`, or `specforge_validation.specforge_checks`); a check that
+cannot run (an unreadable file, a missing manifest) is a failed check, never a crash, so a report is
+always written. `write_report` writes it as HTML (`report_html`) and JSON. The checks that read every
+sample share one scan (`scan`); the cost check is in `cost`; live parity applies the `parity` rule.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import CACHE_SEMANTICS_VERSION
+from .atomic import atomic_output, write_json_atomic
+from .cache_rows import CacheSpec, compute_cache_batch
+from .cost import cost_check
+from .layout import EMBEDDINGS_FILE, shard_file_name
+from .manifest import read_shard_stats
+from .parity import parity_outcome, parity_result, parity_sample_indices
+from .report_html import format_bytes, render_html
+from .results import TITLES, CheckResult, ValidationReport, problems_summary
+from .scan import MIN_DRAFT_SHARE, sanity_check, scan_cache, supervision_check
+from .shard_format import (
+    DTYPES,
+    ShardLayout,
+    check_cache,
+    read_manifest,
+    read_shard_rows,
+    safetensors_header,
+    shard_indices_in,
+)
+from .target import compute_dtype
+from .token_store import TokenizedInfo, read_token_rows, read_tokenized_info
+from .vocab import read_vocab_selection
+
+log = logging.getLogger(__name__)
+
+PROJECTED_SAMPLES = {"100k": 100_000, "1M": 1_000_000}
+
+
+@dataclass(frozen=True)
+class ValidationInputs:
+    """The files of one run that validation reads, and its settings."""
+
+    run: str
+    cache_dir: Path
+    tokenized: Path
+    selection: Path
+    counts: Path
+    stats: Sequence[Path]
+    benchmarks: Sequence[Path]
+    num_samples: int  # samples recomputed by the parity check
+    seed: int
+
+
+# --- 1. Complete and intact ------------------------------------------------------------------
+
+
+def integrity_check(cache_dir: Path) -> CheckResult:
+    """The cache directory against its manifest (`shard_format.check_cache`, hashes included)."""
+    problems = [str(problem) for problem in check_cache(cache_dir)]
+    shards = shard_indices_in(cache_dir)
+    figures = {
+        "shard_files": len(shards),
+        "verified_bytes": sum((cache_dir / shard_file_name(i)).stat().st_size for i in shards),
+        "problems": len(problems),
+    }
+    if problems:
+        return CheckResult("integrity", False, problems_summary(problems), figures, details=problems)
+    summary = f"all {len(shards)} shards present; sample counts, sizes, sha256, keys, shapes and dtypes as recorded"
+    return CheckResult("integrity", True, summary, figures)
+
+
+# --- 2. Live parity --------------------------------------------------------------------------
+
+
+def cache_spec(manifest: Mapping[str, Any]) -> CacheSpec:
+    """The CacheSpec the manifest says the shards were computed under."""
+    return CacheSpec(
+        aux_layer_ids=list(manifest["aux_layer_ids"]),
+        selected_token_ids=torch.tensor(manifest["selected_token_ids"], dtype=torch.long),
+        target_vocab_size=int(manifest["target_vocab_size"]),
+        dtype=manifest["dtype"],
+        # A specforge manifest records none: its shards hold no distribution.
+        target_probs_topk=int(manifest.get("target_probs_topk") or 0),
+    )
+
+
+def shard_compute_dtypes(stats: Sequence[Mapping[str, Any]]) -> set[torch.dtype]:
+    """The dtypes the shard jobs computed in (from the device each one recorded)."""
+    return {compute_dtype(torch.device(s["device"])) for s in stats}
+
+
+def stored_sample(cache_dir: Path, shard_size: int, sample: int) -> dict[str, torch.Tensor]:
+    """One sample's stored fields, read from its shard."""
+    shard, row = divmod(sample, shard_size)
+    return {name: values[0] for name, values in read_shard_rows(cache_dir / shard_file_name(shard), [row]).items()}
+
+
+def recomputed_samples(
+    model: nn.Module, spec: CacheSpec, inputs: ValidationInputs, shard_size: int, samples: list[int]
+) -> Iterator[tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    """Each of `samples` run through the target by the shards' own function, beside its stored rows.
+
+    One sample per forward: the target runs on no padding, and each row is recomputed in another
+    batch than the shard job's, as a row's content must not depend on its batch.
+    """
+    for sample in samples:
+        live = compute_cache_batch(model, spec, read_token_rows(inputs.tokenized, [sample])).cpu().padded()
+        live_sample = {name: values[0] for name, values in live.items()}
+        yield sample, live_sample, stored_sample(inputs.cache_dir, shard_size, sample)
+
+
+def parity_check(
+    open_target: Callable[[], AbstractContextManager[nn.Module]],
+    manifest: Mapping[str, Any],
+    inputs: ValidationInputs,
+    stats: Sequence[Mapping[str, Any]],
+) -> CheckResult:
+    """Recompute `inputs.num_samples` samples with the live target and compare them with the cache."""
+    shard_size = int(manifest["shard_size"])
+    samples = parity_sample_indices(int(manifest["num_samples"]), shard_size, inputs.num_samples, inputs.seed)
+    if not samples:
+        return CheckResult("parity", True, "not run: validation.num_samples is 0", {"samples_checked": 0})
+    started = time.perf_counter()
+    with open_target() as model:
+        load_seconds = time.perf_counter() - started
+        spec = cache_spec(manifest)
+        outcome = parity_outcome(
+            recomputed_samples(model, spec, inputs, shard_size, samples),
+            shard_size=shard_size,
+            draft_vocab_size=spec.draft_vocab_size,
+            cache_dtype=DTYPES[manifest["dtype"]],
+            compute_dtypes=shard_compute_dtypes(stats) | {next(model.parameters()).dtype},
+        )
+    return parity_result(outcome, load_seconds)
+
+
+# --- 3. Numerically sane and 4. Supervision: in `scan`, as they read the whole cache ----------------
+
+
+# --- 5. Draft vocabulary -----------------------------------------------------------------------
+
+
+def coverage_curve(counts: np.ndarray, marked_size: int, points: int = 200) -> list[list[float]]:
+    """`[size, share]` points: the share of supervised tokens the `size` most frequent ids cover.
+
+    Sizes are spaced evenly on a log scale (and include `marked_size`), so a 150k-id vocabulary
+    needs a few hundred points, not one per id.
+    """
+    covered = np.cumsum(np.sort(counts)[::-1]) / max(int(counts.sum()), 1)
+    sizes = np.unique(np.round(np.logspace(0, math.log10(len(counts)), points)).astype(np.int64))
+    sizes = np.union1d(sizes, [min(max(marked_size, 1), len(counts))])
+    return [[int(size), float(covered[size - 1])] for size in sizes]
+
+
+def vocabulary_check(counts: np.ndarray, manifest: Mapping[str, Any], selection: Path) -> CheckResult:
+    """Coverage of the supervised tokens by the draft vocabulary, and that the manifest's is the one selected."""
+    selected, _ = read_vocab_selection(selection)
+    size = int(manifest["draft_vocab_size"])
+    total = int(counts.sum())
+    covered = int(counts[selected.numpy()].sum())
+    ranked = np.cumsum(np.sort(counts)[::-1])
+    figures = {
+        "target_vocab_size": int(manifest["target_vocab_size"]),
+        "draft_vocab_size": size,
+        "distinct_supervised_tokens": int((counts > 0).sum()),
+        "coverage_share": covered / total if total else 0.0,
+        "best_coverage_at_size_share": float(ranked[size - 1] / total) if total else 0.0,
+        "ids_for_95_percent": int(np.searchsorted(ranked, 0.95 * total) + 1) if total else 0,
+        "ids_for_99_percent": int(np.searchsorted(ranked, 0.99 * total) + 1) if total else 0,
+    }
+    series = {"coverage_curve": coverage_curve(counts, size)}
+    problems = []
+    if selected.tolist() != list(manifest["selected_token_ids"]):
+        problems.append(
+            "manifest.json's selected_token_ids differ from vocab_selection.pt: the cache used another selection"
+        )
+    if not total:
+        problems.append("vocab_counts.npy counts no supervised token")
+    elif covered / total < MIN_DRAFT_SHARE:
+        problems.append(f"the draft vocabulary covers only {covered / total:.1%} of the supervised tokens")
+    if problems:
+        return CheckResult("vocabulary", False, problems[0], figures, series, problems)
+    summary = (
+        f"{size:,} of {figures['target_vocab_size']:,} ids cover {covered / total:.2%} of {total:,} supervised tokens"
+    )
+    return CheckResult("vocabulary", True, summary, figures, series)
+
+
+# --- 6. Disk -----------------------------------------------------------------------------------
+
+
+def shard_bytes_by_layout(layout: ShardLayout, num_samples: int) -> int:
+    """A shard's size as its layout predicts it: header plus every field's bytes."""
+    header, _ = safetensors_header(layout, num_samples)
+    return len(header) + num_samples * sum(f.sample_bytes for f in layout.fields())
+
+
+def disk_check(cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo) -> CheckResult:
+    """Bytes per sample and per field, padding's share, and the size of a larger dataset of the same shape."""
+    layout = ShardLayout.from_manifest(manifest)
+    n = int(manifest["num_samples"])
+    field_bytes = {f.name: f.sample_bytes for f in layout.fields()}
+    per_sample = sum(field_bytes.values())
+    records = manifest["shards"]
+    unexplained = [
+        r["file"] for r in records if shard_bytes_by_layout(layout, int(r["num_samples"])) != int(r["bytes"])
+    ]
+    shard_bytes = sum(int(r["bytes"]) for r in records)
+    embeddings = cache_dir / EMBEDDINGS_FILE
+    embeddings_bytes = embeddings.stat().st_size if embeddings.exists() else 0
+    padding_share = 1 - float(info.lengths.sum()) / (n * layout.seq_length)
+    figures = {
+        "num_samples": n,
+        "shards": len(records),
+        "per_sample_bytes": per_sample,
+        "shard_bytes": shard_bytes,
+        "embeddings_bytes": embeddings_bytes,
+        "total_bytes": shard_bytes + embeddings_bytes,
+        "allocated_bytes": allocated_bytes([cache_dir / r["file"] for r in records] + [embeddings]),
+        "padding_share": padding_share,
+        "padding_bytes": round(padding_share * n * per_sample),
+        **{
+            f"projected_{name}_samples_bytes": count * per_sample + embeddings_bytes
+            for name, count in PROJECTED_SAMPLES.items()
+        },
+    }
+    series = {
+        "fields": [
+            {"field": name, "per_sample_bytes": size, "total_bytes": size * n, "of_the_cache_share": size / per_sample}
+            for name, size in field_bytes.items()
+        ]
+    }
+    if unexplained:
+        summary = (
+            f"{len(unexplained)} shard(s) whose recorded size the layout does not explain: {', '.join(unexplained)}"
+        )
+        return CheckResult("disk", False, summary, figures, series, [summary])
+    summary = (
+        f"{format_bytes(shard_bytes + embeddings_bytes)} in all "
+        f"({format_bytes(figures['allocated_bytes'])} allocated), "
+        f"{format_bytes(per_sample)} per sample, {padding_share:.1%} of positions are padding"
+    )
+    return CheckResult("disk", True, summary, figures, series)
+
+
+def allocated_bytes(paths: Sequence[Path]) -> int:
+    """Disk blocks the files take: less than their size where the never-written padding stays a sparse hole.
+
+    A copy that does not keep holes (object storage, `rsync` without `-S`) takes the full size.
+    """
+    return sum(path.stat().st_blocks * 512 for path in paths if path.exists())
+
+
+# --- 7. Cost: in `cost` -------------------------------------------------------------------------
+
+
+# --- 8. Provenance -----------------------------------------------------------------------------
+
+REQUIRED_PROVENANCE = (
+    "target_model_identity",
+    "tokenizer_sha256",
+    "chat_template_sha256",
+    "settings_fingerprint",
+    "producer",
+    "packages",
+)
+SETTING_KEYS = (
+    "target_model",
+    "revision",
+    "trust_remote_code",
+    "input_data",
+    "split",
+    "shuffle_seed",
+    "seq_length",
+    "dtype",
+    "shard_size",
+    "num_samples",
+    "target_vocab_size",
+    "draft_vocab_size",
+    "target_probs_topk",
+    "aux_layer_ids",
+    "aux_hidden_dim",
+    "mask_reasoning_content",
+    "mask_generation_prompt",
+    "format",
+    "format_version",
+    "settings_fingerprint",
+)
+
+
+def provenance_disagreements(
+    manifest: Mapping[str, Any], info: TokenizedInfo, stats: Sequence[Mapping[str, Any]]
+) -> list[str]:
+    """Where the manifest's record of its origin disagrees with the tokenized store or the shard stats."""
+    problems = []
+    if manifest.get("tokenizer_sha256") != info.tokenizer_hash:
+        problems.append(
+            "tokenizer_sha256 differs from the tokenized store's: shards and tokens come from different tokenizers"
+        )
+    if manifest.get("chat_template_sha256") != info.chat_template_hash:
+        problems.append("chat_template_sha256 differs from the tokenized store's")
+    for key in ("input_data", "split", "shuffle_seed"):
+        if manifest.get(key) != info.source.get(key):
+            problems.append(f"{key} is {manifest.get(key)!r}, the tokenized store says {info.source.get(key)!r}")
+    for s in stats:
+        if s["model_identity"] != manifest.get("target_model_identity"):
+            problems.append(f"{shard_file_name(s['shard'])} was computed by another target: {s['model_identity']}")
+        if s["settings_fingerprint"] != manifest.get("settings_fingerprint"):
+            problems.append(f"{shard_file_name(s['shard'])} was computed under other settings")
+    return problems
+
+
+def provenance_check(
+    manifest: Mapping[str, Any], info: TokenizedInfo, stats: Sequence[Mapping[str, Any]]
+) -> CheckResult:
+    """Target, tokenizer, data, settings, packages and producer, as the manifest records them."""
+    identity = manifest.get("target_model_identity") or {}
+    figures = {
+        "target_model": manifest.get("target_model"),
+        "revision": manifest.get("revision"),
+        "commit": identity.get("commit"),
+        "config_sha256": identity.get("config_sha256"),
+        "weight_files_sha256": identity.get("weight_files_sha256"),
+        "tokenizer_sha256": manifest.get("tokenizer_sha256"),
+        "chat_template_sha256": manifest.get("chat_template_sha256"),
+        "producer": manifest.get("producer"),
+        "packages": manifest.get("packages"),
+    }
+    series = {"settings": [{"setting": key, "value": manifest.get(key)} for key in SETTING_KEYS]}
+    problems = [f"the manifest does not record {key}" for key in REQUIRED_PROVENANCE if not manifest.get(key)]
+    problems += provenance_disagreements(manifest, info, stats)
+    details = list(problems)
+    built_under = (manifest.get("producer") or {}).get("cache_semantics_version")
+    if built_under is not None and built_under != CACHE_SEMANTICS_VERSION:
+        details.append(
+            f"built under cache semantics {built_under}, this validator's are {CACHE_SEMANTICS_VERSION}: "
+            "live parity compares against today's computation"
+        )
+    if problems:
+        return CheckResult("provenance", False, problems_summary(problems), figures, series, details)
+    summary = (
+        f"{manifest['target_model']} ({identity.get('commit') or 'local'}), "
+        "tokenizer and template hashed, all settings recorded"
+    )
+    return CheckResult("provenance", True, summary, figures, series, details)
+
+
+# --- Running the checks ------------------------------------------------------------------------
+
+
+def run_check(key: str, check: Callable[[], CheckResult]) -> CheckResult:
+    """`check()`, timed; if it cannot run, a failed result saying why."""
+    started = time.perf_counter()
+    try:
+        result = check()
+    except Exception as error:  # a check that cannot run is a failure to report, not a reason to write no report
+        log.exception("check %r could not run", key)
+        result = CheckResult(key, False, f"could not run: {type(error).__name__}: {error}", details=[str(error)])
+    seconds = time.perf_counter() - started
+    log.info("%s: %s in %.1fs: %s", TITLES[key], "PASS" if result.passed else "FAIL", seconds, result.summary)
+    return replace(result, seconds=seconds)
+
+
+# A check, deferred until the report runs it (see `run_check`).
+Check = Callable[[], CheckResult]
+
+
+@dataclass
+class CacheReads:
+    """One run's inputs and what its checks share, each read once when first needed."""
+
+    inputs: ValidationInputs
+    # Yields the target model for the parity check, and holds it only while that check runs.
+    open_target: Callable[[], AbstractContextManager[nn.Module]]
+
+    @functools.cached_property
+    def manifest(self) -> dict[str, Any]:
+        return read_manifest(self.inputs.cache_dir)
+
+    @functools.cached_property
+    def info(self) -> TokenizedInfo:
+        return read_tokenized_info(self.inputs.tokenized)
+
+    @functools.cached_property
+    def stats(self) -> list[dict[str, Any]]:
+        # A missing stats file is the cost check's finding, not a reason to stop.
+        return read_shard_stats([path for path in self.inputs.stats if path.exists()])
+
+
+def shared_checks(reads: CacheReads) -> dict[str, Check]:
+    """The checks that read nothing of the shards themselves, the same for every output format."""
+    inputs = reads.inputs
+    return {
+        "vocabulary": lambda: vocabulary_check(np.load(inputs.counts), reads.manifest, inputs.selection),
+        "cost": lambda: cost_check(reads.stats, inputs.benchmarks, len(inputs.stats)),
+        "provenance": lambda: provenance_check(reads.manifest, reads.info, reads.stats),
+    }
+
+
+def automodel_checks(reads: CacheReads) -> dict[str, Check]:
+    """The checks of an Automodel cache's shards."""
+    inputs = reads.inputs
+    scan = functools.cache(lambda: scan_cache(inputs.cache_dir, reads.manifest, inputs.tokenized))
+    return {
+        "integrity": lambda: integrity_check(inputs.cache_dir),
+        "parity": lambda: parity_check(reads.open_target, reads.manifest, inputs, reads.stats),
+        "sanity": lambda: sanity_check(scan(), int(reads.manifest["num_samples"])),
+        "supervision": lambda: supervision_check(scan(), reads.info),
+        "disk": lambda: disk_check(inputs.cache_dir, reads.manifest, reads.info),
+    }
+
+
+def validate_cache(
+    inputs: ValidationInputs,
+    open_target: Callable[[], AbstractContextManager[nn.Module]],
+    format_checks: Callable[[CacheReads], Mapping[str, Check]] = automodel_checks,
+) -> ValidationReport:
+    """Run every check on one run's cache: the shared ones and `format_checks`, in the report's order.
+
+    `open_target()` yields the target model for the parity check.
+    """
+    reads = CacheReads(inputs, open_target)
+    checks = {**shared_checks(reads), **format_checks(reads)}
+    results = [run_check(key, checks[key]) for key in TITLES if key in checks]
+    generated_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return ValidationReport(inputs.run, str(inputs.cache_dir), results, generated_at)
+
+
+def failed_path(path: Path) -> Path:
+    """Where a failed validation keeps its report: beside the output, under a name Snakemake does not own."""
+    return path.with_name(f"{path.stem}.FAILED{path.suffix}")
+
+
+def write_report(report: ValidationReport, html_path: Path, json_path: Path, strict: bool) -> Path | None:
+    """Write the HTML and JSON reports; returns the kept path when `strict` and a check failed.
+
+    A strict failure writes them under `*.FAILED.*` names, which survive the failed job (Snakemake
+    deletes a failed job's declared outputs). A success removes such leftovers of an earlier failure.
+    """
+    failed_strictly = strict and not report.passed
+    html_target = failed_path(html_path) if failed_strictly else html_path
+    json_target = failed_path(json_path) if failed_strictly else json_path
+    with atomic_output(html_target) as tmp:
+        tmp.write_text(render_html(report), encoding="utf-8")
+    write_json_atomic(json_target, report.to_json())
+    if failed_strictly:
+        return html_target
+    for leftover in (failed_path(html_path), failed_path(json_path)):
+        leftover.unlink(missing_ok=True)
+    return None
+
+
+def failure_message(report: ValidationReport, kept: Path) -> str:
+    """What a strict failure tells the user."""
+    return (
+        f"validation of run {report.run!r} failed: {', '.join(report.failed_titles)}. "
+        f"The report is kept at {kept}; fix the cache "
+        "(or set validation.strict: false to accept it with the failure marked)."
+    )
