@@ -16,7 +16,8 @@ from eagle3_cache.shard_format import ShardLayout, file_sha256, read_manifest
 from eagle3_cache.specforge_format import read_sample_file, sample_file_name, serialized, specforge_files_bytes
 from eagle3_cache.specforge_validation import automodel_written_bytes, specforge_checks
 from eagle3_cache.target import load_target
-from eagle3_cache.validation import ValidationInputs, validate_cache
+from eagle3_cache.token_store import read_tokenized_info
+from eagle3_cache.validation import ValidationInputs, disk_check, validate_cache
 from helpers import PARITY_ROWS, TinyCache, build_tiny_cache
 
 SHARD_SIZE = 4
@@ -154,3 +155,13 @@ def test_the_file_size_estimate_and_the_automodel_bytes():
     layout = ShardLayout(seq_length=10, aux_hidden_dim=6, draft_vocab_size=4, dtype="bf16", target_probs_topk=0)
     # Two samples of 3 and 10 tokens: 24 bytes at each of 20 positions, 6·2 + 1 + 4·2 at each of 13.
     assert automodel_written_bytes(layout, [3, 10]) == 20 * 24 + 13 * 21
+
+
+def test_the_automodel_disk_check_gives_what_the_specforge_files_take(built_cache, tiny_chat_target, tmp_path):
+    automodel = build_tiny_cache(
+        tmp_path / "automodel", tiny_chat_target, PARITY_ROWS, shard_size=SHARD_SIZE, draft_vocab_size=DRAFT_VOCAB
+    )
+    disk = disk_check(automodel.cache_dir, read_manifest(automodel.cache_dir), read_tokenized_info(automodel.tokenized))
+    files = list(built_cache.cache_dir.glob("shard-*/*.ckpt"))
+    assert abs(disk.figures["specforge_format_bytes"] - sum(p.stat().st_size for p in files)) <= 256 * len(files)
+    assert "the specforge format would take" in disk.summary

@@ -44,6 +44,7 @@ from .shard_format import (
     safetensors_header,
     shard_indices_in,
 )
+from .specforge_format import specforge_files_bytes
 from .target import compute_dtype
 from .token_store import TokenizedInfo, read_token_rows, read_tokenized_info
 from .vocab import read_vocab_selection
@@ -213,7 +214,8 @@ def shard_bytes_by_layout(layout: ShardLayout, num_samples: int) -> int:
 
 
 def disk_check(cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo) -> CheckResult:
-    """Bytes per sample and per field, padding's share, and the size of a larger dataset of the same shape."""
+    """Bytes per sample and per field, padding's share, the size of a larger dataset of the same shape, and
+    what the same samples would take in the specforge format."""
     layout = ShardLayout.from_manifest(manifest)
     n = int(manifest["num_samples"])
     field_bytes = {f.name: f.sample_bytes for f in layout.fields()}
@@ -226,6 +228,8 @@ def disk_check(cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo
     embeddings = cache_dir / EMBEDDINGS_FILE
     embeddings_bytes = embeddings.stat().st_size if embeddings.exists() else 0
     padding_share = 1 - float(info.lengths.sum()) / (n * layout.seq_length)
+    shards_allocated = allocated_bytes([cache_dir / r["file"] for r in records])
+    specforge_bytes = specforge_files_bytes(info.lengths.tolist(), layout.aux_hidden_dim // 3)
     figures = {
         "num_samples": n,
         "shards": len(records),
@@ -233,13 +237,16 @@ def disk_check(cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo
         "shard_bytes": shard_bytes,
         "embeddings_bytes": embeddings_bytes,
         "total_bytes": shard_bytes + embeddings_bytes,
-        "allocated_bytes": allocated_bytes([cache_dir / r["file"] for r in records] + [embeddings]),
+        "allocated_bytes": shards_allocated + allocated_bytes([embeddings]),
         "padding_share": padding_share,
         "padding_bytes": round(padding_share * n * per_sample),
         **{
             f"projected_{name}_samples_bytes": count * per_sample + embeddings_bytes
             for name, count in PROJECTED_SAMPLES.items()
         },
+        # The specforge format keeps no distribution, no padding and no embeddings.
+        "specforge_format_bytes": specforge_bytes,
+        "specforge_format_of_allocated_shards_share": specforge_bytes / shards_allocated if shards_allocated else 0.0,
     }
     series = {
         "fields": [
@@ -255,7 +262,8 @@ def disk_check(cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo
     summary = (
         f"{format_bytes(shard_bytes + embeddings_bytes)} in all "
         f"({format_bytes(figures['allocated_bytes'])} allocated), "
-        f"{format_bytes(per_sample)} per sample, {padding_share:.1%} of positions are padding"
+        f"{format_bytes(per_sample)} per sample, {padding_share:.1%} of positions are padding; "
+        f"the specforge format would take {format_bytes(specforge_bytes)}"
     )
     return CheckResult("disk", True, summary, figures, series)
 
