@@ -12,7 +12,7 @@ from eagle3_cache import CACHE_SEMANTICS_VERSION
 from eagle3_cache.cache_rows import CacheSpec, compute_cache_batch
 from eagle3_cache.errors import CacheConfigError
 from eagle3_cache.layout import shard_file_name
-from eagle3_cache.pipeline import compute_shard, forward_batches, forward_budget, run_shard_job
+from eagle3_cache.pipeline import ShardJob, compute_shard, forward_batches, forward_budget, run_shard_job
 from eagle3_cache.shard_format import ShardLayout, file_sha256, read_shard_rows
 from eagle3_cache.target import resolve_aux_layer_ids
 from eagle3_cache.token_store import TokenBlock
@@ -52,18 +52,8 @@ def shard(
 ):
     spec, layout = spec_and_layout(model, topk, dtype)
     path = tmp_path / (name or shard_file_name(index))
-    result = compute_shard(
-        model,
-        spec,
-        layout,
-        tokenized_path=store_path,
-        num_samples=len(LENGTHS),
-        shard_index=index,
-        shard_size=shard_size,
-        batch_size=batch_size,
-        shard_path=path,
-        tokens_per_forward=tokens_per_forward,
-    )
+    job = ShardJob(store_path, len(LENGTHS), index, shard_size, batch_size, path, tokens_per_forward)
+    result = compute_shard(model, spec, layout, job)
     return path, result
 
 

@@ -101,7 +101,7 @@ def packed_cache_rows(model, spec: CacheSpec, tokens: TokenBlock, row_length: in
     """Each sample's aux hidden states, draft probabilities and position mask from packed forwards."""
     seq_length = tokens.input_ids.shape[1]
     lengths = tokens.attention_mask.sum(dim=1)
-    widths = [forward_width(lengths[s : s + 1], seq_length) for s in range(len(lengths))]
+    widths = [forward_width(lengths[s : s + 1], seq_length, "distribution") for s in range(len(lengths))]
     input_ids, position_ids, mask, placements = packed_forward(
         tokens, packed_rows(widths, row_length), widths, row_length
     )
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--tokens-per-forward {args.tokens_per_forward} must hold one packed row ({row_length})")
     lengths = tokens.attention_mask.sum(dim=1)
     grouped = forward_batches(lengths, seq_length, args.tokens_per_forward)
-    widths = [forward_width(lengths[s : s + 1], seq_length) for s in range(len(lengths))]
+    widths = [forward_width(lengths[s : s + 1], seq_length, "distribution") for s in range(len(lengths))]
     packed = packed_rows(widths, row_length)
     rows_per_forward = args.tokens_per_forward // row_length
     packed_forwards = [sum(packed[i : i + rows_per_forward], []) for i in range(0, len(packed), rows_per_forward)]
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
             packed_cache_rows(model, spec, token_rows(tokens, samples), row_length)
 
     real = int(lengths.sum())
-    grouped_positions = sum(len(rows) * forward_width(lengths[rows], seq_length) for rows in grouped)
+    grouped_positions = sum(len(rows) * forward_width(lengths[rows], seq_length, "distribution") for rows in grouped)
     packed_positions = len(packed) * row_length
     print(f"{args.samples} conversations, {real} real tokens, seq_length {seq_length}, {args.threads} threads")
     print(f"grouped: {len(grouped)} forwards, {grouped_positions} positions ({grouped_positions / real - 1:.1%} extra)")

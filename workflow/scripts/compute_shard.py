@@ -6,11 +6,14 @@ import torch
 
 from eagle3_cache.gpu_lease import lease_gpus
 from eagle3_cache.logs import logged_wall_split, setup_logging
-from eagle3_cache.pipeline import run_shard_job
+from eagle3_cache.pipeline import compute_shard, run_shard_job
+from eagle3_cache.specforge_shard import compute_specforge_shard
 from eagle3_cache.target import resolve_device
 
 snakemake = snakemake  # noqa: F821 (injected by Snakemake's script directive)
 log = setup_logging(snakemake.log[0])
+# The two shard rules share this script; the run's format decides what it writes.
+COMPUTE = {"automodel": compute_shard, "specforge": compute_specforge_shard}
 shard_index = int(snakemake.wildcards.shard)
 # Read from the config, not params: they change speed and memory only, so changing them reruns nothing.
 run = snakemake.config["runs"][snakemake.wildcards.run]
@@ -32,6 +35,7 @@ with logged_wall_split(log):
             num_gpus=max(1, len(gpus)),
             shard_path=snakemake.output.shard,
             stats_path=snakemake.output.stats,
+            compute=COMPUTE[snakemake.params.format],
         )
 
     phases = ", ".join(f"{name} {seconds:.2f}s" for name, seconds in sorted(stats["seconds"].items()))

@@ -1,19 +1,20 @@
-"""Compute one shard: length-sorted forwards within a position budget, rows streamed to disk by a writer thread.
+"""Compute one shard: length-bucketed batches through the target, rows streamed to disk by a writer thread.
 
-The main thread only feeds the target. A bounded queue hands each finished forward to a writer
+The main thread only feeds the target. A bounded queue hands each finished batch to a writer
 thread that copies it to the host and writes its rows, so disk I/O overlaps the next forward and
-at most a few forwards are ever in memory, whatever the shard size.
+at most a few batches are ever in memory, whatever the shard size.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
 import socket
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,8 @@ from .vocab import read_vocab_selection
 log = logging.getLogger(__name__)
 
 QUEUE_DEPTH = 2
-# A row joins a wider forward only if that pads it by at most this share of its own width: once a
-# forward holds a few hundred positions, a fuller one computes no faster per position, so padding
-# is pure cost. On the demo's shards of 64 at the default budget, filling without this limit
-# computes 8.1% more positions than the samples hold, with it 3.9% (fixed batches of 4: 5.4%).
+
+
 MAX_ROW_PADDING = 1 / 8
 
 
@@ -53,7 +52,9 @@ def forward_budget(tokens_per_forward: int | None, batch_size: int, seq_length: 
     return budget
 
 
-def forward_batches(lengths: torch.Tensor, seq_length: int, tokens_per_forward: int) -> list[list[int]]:
+def forward_batches(
+    lengths: torch.Tensor, seq_length: int, tokens_per_forward: int, target_repr: str = "distribution"
+) -> list[list[int]]:
     """Rows grouped into forwards of at most `tokens_per_forward` positions, longest rows first.
 
     Rows are sorted by length, so a forward's width (see `forward_width`) is that of its first row,
@@ -65,7 +66,7 @@ def forward_batches(lengths: torch.Tensor, seq_length: int, tokens_per_forward: 
     batches: list[list[int]] = []
     width = 0
     for row in order:
-        own = forward_width(lengths[row : row + 1], seq_length)
+        own = forward_width(lengths[row : row + 1], seq_length, target_repr)
         if batches and (len(batches[-1]) + 1) * width <= tokens_per_forward and width <= own * (1 + MAX_ROW_PADDING):
             batches[-1].append(row)
         else:
@@ -108,11 +109,14 @@ def write_batch_rows(writer: ShardWriter, batch: CacheBatch, rows: list[int]) ->
             writer.write_row(row, name, values[i, :length])
 
 
-class RowWriterThread:
-    """Consumes finished batches from a bounded queue: host copy, then row writes."""
+BatchWrite = Callable[[CacheBatch, list[int]], None]
 
-    def __init__(self, writer: ShardWriter, device: torch.device):
-        self.writer = writer
+
+class RowWriterThread:
+    """Consumes finished batches from a bounded queue: host copy, then `write(batch, rows)`."""
+
+    def __init__(self, write: BatchWrite, device: torch.device):
+        self.write = write
         self.timer = PhaseTimer(torch.device("cpu"))
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
@@ -153,7 +157,7 @@ class RowWriterThread:
                 with self.timer.phase("copy"):
                     batch = host_batch(batch, ready, self.stream)
                 with self.timer.phase("write"):
-                    write_batch_rows(self.writer, batch, rows)
+                    self.write(batch, rows)
         except BaseException as error:  # handed to the main thread, which raises it
             self.error = error
 
@@ -188,57 +192,90 @@ class ShardResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def compute_shard(
-    model: nn.Module,
-    spec: CacheSpec,
-    layout: ShardLayout,
-    *,
-    tokenized_path: str | Path,
-    num_samples: int,
-    shard_index: int,
-    shard_size: int,
-    batch_size: int,
-    shard_path: str | Path,
-    tokens_per_forward: int | None = None,
-) -> ShardResult:
-    """Compute shard `shard_index` of a tokenized dataset and write it to `shard_path` atomically.
+@dataclass(frozen=True)
+class ShardJob:
+    """Which shard of a tokenized dataset a job computes, how big its forwards are, and where the shard goes."""
 
-    Each forward holds at most `tokens_per_forward` positions (default: `batch_size` full rows).
-    """
-    device = model.get_input_embeddings().weight.device
-    timer = PhaseTimer(device)
-    first = shard_index * shard_size
-    count = samples_in_shard(shard_index, num_samples, shard_size)
+    tokenized_path: str | Path
+    num_samples: int
+    shard_index: int
+    shard_size: int
+    batch_size: int
+    shard_path: str | Path
+    # Positions per forward; None: what a padded batch of `batch_size` rows holds.
+    tokens_per_forward: int | None = None
+
+    @property
+    def first_sample(self) -> int:
+        return self.shard_index * self.shard_size
+
+    @property
+    def shard_samples(self) -> int:
+        return samples_in_shard(self.shard_index, self.num_samples, self.shard_size)
+
+    def read_tokens(self) -> TokenBlock:
+        """The shard's rows of the token store."""
+        return read_token_block(self.tokenized_path, self.first_sample, self.first_sample + self.shard_samples)
+
+    def budget(self, seq_length: int) -> int:
+        """Positions one forward may hold."""
+        return forward_budget(self.tokens_per_forward, self.batch_size, seq_length)
+
+
+@dataclass
+class StreamedRows:
+    """What `stream_rows` did: the positions of each forward, and the writer thread's seconds per phase."""
+
+    positions: list[int]
+    write_seconds: dict[str, float]
+
+
+# Writes one shard in an output format.
+ShardComputer = Callable[[nn.Module, CacheSpec, ShardLayout, ShardJob], ShardResult]
+
+
+def compute_shard(model: nn.Module, spec: CacheSpec, layout: ShardLayout, job: ShardJob) -> ShardResult:
+    """Compute shard `job.shard_index` of a tokenized dataset and write it to `job.shard_path` atomically."""
+    timer = PhaseTimer(model.get_input_embeddings().weight.device)
     with timer.phase("read"):
-        block = read_token_block(tokenized_path, first, first + count)
-    lengths = block.attention_mask.sum(dim=1)
-    budget = forward_budget(tokens_per_forward, batch_size, layout.seq_length)
-    batches = forward_batches(lengths, layout.seq_length, budget)
-    positions: list[int] = []
-    started = time.perf_counter()
-    with ShardWriter(shard_path, layout, count) as writer:
-        writer_thread = RowWriterThread(writer, device)
-        for done, rows in enumerate(batches, start=1):
-            batch = compute_cache_batch(model, spec, token_rows(block, rows), timer=timer)
-            positions.append(len(rows) * batch.computed["aux_hidden_states"].shape[1])
-            writer_thread.submit(batch, rows)
-            log_progress(done, len(batches), started)
-        with timer.phase("drain"):
-            writer_thread.finish()
+        block = job.read_tokens()
+    count = job.shard_samples
+    budget = job.budget(layout.seq_length)
+    with ShardWriter(job.shard_path, layout, count) as writer:
+        streamed = stream_rows(model, spec, block, functools.partial(write_batch_rows, writer), budget, timer)
         with timer.phase("commit"):
             sha256 = writer.commit()
-    seconds = {**timer.seconds, **writer_thread.timer.seconds}
     return ShardResult(
         num_samples=count,
-        first_sample=first,
+        first_sample=job.first_sample,
         bytes=writer.size,
         sha256=sha256,
-        real_tokens=int(lengths.sum()),
-        computed_tokens=sum(positions),
+        real_tokens=int(block.attention_mask.sum()),
+        computed_tokens=sum(streamed.positions),
         padded_tokens=count * layout.seq_length,
-        positions_per_forward=forward_stats(positions, budget),
-        seconds=dict(seconds),
+        positions_per_forward=forward_stats(streamed.positions, budget),
+        seconds={**timer.seconds, **streamed.write_seconds},
     )
+
+
+def stream_rows(
+    model: nn.Module, spec: CacheSpec, block: TokenBlock, write: BatchWrite, budget: int, timer: PhaseTimer
+) -> StreamedRows:
+    """Every row of `block` through the target in forwards of at most `budget` positions, each finished
+    batch handed to `write` on the writer thread."""
+    seq_length = block.input_ids.shape[1]
+    batches = forward_batches(block.attention_mask.sum(dim=1), seq_length, budget, spec.target_repr)
+    positions: list[int] = []
+    started = time.perf_counter()
+    writer_thread = RowWriterThread(write, model.get_input_embeddings().weight.device)
+    for done, rows in enumerate(batches, start=1):
+        batch = compute_cache_batch(model, spec, token_rows(block, rows), timer=timer)
+        positions.append(len(rows) * batch.computed["aux_hidden_states"].shape[1])
+        writer_thread.submit(batch, rows)
+        log_progress(done, len(batches), started)
+    with timer.phase("drain"):
+        writer_thread.finish()
+    return StreamedRows(positions, writer_thread.timer.seconds)
 
 
 def log_progress(done: int, total: int, started: float) -> None:
@@ -246,7 +283,7 @@ def log_progress(done: int, total: int, started: float) -> None:
     if done == total or done % max(1, total // 10) == 0:
         elapsed = time.perf_counter() - started
         eta = elapsed / done * (total - done)
-        log.info("forward %d/%d, %.1fs elapsed, ETA %.1fs", done, total, elapsed, eta)
+        log.info("batch %d/%d, %.1fs elapsed, ETA %.1fs", done, total, elapsed, eta)
 
 
 def run_shard_job(
@@ -261,11 +298,13 @@ def run_shard_job(
     shard_path: str | Path,
     stats_path: str | Path,
     tokens_per_forward: int | None = None,
+    compute: ShardComputer = compute_shard,
 ) -> dict[str, Any]:
     """What a shard job does once it holds its devices: load the target, write the shard and its stats.
 
-    `settings` are the shard rule's params; `batch_size` and `tokens_per_forward` are not among
-    them, since they change speed and memory only. Returns the stats written to `stats_path`.
+    `settings` are the shard rule's params; `batch_size` and `tokens_per_forward` are not among them,
+    since they change speed and memory only. `compute` writes the shard in its output format. Returns
+    the stats written to `stats_path`.
     """
     started = time.perf_counter()
     model = load_target(
@@ -286,18 +325,16 @@ def run_shard_job(
         target_probs_topk=settings["target_probs_topk"],
         seq_length=settings["seq_length"],
     )
-    result = compute_shard(
-        model,
-        spec,
-        layout,
-        tokenized_path=tokenized_path,
-        num_samples=info.num_samples,
-        shard_index=shard_index,
-        shard_size=settings["shard_size"],
-        batch_size=batch_size,
-        shard_path=shard_path,
-        tokens_per_forward=tokens_per_forward,
+    job = ShardJob(
+        tokenized_path,
+        info.num_samples,
+        shard_index,
+        settings["shard_size"],
+        batch_size,
+        shard_path,
+        tokens_per_forward,
     )
+    result = compute(model, spec, layout, job)
     result.seconds["load"] = load_seconds
     result.seconds["total"] = time.perf_counter() - started
     stats = {
