@@ -51,6 +51,7 @@ from eagle3_cache.errors import CacheConfigError
 
 from .compare import compare
 from .gpu_floor import gpu_floor, run_floor
+from .leases import run_leased
 from .measure import MIB, peak_rss_mib
 from .ours import prepare_ours, run_ours
 from .reference import run_reference
@@ -132,7 +133,13 @@ def workdir(path: str | None) -> Iterator[Path]:
         yield Path(tmp)
 
 
-CHILDREN = {"prepare": prepare_ours, "ours": run_ours, "reference": run_reference, "floor": run_floor}
+CHILDREN = {
+    "prepare": prepare_ours,
+    "ours": run_ours,
+    "reference": run_reference,
+    "floor": run_floor,
+    "leased": run_leased,
+}
 
 
 def child_main(job_path: str) -> None:
