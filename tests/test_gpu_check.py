@@ -26,7 +26,10 @@ def test_tiny_check_runs_every_step_and_the_second_lease_waits_for_the_first(tin
     assert code == 0, {name: step["summary"] for name, step in report["steps"].items()}
     assert list(report["steps"]) == ["floor", "parity", "leases"]
     assert "of the floor" in report["steps"]["floor"]["summary"]
-    assert report["steps"]["parity"]["parity"]["identical"]
+    parity = report["steps"]["parity"]
+    assert (
+        parity["parity"]["identical"] and parity["runs"]["device"]["samples"] == parity["runs"]["cpu"]["samples"] == 8
+    )
     leases = report["steps"]["leases"]
     first, second = sorted(leases["jobs"], key=lambda job: job["leased_at"])
     assert first["gpus"] == second["gpus"] == ["0"] and leases["gpu_count"] == 1

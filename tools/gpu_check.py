@@ -102,7 +102,7 @@ def parity_step(args: argparse.Namespace, work: Path) -> dict:
     workload, job = demo_workload(args, work)
     on_cpu = replace(workload, device="cpu", threads=CPU_THREADS)
     runs = {
-        workload.device: run_child("ours", {**job, "output": str(work / "device-shards")}, work),
+        "device": run_child("ours", {**job, "output": str(work / "device-shards")}, work),
         "cpu": run_child("ours", {**job, "workload": asdict(on_cpu), "output": str(work / "cpu-shards")}, work),
     }
     verdict = shard_parity(
