@@ -196,6 +196,7 @@ WORKFLOW_METRICS = [
     ("CPU time, user+sys (s)", lambda run: run["cache"]["cpu"], "{:.1f}"),
     ("peak RSS, process tree (MiB)", lambda run: run["cache"]["tree_rss_mib"], "{:.0f}"),
     ("peak RSS, one process (MiB)", lambda run: run["cache"]["max_rss_mib"], "{:.0f}"),
+    ("forward + distribution (s)", lambda run: run["forward_seconds"] + run["distribution_seconds"], "{:.1f}"),
     ("forward s / 1k positions", per_kilo_position("forward_seconds"), "{:.3f}"),
     ("+ distribution s / 1k pos.", per_kilo_position("forward_seconds", "distribution_seconds"), "{:.3f}"),
 ]
