@@ -49,6 +49,11 @@ def samples_in_shard(index: int, num_samples: int, shard_size: int) -> int:
     return min(shard_size, num_samples - index * shard_size)
 
 
+def draft_vocab_width(draft_vocab_size: int | None, target_vocab_size: int) -> int:
+    """Ids in the draft vocabulary: `draft_vocab_size`, or the whole target vocabulary for null or a larger size."""
+    return target_vocab_size if draft_vocab_size is None else min(draft_vocab_size, target_vocab_size)
+
+
 # --- The embedded demo's target (see eagle3_cache.demo_model) ---------------------------------
 
 DEMO_NAME = "SmolLM2-135M-Instruct"

@@ -6,12 +6,17 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .errors import CacheConfigError
-from .shard_format import file_sha256, stored_safetensors_header
+from .shard_format import file_sha256
+from .shard_layout import stored_safetensors_header
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 # Where decoder layers live in the causal-LM layouts we support, tried in order
 # (the same search NeMo Automodel's target wrapper does).
@@ -81,8 +86,13 @@ def num_hidden_layers(model: nn.Module) -> int:
 
 def hidden_size(model: nn.Module) -> int:
     """Width of one decoder layer's output."""
-    text_config = getattr(model.config, "text_config", None)
-    return int((text_config or model.config).hidden_size)
+    return config_hidden_size(model.config)
+
+
+def config_hidden_size(config: PretrainedConfig) -> int:
+    """Width of one decoder layer's output, from the model's config; multimodal wrappers keep it on `text_config`."""
+    text_config = getattr(config, "text_config", None)
+    return int((text_config or config).hidden_size)
 
 
 def default_aux_layer_ids(num_layers: int) -> list[int]:

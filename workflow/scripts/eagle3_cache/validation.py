@@ -40,7 +40,6 @@ from .shard_format import (
     check_cache,
     read_manifest,
     read_shard_rows,
-    safetensors_header,
     shard_indices_in,
 )
 from .target import compute_dtype
@@ -204,12 +203,6 @@ def vocabulary_check(counts: np.ndarray, manifest: Mapping[str, Any], selection:
 # --- 6. Disk -----------------------------------------------------------------------------------
 
 
-def shard_bytes_by_layout(layout: ShardLayout, num_samples: int) -> int:
-    """A shard's size as its layout predicts it: header plus every field's bytes."""
-    header, _ = safetensors_header(layout, num_samples)
-    return len(header) + num_samples * sum(f.sample_bytes for f in layout.fields())
-
-
 def disk_check(cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo) -> CheckResult:
     """Bytes per sample and per field, padding's share, and the size of a larger dataset of the same shape."""
     layout = ShardLayout.from_manifest(manifest)
@@ -217,9 +210,7 @@ def disk_check(cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo
     field_bytes = {f.name: f.sample_bytes for f in layout.fields()}
     per_sample = sum(field_bytes.values())
     records = manifest["shards"]
-    unexplained = [
-        r["file"] for r in records if shard_bytes_by_layout(layout, int(r["num_samples"])) != int(r["bytes"])
-    ]
+    unexplained = [r["file"] for r in records if layout.shard_bytes(int(r["num_samples"])) != int(r["bytes"])]
     shard_bytes = sum(int(r["bytes"]) for r in records)
     embeddings = cache_dir / EMBEDDINGS_FILE
     embeddings_bytes = embeddings.stat().st_size if embeddings.exists() else 0
