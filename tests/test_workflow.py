@@ -96,7 +96,7 @@ def workdir(completed, tmp_path) -> Path:
 @pytest.mark.slow
 def test_first_run_builds_every_step(completed):
     workdir, jobs = completed
-    assert jobs == {"tokenize", "select_vocab", "target_embeddings", "manifest", "validate"} | every_shard()
+    assert jobs == {"tokenize", "select_vocab", "plan", "target_embeddings", "manifest", "validate"} | every_shard()
     assert_complete_cache(workdir, NUM_SHARDS)
 
 
@@ -117,7 +117,7 @@ def test_2_batch_size_changes_nothing(workdir, tiny_chat_target):
 def test_3_draft_vocab_size_reruns_vocab_and_everything_after(workdir, tiny_chat_target):
     write_config(workdir, run_config(tiny_chat_target, draft_vocab_size=48))
     jobs = jobs_run(snakemake(workdir).stdout)
-    assert jobs == {"select_vocab", "manifest", "validate"} | every_shard()
+    assert jobs == {"select_vocab", "plan", "manifest", "validate"} | every_shard()
     manifest = json.loads((cache_dir(workdir) / "manifest.json").read_text())
     assert manifest["draft_vocab_size"] == 48
 
@@ -126,7 +126,7 @@ def test_3_draft_vocab_size_reruns_vocab_and_everything_after(workdir, tiny_chat
 def test_4_seq_length_reruns_from_tokenization(workdir, tiny_chat_target):
     write_config(workdir, run_config(tiny_chat_target, seq_length=24))
     jobs = jobs_run(snakemake(workdir).stdout)
-    assert jobs == {"tokenize", "select_vocab", "manifest", "validate"} | every_shard()
+    assert jobs == {"tokenize", "select_vocab", "plan", "manifest", "validate"} | every_shard()
 
 
 @pytest.mark.slow
@@ -153,7 +153,7 @@ def test_7_new_shard_size_leaves_exactly_the_new_shard_set(workdir, tiny_chat_ta
         num_shards = -(-NUM_CONVERSATIONS // shard_size)
         write_config(workdir, run_config(tiny_chat_target, shard_size=shard_size))
         jobs = jobs_run(snakemake(workdir).stdout)
-        assert jobs == {"manifest", "validate"} | every_shard(num_shards)
+        assert jobs == {"plan", "manifest", "validate"} | every_shard(num_shards)
         assert_complete_cache(workdir, num_shards)
         assert_automodel_reads(cache_dir(workdir), shard_size)
 
@@ -263,6 +263,7 @@ def test_dry_run_before_tokenization_plans_up_to_the_checkpoint(tmp_path, profil
     assert jobs_run(result.stdout) == {
         "tokenize",
         "select_vocab",
+        "plan",
         "target_embeddings",
         "manifest",
         "validate",

@@ -4,6 +4,7 @@ rule validate:
         tokenized=rules.tokenize.output.tokenized,
         selection=rules.select_vocab.output.selection,
         counts=rules.select_vocab.output.counts,
+        plan=rules.plan.output.plan,
         stats=every_shard(rules.compute_shard.output.stats),
     output:
         report=report(

@@ -49,6 +49,7 @@ inputs = ValidationInputs(
     benchmarks=[Path(p) for p in params.benchmarks],
     num_samples=params.num_samples,
     seed=params.seed,
+    plan=Path(snakemake.input.plan),
 )
 report = validate_cache(inputs, leased_target)
 kept = write_report(report, Path(snakemake.output.report), Path(snakemake.output.json), strict=params.strict)

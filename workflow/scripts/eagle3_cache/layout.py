@@ -86,5 +86,8 @@ TOKENIZE_SETTINGS = (
 SELECT_VOCAB_SETTINGS = ("draft_vocab_size",)
 # Given the tokenized data and the draft vocabulary, these decide a shard's bytes.
 SHARD_SETTINGS = (*TARGET_SETTINGS, "aux_layer_ids", "dtype", "target_probs_topk", "seq_length", "shard_size")
+# Given the tokenized data, these decide the cache's size on disk: the target's width, the draft
+# vocabulary's, and the shard layout (the plan rule also receives the global `plan` keys).
+PLAN_SETTINGS = (*TARGET_SETTINGS, "draft_vocab_size", "dtype", "target_probs_topk", "seq_length", "shard_size")
 # The manifest records every setting that shaped the cache.
 MANIFEST_SETTINGS = tuple(dict.fromkeys((*TOKENIZE_SETTINGS, *SELECT_VOCAB_SETTINGS, *SHARD_SETTINGS)))

@@ -124,6 +124,11 @@ def embeddings_header(vocab_size: int, hidden_size: int) -> bytes:
     return encoded_header({EMBEDDINGS_TENSOR: entry})
 
 
+def embeddings_bytes(vocab_size: int, hidden_size: int) -> int:
+    """The size of `target_embeddings.safetensors`: its header and the `[V, H]` table."""
+    return len(embeddings_header(vocab_size, hidden_size)) + vocab_size * hidden_size * ELEMENT_BYTES[EMBEDDINGS_DTYPE]
+
+
 def encoded_header(entries: Mapping[str, Any]) -> bytes:
     """Compact JSON, space-padded to a multiple of 8 bytes, after its little-endian u64 length."""
     header = json.dumps(entries, separators=(",", ":")).encode()

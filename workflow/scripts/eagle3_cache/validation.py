@@ -28,6 +28,7 @@ from torch import nn
 from . import CACHE_SEMANTICS_VERSION
 from .atomic import atomic_output, write_json_atomic
 from .cache_rows import CacheSpec, compute_cache_batch
+from .disk_plan import planned_figures, read_plan
 from .layout import EMBEDDINGS_FILE, shard_file_name, shard_index
 from .manifest import read_shard_stats
 from .parity import parity_outcome, parity_result, parity_sample_indices
@@ -64,6 +65,7 @@ class ValidationInputs:
     benchmarks: Sequence[Path]
     num_samples: int  # samples recomputed by the parity check
     seed: int
+    plan: Path | None = None  # the disk plan, whose predictions the disk check compares with the cache
 
 
 # --- 1. Complete and intact ------------------------------------------------------------------
@@ -203,8 +205,11 @@ def vocabulary_check(counts: np.ndarray, manifest: Mapping[str, Any], selection:
 # --- 6. Disk -----------------------------------------------------------------------------------
 
 
-def disk_check(cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo) -> CheckResult:
-    """Bytes per sample and per field, padding's share, and the size of a larger dataset of the same shape."""
+def disk_check(
+    cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo, plan: Mapping[str, Any] | None = None
+) -> CheckResult:
+    """Bytes per sample and per field, padding's share, the size of a larger dataset of the same shape, and
+    the disk plan's predictions against the measured sizes."""
     layout = ShardLayout.from_manifest(manifest)
     n = int(manifest["num_samples"])
     field_bytes = {f.name: f.sample_bytes for f in layout.fields()}
@@ -230,6 +235,8 @@ def disk_check(cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo
             for name, count in PROJECTED_SAMPLES.items()
         },
     }
+    if plan is not None:
+        figures.update(planned_figures(plan, figures["total_bytes"], figures["allocated_bytes"]))
     series = {
         "fields": [
             {"field": name, "per_sample_bytes": size, "total_bytes": size * n, "of_the_cache_share": size / per_sample}
@@ -246,6 +253,11 @@ def disk_check(cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo
         f"({format_bytes(figures['allocated_bytes'])} allocated), "
         f"{format_bytes(per_sample)} per sample, {padding_share:.1%} of positions are padding"
     )
+    if plan is not None:
+        summary += (
+            f"; the disk plan predicted {format_bytes(plan['apparent_bytes'])} "
+            f"({format_bytes(plan['allocated_bytes'])} allocated)"
+        )
     return CheckResult("disk", True, summary, figures, series)
 
 
@@ -441,7 +453,7 @@ def validate_cache(
         run_check("sanity", lambda: sanity_check(scan(), int(manifest()["num_samples"]))),
         run_check("supervision", lambda: supervision_check(scan(), info())),
         run_check("vocabulary", lambda: vocabulary_check(np.load(inputs.counts), manifest(), inputs.selection)),
-        run_check("disk", lambda: disk_check(inputs.cache_dir, manifest(), info())),
+        run_check("disk", lambda: disk_check(inputs.cache_dir, manifest(), info(), read_plan(inputs.plan))),
         run_check("cost", lambda: cost_check(stats, inputs.benchmarks, len(inputs.stats))),
         run_check("provenance", lambda: provenance_check(manifest(), info(), stats)),
     ]
