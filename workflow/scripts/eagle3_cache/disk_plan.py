@@ -364,7 +364,8 @@ def refusal(plan: Mapping[str, Any]) -> str | None:
     return (
         f"run {plan['run']!r}: the cache needs {format_bytes(plan['required_bytes'])} free "
         f"({format_bytes(plan['to_write_bytes'])} to write plus plan.margin {plan['margin']:.0%}) "
-        f"but the filesystem holding {plan['cache_dir']} has {format_bytes(plan['filesystem']['free_bytes'])}. "
+        f"but only {format_bytes(plan['filesystem']['free_bytes'])} is free "
+        f"on the filesystem holding {plan['cache_dir']}. "
         f"Set one of: {'; '.join(plan['suggestions'])}."
     )
 
