@@ -27,8 +27,8 @@ from eagle3_cache.disk_plan import (
     shard_cost,
     split_by_shard,
     suggestions,
+    taken_bytes,
     target_hidden_size,
-    written_files,
 )
 from eagle3_cache.layout import EMBEDDINGS_FILE, shard_file_name
 from eagle3_cache.pipeline import write_batch_rows
@@ -47,10 +47,8 @@ SETTINGS = {
     "target_probs_topk": 0,
     "seq_length": SEQ,
     "shard_size": 4,
-    "margin": 0.05,
-    "check_free_space": True,
-    "compare_topk": 64,
 }
+CHECK = {"margin": 0.05, "check_free_space": True}
 
 
 def block_size(path) -> int:
@@ -107,14 +105,19 @@ def test_the_embeddings_file_is_planned_exactly(tmp_path):
     assert planned.allocated_bytes == path.stat().st_blocks * 512
 
 
-def test_files_already_written_as_planned_need_no_space(tmp_path):
+def test_a_file_already_there_frees_what_it_takes(tmp_path):
     lengths = split_by_shard(np.array(LENGTHS), 4)
     sizing = Sizing(lengths, VOCAB, HIDDEN, block_size(tmp_path))
     layout = sizing.layout(SEQ, None, "bf16", 0)
-    write_shard(tmp_path / shard_file_name(0), layout, list(lengths[0]))
-    write_shard(tmp_path / shard_file_name(1), replace(layout, dtype="fp16"), list(lengths[1]))
+    cost = sizing.cost(layout)
+    write_shard(tmp_path / shard_file_name(0), layout, list(lengths[0]))  # finished
+    write_shard(tmp_path / shard_file_name(1), replace(layout, target_probs_topk=4), list(lengths[1]))  # smaller
     write_target_embeddings(tmp_path / EMBEDDINGS_FILE, torch.randn(VOCAB, HIDDEN))
-    assert written_files(tmp_path, layout, sizing) == {shard_file_name(0), EMBEDDINGS_FILE}
+    taken = taken_bytes(tmp_path, [f.file for f in cost.files])
+    assert taken.keys() == {shard_file_name(0), shard_file_name(1), EMBEDDINGS_FILE}
+    budget = Budget(sizing, measure_filesystem(tmp_path), taken, 0, 0.0)
+    _, replaced, _ = cost.files
+    assert budget.to_write(cost) == replaced.allocated_bytes - taken[shard_file_name(1)]
 
 
 # --- The filesystem ------------------------------------------------------------------------------
@@ -131,7 +134,7 @@ def test_the_filesystem_is_measured_at_the_nearest_existing_directory(tmp_path):
 def test_without_sparse_files_the_apparent_size_counts():
     sizing = Sizing(split_by_shard(np.array(LENGTHS), 4), VOCAB, HIDDEN, 4096)
     cost = sizing.cost(sizing.layout(SEQ, None, "bf16", 0))
-    dense = Budget(sizing, Filesystem(".", 0, 4096, sparse_files=False), set(), 0, 0.0)
+    dense = Budget(sizing, Filesystem(".", 0, 4096, sparse_files=False), {}, 0, 0.0)
     sparse = replace(dense, filesystem=replace(dense.filesystem, sparse_files=True))
     assert dense.to_write(cost) == cost.apparent_bytes
     assert sparse.to_write(cost) == cost.allocated_bytes
@@ -149,11 +152,11 @@ def test_largest_fitting_finds_the_boundary():
 def test_suggestions_name_settings_that_fit():
     sizing = Sizing(split_by_shard(np.array(LENGTHS * 3), 4), VOCAB, HIDDEN, 4096)
     layout = sizing.layout(SEQ, None, "bf16", 0)
-    roomy = Budget(sizing, Filesystem(".", 10**12, 4096, True), set(), 1000, 0.05)
+    roomy = Budget(sizing, Filesystem(".", 10**12, 4096, True), {}, 1000, 0.05)
     topk_required = roomy.required(replace(layout, target_probs_topk=64))
     budget = replace(roomy, filesystem=replace(roomy.filesystem, free_bytes=topk_required))
     assert not budget.fits(layout)
-    found = suggestions("demo", layout, budget, compare_topk=64)
+    found = suggestions("demo", layout, budget)
     assert found[0].startswith("runs.demo.target_probs_topk: 64 (needs ")
     width = int(found[1].removeprefix("runs.demo.draft_vocab_size: ").removesuffix(" or less"))
     assert budget.fits(replace(layout, draft_vocab_size=width))
@@ -175,7 +178,7 @@ def small_disk(free_bytes: int):
 
 def test_a_plan_beyond_the_free_space_is_refused_with_what_to_change(store, tmp_path, monkeypatch):
     monkeypatch.setattr(disk_plan, "measure_filesystem", small_disk(100_000))
-    plan = plan_cache("demo", store, tmp_path / "shards", SETTINGS, HIDDEN)
+    plan = plan_cache("demo", store, tmp_path / "shards", SETTINGS, CHECK, HIDDEN)
     assert not plan["fits"] and plan["required_bytes"] > 100_000
     message = refusal(plan)
     assert message.startswith("run 'demo': the cache needs ")
@@ -185,7 +188,7 @@ def test_a_plan_beyond_the_free_space_is_refused_with_what_to_change(store, tmp_
 
 
 def test_a_plan_within_the_free_space_passes_and_sizes_the_alternative(store, tmp_path):
-    plan = plan_cache("demo", store, tmp_path / "shards", SETTINGS, HIDDEN)
+    plan = plan_cache("demo", store, tmp_path / "shards", SETTINGS, CHECK, HIDDEN)
     assert plan["fits"] and refusal(plan) is None and "suggestions" not in plan
     assert plan["layout"]["aux_hidden_dim"] == 3 * HIDDEN and plan["layout"]["draft_vocab_size"] == VOCAB
     assert [f["file"] for f in plan["files"]] == [shard_file_name(0), shard_file_name(1), EMBEDDINGS_FILE]

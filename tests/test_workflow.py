@@ -109,8 +109,13 @@ def test_1_second_run_does_nothing(workdir):
 
 
 @pytest.mark.slow
-def test_2_batch_size_changes_nothing(workdir, tiny_chat_target):
-    write_config(workdir, run_config(tiny_chat_target, batch_size=3))
+@pytest.mark.parametrize(
+    ("run_settings", "global_settings"),
+    [({"batch_size": 3}, {}), ({}, {"plan": {"margin": 0.5, "check_free_space": False}})],
+    ids=["batch_size", "plan"],
+)
+def test_2_batch_size_and_the_plan_check_change_nothing(workdir, tiny_chat_target, run_settings, global_settings):
+    write_config(workdir, {**run_config(tiny_chat_target, **run_settings), **global_settings})
     assert jobs_run(snakemake(workdir).stdout) == set()
 
 
@@ -229,12 +234,12 @@ def test_the_disk_plan_predicts_the_cache_it_precedes(completed):
 
 
 @pytest.mark.slow
-def test_the_plan_comes_before_every_shard_and_the_embeddings(workdir):
+def test_the_plan_comes_before_every_shard(workdir):
     result = snakemake_static(workdir, "--rulegraph")
     assert result.returncode == 0, result.stdout
     ids = dict(re.findall(r"^\s*(\d+)\[label = \"(\w+)\"", result.stdout, re.MULTILINE))
     edges = {(ids[a], ids[b]) for a, b in re.findall(r"^\s*(\d+) -> (\d+)$", result.stdout, re.MULTILINE)}
-    assert {("tokenize", "plan"), ("plan", "compute_shard"), ("plan", "target_embeddings")} <= edges
+    assert {("tokenize", "plan"), ("plan", "compute_shard")} <= edges
 
 
 def private_tmpfs_prefix(probe: Path) -> list[str] | None:
@@ -257,9 +262,9 @@ SMALL_DISK_SCRIPT = """
 mount -t tmpfs -o size=1m tmpfs results || exit 90
 "$0" "$@" > refused.out 2>&1; echo $? > refused.rc
 cp logs/tiny/plan.log refused-plan.log
-"$0" "$@" --configfile config/anyway.yaml --until plan > anyway.out 2>&1; echo $? > anyway.rc
+"$0" "$@" results/tiny/plan.json --configfile config/anyway.yaml > anyway.out 2>&1; echo $? > anyway.rc
 cp results/tiny/plan.json anyway-plan.json
-find results -name '*.safetensors*' > safetensors.txt
+find results -name 'shard-*' > shards.txt
 """
 
 
@@ -279,11 +284,11 @@ def test_a_cache_bigger_than_the_disk_stops_before_the_first_shard(tmp_path, tin
     refused = (workdir / "refused.out").read_text()
     assert (workdir / "refused.rc").read_text().strip() != "0", refused[-6000:]
     jobs = jobs_run(refused)
-    assert {"tokenize", "plan"} <= jobs and not jobs & ({"target_embeddings"} | every_shard()), jobs
+    assert {"tokenize", "plan"} <= jobs and not jobs & every_shard(), jobs
     message = next(line for line in refused.splitlines() if "the cache needs" in line)
     assert "runs.tiny.target_probs_topk: 64" in message and "plan.check_free_space: false" in message
     assert message in (workdir / "refused-plan.log").read_text()
-    assert (workdir / "safetensors.txt").read_text() == ""
+    assert (workdir / "shards.txt").read_text() == ""
 
     assert (workdir / "anyway.rc").read_text().strip() == "0", (workdir / "anyway.out").read_text()[-6000:]
     plan = json.loads((workdir / "anyway-plan.json").read_text())

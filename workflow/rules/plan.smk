@@ -11,7 +11,6 @@ rule plan:
         "../../envs/eagle3-cache.yaml"
     params:
         **run_params(PLAN_SETTINGS),
-        **config["plan"],
         cache_dir=CACHE_DIR,
     script:
         "../scripts/plan_disk.py"

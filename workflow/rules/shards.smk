@@ -3,8 +3,7 @@ rule compute_shard:
         tokenized=rules.tokenize.output.tokenized,
         selection=rules.select_vocab.output.selection,
         model=model_input,
-        # Ancient: a plan made again (a new margin, a resumed run) must not rerun finished shards.
-        plan=ancient(rules.plan.output.plan),
+        plan=rules.plan.output.plan,
     output:
         shard=f"{CACHE_DIR}/{SHARD_FILE}",
         stats="results/{run}/shard_stats/shard-{shard}.json",
@@ -27,7 +26,6 @@ rule compute_shard:
 rule target_embeddings:
     input:
         model=model_input,
-        plan=ancient(rules.plan.output.plan),
     output:
         embeddings=f"{CACHE_DIR}/{EMBEDDINGS_FILE}",
     log:

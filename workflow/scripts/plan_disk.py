@@ -12,7 +12,8 @@ params = snakemake.params
 
 hidden_size = target_hidden_size(params.target_model, params.revision, params.trust_remote_code)
 run, settings = snakemake.wildcards.run, dict(params.items())
-plan = plan_cache(run, snakemake.input.tokenized, params.cache_dir, settings, hidden_size)
+# The check's keys are not params: changing the margin must not rerun the plan, and with it every shard.
+plan = plan_cache(run, snakemake.input.tokenized, params.cache_dir, settings, snakemake.config["plan"], hidden_size)
 for line in plan_lines(plan):
     log.info("%s", line)
 if message := refusal(plan):

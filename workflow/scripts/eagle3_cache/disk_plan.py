@@ -4,9 +4,9 @@ Each file is sized two ways. Its apparent bytes are its size, exactly as `shard_
 out. Its allocated bytes are the filesystem blocks its writes touch: the shard writer writes the
 header, the token fields over the full seq_length, and the computed fields only over each
 sample's content positions (`lengths` in the token store), so on a filesystem that keeps sparse
-files the padding takes no blocks. The bytes still to write (every file not already there as
-planned, plus a bound on the manifest), with a margin, must fit in the free space of the
-filesystem holding the cache directory; otherwise `refusal` says what to change.
+files the padding takes no blocks. The bytes still to write (each file beyond what the file it
+replaces already takes, plus a bound on the manifest), with a margin, must fit in the free space
+of the filesystem holding the cache directory; otherwise `refusal` says what to change.
 
 It imports no torch, so that the plan job costs a fraction of a second.
 """
@@ -32,10 +32,8 @@ from .shard_layout import (
     TOKEN_FIELDS,
     ShardLayout,
     embeddings_bytes,
-    embeddings_header,
     is_topk,
     safetensors_header,
-    stored_safetensors_header,
 )
 from .token_store import read_tokenized_info
 
@@ -46,6 +44,8 @@ MANIFEST_SHARD_RECORD_BYTES = 512
 MANIFEST_ID_OVERHEAD_BYTES = 6
 # The sparse-file probe: a file this many blocks long with one block written.
 PROBE_BLOCKS = 16
+# The k of the top-k storage a run that stores full target_probs is compared with, and offered.
+COMPARISON_TOPK = 64
 
 
 @dataclass(frozen=True)
@@ -192,23 +192,10 @@ def measure_filesystem(cache_dir: str | os.PathLike) -> Filesystem:
     return Filesystem(str(directory), shutil.disk_usage(directory).free, block_size, keeps_holes(directory, block_size))
 
 
-def holds(path: Path, header: bytes, size: int) -> bool:
-    """Whether `path` is a file of this size and safetensors header: one already written as planned."""
-    try:
-        return path.stat().st_size == size and stored_safetensors_header(path) == header[8:]
-    except (OSError, ValueError):
-        return False
-
-
-def written_files(cache_dir: Path, layout: ShardLayout, sizing: Sizing) -> set[str]:
-    """The cache files already in `cache_dir` exactly as planned; they need no new space."""
-    expected = {
-        shard_file_name(i): (safetensors_header(layout, len(lengths))[0], layout.shard_bytes(len(lengths)))
-        for i, lengths in enumerate(sizing.shard_lengths)
-    }
-    vocab_size, hidden_size = sizing.target_vocab_size, sizing.hidden_size
-    expected[EMBEDDINGS_FILE] = (embeddings_header(vocab_size, hidden_size), embeddings_bytes(vocab_size, hidden_size))
-    return {name for name, (header, size) in expected.items() if holds(cache_dir / name, header, size)}
+def taken_bytes(cache_dir: Path, names: list[str]) -> dict[str, int]:
+    """The bytes the cache files of these names already in `cache_dir` take on disk."""
+    paths = {name: cache_dir / name for name in names}
+    return {name: path.stat().st_blocks * 512 for name, path in paths.items() if path.is_file()}
 
 
 # --- The plan ------------------------------------------------------------------------------------
@@ -260,17 +247,22 @@ def largest_fitting(low: int, high: int, fits: Callable[[int], bool]) -> int | N
 
 @dataclass(frozen=True)
 class Budget:
-    """The room a run has: what sizes it, where it goes, what is already there, the margin."""
+    """The room a run has: what sizes it, where it goes, what its files already take, the margin."""
 
     sizing: Sizing
     filesystem: Filesystem
-    written: set[str]
+    taken: dict[str, int]
     manifest_bytes: int
     margin: float
 
     def to_write(self, cost: CacheCost) -> int:
-        """What the run will add: every file not already written, and the manifest."""
-        return sum(self.filesystem.takes(f) for f in cost.files if f.file not in self.written) + self.manifest_bytes
+        """What the run will add: each file beyond what the file it replaces takes, and the manifest.
+
+        Snakemake deletes a job's old output before the job starts, so a finished shard that is
+        kept, or rewritten the same, needs no new space.
+        """
+        grows = [max(0, self.filesystem.takes(f) - self.taken.get(f.file, 0)) for f in cost.files]
+        return sum(grows) + self.manifest_bytes
 
     def required(self, layout: ShardLayout) -> int:
         """The free space a run of this layout needs: its bytes to write, plus the margin."""
@@ -280,24 +272,22 @@ class Budget:
         return self.required(layout) <= self.filesystem.free_bytes
 
 
-def suggestions(run: str, layout: ShardLayout, budget: Budget, compare_topk: int) -> list[str]:
+def suggestions(run: str, layout: ShardLayout, budget: Budget) -> list[str]:
     """What to change for a run that does not fit: a smaller target distribution, or another filesystem."""
-    # Another layout rewrites every shard; the embeddings do not depend on it, so one already written stays.
-    rebuilt = replace(budget, written=budget.written & {EMBEDDINGS_FILE})
     key = f"runs.{run}"
     found = []
     if is_topk(layout.target_probs_topk, layout.draft_vocab_size):
         k = largest_fitting(
-            1, layout.target_probs_topk - 1, lambda k: rebuilt.fits(replace(layout, target_probs_topk=k))
+            1, layout.target_probs_topk - 1, lambda k: budget.fits(replace(layout, target_probs_topk=k))
         )
         if k is not None:
             found.append(f"{key}.target_probs_topk: {k} or less")
     else:
-        topk = replace(layout, target_probs_topk=compare_topk)
-        if is_topk(compare_topk, layout.draft_vocab_size):
-            found.append(f"{key}.target_probs_topk: {compare_topk} (needs {format_bytes(rebuilt.required(topk))})")
+        topk = replace(layout, target_probs_topk=COMPARISON_TOPK)
+        if is_topk(COMPARISON_TOPK, layout.draft_vocab_size):
+            found.append(f"{key}.target_probs_topk: {COMPARISON_TOPK} (needs {format_bytes(budget.required(topk))})")
         width = largest_fitting(
-            1, layout.draft_vocab_size - 1, lambda w: rebuilt.fits(replace(layout, draft_vocab_size=w))
+            1, layout.draft_vocab_size - 1, lambda w: budget.fits(replace(layout, draft_vocab_size=w))
         )
         if width is not None:
             found.append(f"{key}.draft_vocab_size: {width} or less")
@@ -306,15 +296,23 @@ def suggestions(run: str, layout: ShardLayout, budget: Budget, compare_topk: int
     return found
 
 
-def alternative_topk(layout: ShardLayout, compare_topk: int) -> int:
+def alternative_topk(layout: ShardLayout) -> int:
     """The other way to store the target distribution, for comparison: in full for a top-k run, else top-k."""
-    return 0 if is_topk(layout.target_probs_topk, layout.draft_vocab_size) else compare_topk
+    return 0 if is_topk(layout.target_probs_topk, layout.draft_vocab_size) else COMPARISON_TOPK
 
 
 def plan_cache(
-    run: str, tokenized: str | os.PathLike, cache_dir: str | os.PathLike, settings: Mapping[str, Any], hidden_size: int
+    run: str,
+    tokenized: str | os.PathLike,
+    cache_dir: str | os.PathLike,
+    settings: Mapping[str, Any],
+    check: Mapping[str, Any],
+    hidden_size: int,
 ) -> dict[str, Any]:
-    """The disk plan of one run (the plan rule's `plan.json`); `settings` are the plan rule's params."""
+    """The disk plan of one run (the plan rule's `plan.json`).
+
+    `settings` are the plan rule's params; `check` is the config's `plan` (margin, check_free_space).
+    """
     info = read_tokenized_info(tokenized)
     filesystem = measure_filesystem(cache_dir)
     lengths = split_by_shard(info.lengths, settings["shard_size"])
@@ -322,13 +320,11 @@ def plan_cache(
     layout = sizing.layout(
         settings["seq_length"], settings["draft_vocab_size"], settings["dtype"], settings["target_probs_topk"]
     )
-    manifest_bytes = manifest_bytes_bound(layout.draft_vocab_size, info.target_vocab_size, len(lengths))
-    budget = Budget(
-        sizing, filesystem, written_files(Path(cache_dir), layout, sizing), manifest_bytes, settings["margin"]
-    )
     cost = sizing.cost(layout)
-    other_topk = alternative_topk(layout, settings["compare_topk"])
-    alternative = sizing.cost(replace(layout, target_probs_topk=other_topk))
+    taken = taken_bytes(Path(cache_dir), [f.file for f in cost.files])
+    manifest_bytes = manifest_bytes_bound(layout.draft_vocab_size, info.target_vocab_size, len(lengths))
+    budget = Budget(sizing, filesystem, taken, manifest_bytes, check["margin"])
+    alternative = sizing.cost(replace(layout, target_probs_topk=alternative_topk(layout)))
     plan = {
         "run": run,
         "cache_dir": str(cache_dir),
@@ -338,22 +334,22 @@ def plan_cache(
         "layout": asdict(layout),
         "apparent_bytes": cost.apparent_bytes,
         "allocated_bytes": cost.allocated_bytes,
-        "files": [{**asdict(f), "written": f.file in budget.written} for f in cost.files],
+        "files": [{**asdict(f), "taken_bytes": taken.get(f.file, 0)} for f in cost.files],
         "manifest_bytes_bound": manifest_bytes,
         "alternative": {
-            "target_probs_topk": other_topk,
+            "target_probs_topk": alternative_topk(layout),
             "apparent_bytes": alternative.apparent_bytes,
             "allocated_bytes": alternative.allocated_bytes,
         },
         "filesystem": asdict(filesystem),
         "to_write_bytes": budget.to_write(cost),
-        "margin": settings["margin"],
+        "margin": check["margin"],
         "required_bytes": budget.required(layout),
         "fits": budget.fits(layout),
-        "check_free_space": settings["check_free_space"],
+        "check_free_space": check["check_free_space"],
     }
     if not plan["fits"]:
-        plan["suggestions"] = suggestions(run, layout, budget, settings["compare_topk"])
+        plan["suggestions"] = suggestions(run, layout, budget)
     return plan
 
 
@@ -396,7 +392,7 @@ def plan_lines(plan: Mapping[str, Any]) -> list[str]:
     ]
     lines += [
         f"{f['file']}: {f['apparent_bytes']:,} B apparent, {f['allocated_bytes']:,} B allocated"
-        f"{', already written' if f['written'] else ''}"
+        f"{f', replacing a file taking {format_bytes(taken)}' if (taken := f['taken_bytes']) else ''}"
         for f in plan["files"]
     ]
     return lines
