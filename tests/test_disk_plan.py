@@ -30,6 +30,7 @@ from eagle3_cache.disk_plan import (
     taken_bytes,
     target_hidden_size,
 )
+from eagle3_cache.errors import CacheConfigError
 from eagle3_cache.layout import EMBEDDINGS_FILE, shard_file_name
 from eagle3_cache.pipeline import write_batch_rows
 from eagle3_cache.shard_format import TORCH_DTYPES, ShardLayout, ShardWriter, write_target_embeddings
@@ -211,6 +212,26 @@ def test_a_plan_within_the_free_space_passes_and_sizes_the_alternative(store, tm
 def test_the_hidden_size_comes_from_config_json(tmp_path, config, expected):
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert target_hidden_size(str(tmp_path), None, False) == expected
+
+
+def test_a_hub_target_s_config_comes_from_the_hub_cache_at_its_revision(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 56}))
+    asked = []
+
+    def download(repo_id, filename, revision=None):
+        asked.append((repo_id, filename, revision))
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert target_hidden_size("example-org/example-model", "abc123", False) == 56
+    assert asked == [("example-org/example-model", "config.json", "abc123")]
+
+
+def test_an_unreadable_config_names_the_target(tmp_path):
+    with pytest.raises(CacheConfigError, match=r"target_model '.*' \(revision None\): cannot read its config.json"):
+        target_hidden_size(str(tmp_path), None, False)
 
 
 def test_the_plan_job_imports_no_torch():

@@ -212,12 +212,12 @@ def model_config_file(target_model: str, revision: str | None) -> Path:
 
 def target_hidden_size(target_model: str, revision: str | None, trust_remote_code: bool) -> int:
     """The width of the target's decoder layers, read from its `config.json` without building the model."""
-    path = model_config_file(target_model, revision)
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(model_config_file(target_model, revision).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise CacheConfigError(
-            f"{path}: cannot read the target's config ({error}); check target_model {target_model!r}"
+            f"target_model {target_model!r} (revision {revision!r}): cannot read its config.json ({error}); "
+            "check target_model and revision, and that the hub is reachable or the model is in its cache"
         ) from error
     text_config = config.get("text_config") or config
     if "hidden_size" in text_config:
