@@ -16,6 +16,7 @@ from eagle3_cache.layout import (
     LOCAL_DATA_SUFFIXES,
     MANIFEST_FILE,
     MANIFEST_SETTINGS,
+    PLAN_SETTINGS,
     SELECT_VOCAB_SETTINGS,
     SHARD_DIR,
     SHARD_FILE,

@@ -7,13 +7,18 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .checkpoint_tensors import NotReadableDirectly, read_input_embeddings
 from .errors import CacheConfigError
-from .shard_format import file_sha256, stored_safetensors_header
+from .shard_format import file_sha256
+from .shard_layout import stored_safetensors_header
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +90,13 @@ def num_hidden_layers(model: nn.Module) -> int:
 
 def hidden_size(model: nn.Module) -> int:
     """Width of one decoder layer's output."""
-    text_config = getattr(model.config, "text_config", None)
-    return int((text_config or model.config).hidden_size)
+    return config_hidden_size(model.config)
+
+
+def config_hidden_size(config: PretrainedConfig) -> int:
+    """Width of one decoder layer's output, from the model's config; multimodal wrappers keep it on `text_config`."""
+    text_config = getattr(config, "text_config", None)
+    return int((text_config or config).hidden_size)
 
 
 def default_aux_layer_ids(num_layers: int) -> list[int]:
