@@ -16,25 +16,29 @@ from eagle3_cache import disk_plan
 from eagle3_cache.cache_rows import CacheBatch
 from eagle3_cache.disk_plan import (
     Budget,
-    Filesystem,
     Sizing,
     embeddings_cost,
-    keeps_holes,
     largest_fitting,
-    measure_filesystem,
     plan_cache,
+    plan_lines,
     refusal,
     shard_cost,
+    specforge_shard_cost,
     split_by_shard,
     suggestions,
-    taken_bytes,
     target_hidden_size,
+    vocab_mapping_cost,
 )
+from eagle3_cache.disk_space import Filesystem, keeps_holes, measure_filesystem, taken_bytes
 from eagle3_cache.errors import CacheConfigError
-from eagle3_cache.layout import EMBEDDINGS_FILE, shard_file_name
+from eagle3_cache.layout import EMBEDDINGS_FILE, VOCAB_MAPPING_FILE, shard_dir_name, shard_file_name
 from eagle3_cache.pipeline import write_batch_rows
+from eagle3_cache.report_html import format_bytes
 from eagle3_cache.shard_format import TORCH_DTYPES, ShardLayout, ShardWriter, write_target_embeddings
 from eagle3_cache.shard_layout import TOKEN_FIELDS, embeddings_header, stored_safetensors_header
+from eagle3_cache.specforge_format import sample_tensors, serialized, write_vocab_mapping
+from eagle3_cache.specforge_shard import ShardDirectoryWriter
+from eagle3_cache.specforge_sizes import bytes_per_token, sample_file_bytes
 from helpers import REPO, random_token_block, write_token_store
 
 SEQ = 256
@@ -48,7 +52,9 @@ SETTINGS = {
     "target_probs_topk": 0,
     "seq_length": SEQ,
     "shard_size": 4,
+    "format": "automodel",
 }
+SPECFORGE_SETTINGS = {**SETTINGS, "format": "specforge"}
 CHECK = {"margin": 0.05, "check_free_space": True}
 
 
@@ -73,6 +79,23 @@ def write_shard(path, layout: ShardLayout, lengths: list[int]) -> None:
     with ShardWriter(path, layout, len(lengths)) as writer:
         write_batch_rows(writer, random_batch(layout, lengths), list(range(len(lengths))))
         writer.commit()
+
+
+def write_specforge_shard(path, lengths: list[int], hidden_size: int = HIDDEN) -> list[dict]:
+    """A shard directory written the way a specforge shard job writes it, through a `ShardDirectoryWriter`."""
+    block = random_token_block(lengths, SEQ)
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.rand((len(lengths), SEQ, 4 * hidden_size), generator=generator).to(torch.bfloat16)
+    batch = CacheBatch(
+        block.input_ids,
+        block.attention_mask,
+        block.loss_mask,
+        {"final_hidden_state": hidden[..., :hidden_size], "aux_hidden_states": hidden[..., hidden_size:]},
+        torch.tensor(lengths),
+    )
+    with ShardDirectoryWriter(path, block, 0) as writer:
+        writer.write_batch(batch, list(range(len(lengths))))
+        return writer.commit()
 
 
 # --- Sizes -----------------------------------------------------------------------------------
@@ -104,6 +127,45 @@ def test_the_embeddings_file_is_planned_exactly(tmp_path):
     assert planned.apparent_bytes == path.stat().st_size
     assert stored_safetensors_header(path) == embeddings_header(VOCAB, HIDDEN)[8:]
     assert planned.allocated_bytes == path.stat().st_blocks * 512
+
+
+def test_a_specforge_shard_takes_the_planned_bytes(tmp_path):
+    path = tmp_path / "shards" / shard_dir_name(0)
+    records = write_specforge_shard(path, LENGTHS)
+    files = sorted(path.iterdir())
+    planned = specforge_shard_cost(0, np.array(LENGTHS), HIDDEN, block_size(tmp_path))
+    assert planned.file == path.name
+    assert planned.apparent_bytes == sum(f.stat().st_size for f in files) == sum(r["bytes"] for r in records)
+    allocated = sum(f.stat().st_blocks * 512 for f in files)
+    assert planned.allocated_bytes <= allocated <= planned.allocated_bytes + len(files) * block_size(tmp_path)
+
+
+@pytest.mark.parametrize("hidden_size", [37, 64, 576, 4096])
+def test_a_sample_file_s_size_is_its_tensors_and_the_zip_layout(hidden_size):
+    lengths = [1, 2, 7, 8, 9, 85, 255, 256, 1000]
+    planned = sample_file_bytes(np.array(lengths), hidden_size)
+    for length, size in zip(lengths, planned, strict=True):
+        hidden = torch.ones(length, 4 * hidden_size, dtype=torch.bfloat16)
+        ids = torch.ones(length, dtype=torch.int64)
+        sample = sample_tensors(ids, ids, hidden[:, :hidden_size], hidden[:, hidden_size:])
+        tensor_bytes = {key: value.numel() * value.element_size() for key, value in sample.items()}
+        assert tensor_bytes == {key: per_token * length for key, per_token in bytes_per_token(hidden_size).items()}
+        assert size == len(serialized(sample)) == sample_file_bytes(length, hidden_size), length
+
+
+@pytest.mark.parametrize(("draft", "target"), [(10, 500), (300, 300), (4096, 49152), (32000, 128256)])
+def test_the_vocab_mapping_is_planned_exactly(tmp_path, draft, target):
+    path = tmp_path / VOCAB_MAPPING_FILE
+    write_vocab_mapping(path, torch.randperm(target)[:draft], target)
+    planned = vocab_mapping_cost(draft, target, block_size(tmp_path))
+    assert planned.apparent_bytes == path.stat().st_size
+    assert planned.allocated_bytes == path.stat().st_blocks * 512
+
+
+def test_a_shard_directory_already_there_frees_what_its_files_take(tmp_path):
+    write_specforge_shard(tmp_path / shard_dir_name(0), [5, 9])
+    taken = taken_bytes(tmp_path, [shard_dir_name(0), shard_dir_name(1)])
+    assert taken == {shard_dir_name(0): sum(f.stat().st_blocks * 512 for f in (tmp_path / shard_dir_name(0)).iterdir())}
 
 
 def test_a_file_already_there_frees_what_it_takes(tmp_path):
@@ -154,15 +216,20 @@ def test_suggestions_name_settings_that_fit():
     sizing = Sizing(split_by_shard(np.array(LENGTHS * 3), 4), VOCAB, HIDDEN, 4096)
     layout = sizing.layout(SEQ, None, "bf16", 0)
     roomy = Budget(sizing, Filesystem(".", 10**12, 4096, True), {}, 1000, 0.05)
-    topk_required = roomy.required(replace(layout, target_probs_topk=64))
+    topk_required = roomy.required(sizing.cost(replace(layout, target_probs_topk=64)))
     budget = replace(roomy, filesystem=replace(roomy.filesystem, free_bytes=topk_required))
-    assert not budget.fits(layout)
-    found = suggestions("demo", layout, budget)
+    assert not budget.fits_layout(layout)
+    found = suggestions("demo", "automodel", layout, budget)
     assert found[0].startswith("runs.demo.target_probs_topk: 64 (needs ")
     width = int(found[1].removeprefix("runs.demo.draft_vocab_size: ").removesuffix(" or less"))
-    assert budget.fits(replace(layout, draft_vocab_size=width))
-    assert not budget.fits(replace(layout, draft_vocab_size=width + 1))
+    assert budget.fits_layout(replace(layout, draft_vocab_size=width))
+    assert not budget.fits_layout(replace(layout, draft_vocab_size=width + 1))
     assert found[-1] == "plan.check_free_space: false to start anyway"
+    # Neither setting shrinks a specforge cache: only another filesystem helps.
+    specforge = suggestions(
+        "demo", "specforge", layout, replace(budget, filesystem=replace(budget.filesystem, free_bytes=0))
+    )
+    assert [s.split(" ")[0] for s in specforge] == ["results/", "plan.check_free_space:"]
 
 
 @pytest.fixture
@@ -193,9 +260,40 @@ def test_a_plan_within_the_free_space_passes_and_sizes_the_alternative(store, tm
     assert plan["fits"] and refusal(plan) is None and "suggestions" not in plan
     assert plan["layout"]["aux_hidden_dim"] == 3 * HIDDEN and plan["layout"]["draft_vocab_size"] == VOCAB
     assert [f["file"] for f in plan["files"]] == [shard_file_name(0), shard_file_name(1), EMBEDDINGS_FILE]
-    assert plan["alternative"]["target_probs_topk"] == 64
+    assert plan["alternative"] == {**plan["alternative"], "format": "automodel", "target_probs_topk": 64}
     assert plan["alternative"]["allocated_bytes"] < plan["allocated_bytes"]
+    assert plan["specforge"]["allocated_bytes"] < plan["allocated_bytes"]
     json.dumps(plan)
+
+
+def test_a_specforge_plan_sizes_its_shard_directories_and_compares_the_automodel_format(store, tmp_path):
+    plan = plan_cache("demo", store, tmp_path / "shards", SPECFORGE_SETTINGS, CHECK, HIDDEN)
+    automodel = plan_cache("demo", store, tmp_path / "shards", SETTINGS, CHECK, HIDDEN)
+    assert plan["format"] == "specforge" and plan["fits"]
+    assert [f["file"] for f in plan["files"]] == [shard_dir_name(0), shard_dir_name(1), VOCAB_MAPPING_FILE]
+    lengths = split_by_shard(np.array(LENGTHS), SETTINGS["shard_size"])
+    assert plan["files"][0]["apparent_bytes"] == int(sample_file_bytes(lengths[0], HIDDEN).sum())
+    assert plan["apparent_bytes"] == automodel["specforge"]["apparent_bytes"]
+    assert plan["alternative"] == {
+        "format": "automodel",
+        "target_probs_topk": 0,
+        "apparent_bytes": automodel["apparent_bytes"],
+        "allocated_bytes": automodel["allocated_bytes"],
+    }
+    assert "specforge" not in plan
+    assert plan["manifest_bytes_bound"] > automodel["manifest_bytes_bound"]  # a record per sample file
+    assert plan_lines(plan)[2].startswith("in the automodel format with full target_probs instead: ")
+
+
+def test_a_specforge_plan_beyond_the_free_space_suggests_only_another_disk(store, tmp_path, monkeypatch):
+    monkeypatch.setattr(disk_plan, "measure_filesystem", small_disk(1000))
+    plan = plan_cache("demo", store, tmp_path / "shards", SPECFORGE_SETTINGS, CHECK, HIDDEN)
+    assert not plan["fits"]
+    assert plan["suggestions"] == [
+        f"results/ on a filesystem with {format_bytes(plan['required_bytes'])} free",
+        "plan.check_free_space: false to start anyway",
+    ]
+    assert "target_probs_topk" not in refusal(plan) and "draft_vocab_size" not in refusal(plan)
 
 
 # --- The target's width ---------------------------------------------------------------------------

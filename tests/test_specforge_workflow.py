@@ -4,6 +4,7 @@ As in test_workflow.py: one completed run per session, and each test works on it
 """
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def workdir(completed, tmp_path) -> Path:
 @pytest.mark.slow
 def test_first_run_builds_every_step(completed):
     workdir, jobs = completed
-    assert jobs == {"tokenize", "select_vocab", "specforge_vocab_mapping", "manifest", "validate"} | (
+    assert jobs == {"tokenize", "select_vocab", "plan", "specforge_vocab_mapping", "manifest", "validate"} | (
         every_specforge_shard()
     )
     assert_complete_specforge_cache(workdir)
@@ -91,12 +92,28 @@ def test_1_second_run_does_nothing(workdir):
 def test_2_format_reruns_shards_manifest_and_report_only(workdir, tiny_chat_target):
     write_config(workdir, run_config(tiny_chat_target, format="automodel"))
     jobs = jobs_run(snakemake(workdir).stdout)
-    assert jobs == {"target_embeddings", "manifest", "validate"} | every_shard()
+    # The plan sizes the format's files, so it is made again.
+    assert jobs == {"plan", "target_embeddings", "manifest", "validate"} | every_shard()
     assert check_cache(cache_dir(workdir)) == []
     write_config(workdir, run_config(tiny_chat_target, format="specforge"))
     jobs = jobs_run(snakemake(workdir).stdout)
-    assert jobs == {"specforge_vocab_mapping", "manifest", "validate"} | every_specforge_shard()
+    assert jobs == {"plan", "specforge_vocab_mapping", "manifest", "validate"} | every_specforge_shard()
     assert_complete_specforge_cache(workdir)
+
+
+@pytest.mark.slow
+def test_the_plan_sizes_the_specforge_files_and_comes_before_every_shard(workdir):
+    plan = json.loads((workdir / "results" / "tiny" / "plan.json").read_text())
+    files = [cache_dir(workdir) / f["file"] for f in plan["files"]]
+    sample_files = [p for path in files for p in ([*path.iterdir()] if path.is_dir() else [path])]
+    assert plan["format"] == "specforge" and plan["apparent_bytes"] == sum(p.stat().st_size for p in sample_files)
+    allocated = sum(p.stat().st_blocks * 512 for p in sample_files)
+    assert abs(allocated / plan["allocated_bytes"] - 1) <= 0.01, (allocated, plan["allocated_bytes"])
+    result = snakemake_static(workdir, "--rulegraph")
+    assert result.returncode == 0, result.stdout
+    ids = dict(re.findall(r"^\s*(\d+)\[label = \"(\w+)\"", result.stdout, re.MULTILINE))
+    edges = {(ids[a], ids[b]) for a, b in re.findall(r"^\s*(\d+) -> (\d+)$", result.stdout, re.MULTILINE)}
+    assert ("plan", "compute_specforge_shard") in edges
 
 
 @pytest.mark.slow

@@ -12,6 +12,8 @@ from pathlib import Path
 
 # --- A cache directory: the names NeMo Automodel's reader expects ----------------------------
 
+# A run's `format` for it.
+AUTOMODEL_FORMAT = "automodel"
 MANIFEST_FILE = "manifest.json"
 EMBEDDINGS_FILE = "target_embeddings.safetensors"
 SHARD_FILE = "shard-{shard}.safetensors"
@@ -63,6 +65,8 @@ def draft_vocab_width(draft_vocab_size: int | None, target_vocab_size: int) -> i
 
 # --- A cache directory in the specforge format (see eagle3_cache.specforge_format) -------------
 
+# A run's `format` for it.
+SPECFORGE_FORMAT = "specforge"
 # A shard is a directory of per-sample files; SpecForge's `model.vocab_mapping_path` names the mapping.
 SHARD_DIR = "shard-{shard}"
 SHARD_DIR_NAME = shard_name_pattern(SHARD_DIR)

@@ -29,7 +29,7 @@ from . import CACHE_SEMANTICS_VERSION
 from .atomic import atomic_output, write_json_atomic
 from .cache_rows import CacheSpec, compute_cache_batch
 from .cost import cost_check
-from .disk_plan import planned_figures, read_plan
+from .disk_plan import planned_figures, planned_summary, read_plan
 from .layout import EMBEDDINGS_FILE, shard_file_name
 from .manifest import read_shard_stats
 from .parity import parity_outcome, parity_result, parity_sample_indices
@@ -44,7 +44,7 @@ from .shard_format import (
     read_shard_rows,
     shard_indices_in,
 )
-from .specforge_format import specforge_files_bytes
+from .specforge_sizes import specforge_files_bytes
 from .target import compute_dtype
 from .token_store import TokenizedInfo, read_token_rows, read_tokenized_info
 from .vocab import read_vocab_selection
@@ -264,10 +264,7 @@ def disk_check(
         f"the specforge format would take {format_bytes(specforge_bytes)}"
     )
     if plan is not None:
-        summary += (
-            f"; the disk plan predicted {format_bytes(plan['apparent_bytes'])} "
-            f"({format_bytes(plan['allocated_bytes'])} allocated)"
-        )
+        summary += f"; {planned_summary(plan)}"
     return CheckResult("disk", True, summary, figures, series)
 
 
