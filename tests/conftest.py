@@ -145,3 +145,11 @@ def tiny_chat_target(tmp_path_factory, chat_tokenizer_json):
     config = tiny_llama_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def target_model(tiny_chat_target):
+    """`tiny_chat_target` loaded on the CPU, as the validation's parity check loads it."""
+    from eagle3_cache.target import load_target
+
+    return load_target(str(tiny_chat_target), revision=None, trust_remote_code=False, device=torch.device("cpu"))

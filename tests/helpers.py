@@ -482,3 +482,8 @@ def snakemake_static(workdir: Path, *args: str) -> subprocess.CompletedProcess:
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def private_copy(workdir: Path, tmp_path: Path) -> Path:
+    """A copy of a finished workdir a test may change (timestamps and Snakemake metadata kept)."""
+    return Path(shutil.copytree(workdir, tmp_path / "workdir", symlinks=True))

@@ -23,7 +23,6 @@ from eagle3_cache.layout import MANIFEST_FILE, shard_file_name
 from eagle3_cache.parity import parity_sample_indices
 from eagle3_cache.report_html import render_html
 from eagle3_cache.shard_format import SAFETENSORS_DTYPES, file_sha256, read_manifest, read_shard_rows
-from eagle3_cache.target import load_target
 from eagle3_cache.validation import ValidationInputs, coverage_curve, failed_path, validate_cache
 from helpers import TinyCache, build_tiny_cache
 
@@ -55,11 +54,6 @@ ROWS = [
 ROWS[5]["messages"][0]["content"] = text(1, 40)
 ROWS[6]["messages"][1]["content"] = text(4, 40)
 TRUNCATED, UNSUPERVISED = [5, 6], [5]
-
-
-@pytest.fixture(scope="session")
-def target_model(tiny_chat_target):
-    return load_target(str(tiny_chat_target), revision=None, trust_remote_code=False, device=torch.device("cpu"))
 
 
 @pytest.fixture(scope="session")

@@ -18,18 +18,12 @@ from eagle3_cache.specforge_format import read_sample_file, sample_file_name, se
 from eagle3_cache.specforge_sizes import specforge_files_bytes
 from eagle3_cache.specforge_validation import automodel_written_bytes, specforge_checks
 from eagle3_cache.specforge_validation import disk_check as specforge_disk_check
-from eagle3_cache.target import load_target
 from eagle3_cache.token_store import read_tokenized_info
 from eagle3_cache.validation import ValidationInputs, disk_check, validate_cache
 from helpers import PARITY_ROWS, TinyCache, build_tiny_cache
 
 SHARD_SIZE = 4
 DRAFT_VOCAB = 300  # most of the random target's vocabulary, as in test_report.py
-
-
-@pytest.fixture(scope="module")
-def target_model(tiny_chat_target):
-    return load_target(str(tiny_chat_target), revision=None, trust_remote_code=False, device=torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from helpers import (
     jobs_run,
     kill_shard_writer_mid_write,
     new_workdir,
+    private_copy,
     run_config,
     snakemake,
     snakemake_static,
@@ -70,7 +71,7 @@ def completed(tmp_path_factory, tiny_chat_target) -> tuple[Path, set[str]]:
 
 @pytest.fixture
 def workdir(completed, tmp_path) -> Path:
-    return Path(shutil.copytree(completed[0], tmp_path / "workdir", symlinks=True))
+    return private_copy(completed[0], tmp_path)
 
 
 @pytest.mark.slow
