@@ -11,6 +11,9 @@ import torch
 from torch import nn
 
 from .errors import CacheConfigError
+from .hub import check_hub_access, named_load_errors
+from .layout import WEIGHT_SUFFIXES
+from .preflight import check_device, resolved_aux_layer_ids
 from .shard_format import file_sha256, stored_safetensors_header
 
 # Where decoder layers live in the causal-LM layouts we support, tried in order
@@ -30,8 +33,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name not in ("cuda", "cpu"):
         raise CacheConfigError(f"device must be one of auto, cuda, cpu; got {name!r}. Fix `device` in the config.")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CacheConfigError("device is 'cuda' but no CUDA device is visible. Use `device: auto` or `cpu`.")
+    check_device(name, torch.cuda.device_count)
     return torch.device(name)
 
 
@@ -61,13 +63,15 @@ def load_target(
         device_map = "auto"
     else:
         device_map = {"": str(device)}  # straight to the GPU, never a full copy in host RAM
-    model = AutoModelForCausalLM.from_pretrained(
-        model_id,
-        revision=revision,
-        trust_remote_code=trust_remote_code,
-        dtype=compute_dtype(device),
-        device_map=device_map,
-    )
+    check_hub_access("target_model", model_id, revision=revision)
+    with named_load_errors("target_model", model_id):
+        model = AutoModelForCausalLM.from_pretrained(
+            model_id,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            dtype=compute_dtype(device),
+            device_map=device_map,
+        )
     return model.eval()
 
 
@@ -85,30 +89,9 @@ def hidden_size(model: nn.Module) -> int:
     return int((text_config or model.config).hidden_size)
 
 
-def default_aux_layer_ids(num_layers: int) -> list[int]:
-    """EAGLE-3's low / middle / high layer recipe."""
-    return [1, num_layers // 2 - 1, num_layers - 4]
-
-
-def validate_aux_layer_ids(aux_layer_ids: Sequence[int], num_layers: int) -> list[int]:
-    """Exactly three distinct in-range layer ids, or an error that says what to set."""
-    ids = list(aux_layer_ids)
-    in_range = all(0 <= i < num_layers for i in ids)
-    if len(ids) != 3 or len(set(ids)) != 3 or not in_range:
-        raise CacheConfigError(
-            f"aux_layer_ids must be 3 distinct layer ids in [0, {num_layers - 1}] for this "
-            f"{num_layers}-layer target; got {ids}. Set `aux_layer_ids` in the run's config "
-            "(it must match the draft's num_aux_hidden_states)."
-        )
-    return ids
-
-
 def resolve_aux_layer_ids(model: nn.Module, aux_layer_ids: Sequence[int] | None) -> list[int]:
     """The configured ids, or the default recipe for this model's depth, validated."""
-    num_layers = num_hidden_layers(model)
-    return validate_aux_layer_ids(
-        default_aux_layer_ids(num_layers) if aux_layer_ids is None else aux_layer_ids, num_layers
-    )
+    return resolved_aux_layer_ids(aux_layer_ids, num_hidden_layers(model))
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -163,7 +146,7 @@ def local_checkpoint_fingerprint(model_dir: Path) -> str:
 
 def checkpoint_weight_files(model_dir: Path) -> list[Path]:
     """A checkpoint directory's weight files and weight indexes, by name."""
-    weight_suffixes = (".safetensors", ".bin", ".pt", ".gguf")
+    weight_suffixes = (*WEIGHT_SUFFIXES, ".pt", ".gguf")
     files = [p for p in model_dir.iterdir() if p.suffix in weight_suffixes or p.name.endswith(".index.json")]
     return sorted(files, key=lambda p: p.name)
 
@@ -187,7 +170,9 @@ def input_embeddings(model_id: str, *, revision: str | None, trust_remote_code: 
     """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        model_id, revision=revision, trust_remote_code=trust_remote_code, dtype="auto"
-    )
+    check_hub_access("target_model", model_id, revision=revision)
+    with named_load_errors("target_model", model_id):
+        model = AutoModelForCausalLM.from_pretrained(
+            model_id, revision=revision, trust_remote_code=trust_remote_code, dtype="auto"
+        )
     return model.get_input_embeddings().weight.detach().to(torch.float32).contiguous()
