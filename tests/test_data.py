@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import runpy
 from pathlib import Path
 from types import SimpleNamespace
 
+import datasets
 import h5py
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from datasets import Dataset
 
 from eagle3_cache import data
 from eagle3_cache.chat import ChatTokenizer, chat_template_hash, special_token_ids, tokenizer_hash
-from eagle3_cache.data import Conversation, conversation_from_row, iter_conversations, load_rows
+from eagle3_cache.data import Conversation, Rows, conversation_from_row, iter_conversations, load_rows, read_json_rows
 from eagle3_cache.errors import CacheConfigError
 from eagle3_cache.token_store import (
     TokenizedHeader,
@@ -52,7 +54,11 @@ def supervised_text(tokenizer, sample) -> str:
 
 
 def conversation(messages: list[dict], index: int = 0) -> Conversation:
-    return Conversation(index=index, messages=messages)
+    return Conversation(index=index, messages=messages, where=f"sample {index}")
+
+
+def row(value: dict, where: str = "chats.jsonl, line 1") -> Conversation:
+    return conversation_from_row(value, 0, where)
 
 
 # --- Sources -----------------------------------------------------------------------------------
@@ -92,14 +98,16 @@ def test_hub_id_loads_the_base_split_then_shuffles_and_slices(monkeypatch):
         calls.append((path, split))
         return Dataset.from_list(rows)
 
-    monkeypatch.setattr(data, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(data, "check_hub_access", lambda *args, **kwargs: None)
     loaded = load_rows("org/chats", "train[5:]", 1)
     assert calls == [("org/chats", "train")]
     assert ids_of(loaded) == ids_of(Dataset.from_list(rows).shuffle(seed=1))[5:]
+    assert loaded.where(2) == "org/chats, row 2 (0-based, after shuffling and slicing)"
 
 
 def test_hub_id_needs_a_split():
-    with pytest.raises(CacheConfigError, match="set `split`"):
+    with pytest.raises(CacheConfigError, match="hub dataset, which needs `split`"):
         load_rows("org/chats", None, 42)
 
 
@@ -107,6 +115,43 @@ def test_missing_local_file_is_named(tmp_path):
     missing = tmp_path / "nope.jsonl"
     with pytest.raises(CacheConfigError, match="nope.jsonl.*no such file"):
         load_rows(str(missing), None, None)
+
+
+def test_a_path_without_its_suffix_is_a_missing_file_with_a_suggestion(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "chats.jsonl", numbered_rows(1))
+    with pytest.raises(CacheConfigError, match=r"'data/chats': no such file.*did you mean data/chats.jsonl\?"):
+        load_rows("data/chats", None, None)
+
+
+def test_jsonl_rows_are_named_by_their_line(tmp_path):
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in numbered_rows(2)).replace("\n", "\n\n") + "\n")
+    rows = load_rows(str(path), None, None)
+    assert [rows.where(i) for i in range(2)] == [f"{path}, line 1", f"{path}, line 3"]
+    assert read_json_rows(tmp_path / "chats.jsonl")[1]["id"] == 1
+
+
+def test_json_list_items_are_named_from_one(tmp_path):
+    (tmp_path / "list.json").write_text(json.dumps(numbered_rows(3)))
+    assert load_rows(str(tmp_path / "list.json"), None, None).where(2) == f"{tmp_path / 'list.json'}, item 3"
+
+
+def test_non_utf8_data_names_the_file_and_line(tmp_path):
+    path = tmp_path / "chats.jsonl"
+    path.write_bytes(json.dumps(numbered_rows(1)[0]).encode() + b'\n{"messages": "caf\xe9"}\n')
+    with pytest.raises(CacheConfigError, match=r"chats.jsonl, line 2: not valid UTF-8 \(byte 0xe9\)"):
+        load_rows(str(path), None, None)
+    (tmp_path / "chats.json").write_bytes(b'[\n{"a": 1},\n"\xff"]')
+    with pytest.raises(CacheConfigError, match=r"chats.json, line 3: not valid UTF-8"):
+        load_rows(str(tmp_path / "chats.json"), None, None)
+
+
+def test_a_byte_order_mark_is_skipped(tmp_path):
+    path = tmp_path / "chats.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(numbered_rows(1)[0]).encode() + b"\n")
+    assert ids_of(load_rows(str(path), None, None)) == [0]
 
 
 def test_unsupported_slice_syntax(tmp_path):
@@ -132,7 +177,7 @@ def test_other_file_types_are_refused(tmp_path):
 
 
 def test_openai_messages_are_normalised():
-    row = {
+    value = {
         "messages": [
             {"role": "system", "content": None},
             {"role": "user", "content": [{"type": "text", "text": "look"}, {"type": "image"}, {"text": "here"}]},
@@ -140,7 +185,7 @@ def test_openai_messages_are_normalised():
         ],
         "tools": json.dumps([{"type": "function", "function": {"name": "f"}}]),
     }
-    result = conversation_from_row(row, 0)
+    result = row(value)
     assert [m["content"] for m in result.messages] == ["", "look here", "ok"]
     assert result.messages[2] == {"role": "assistant", "content": "ok", "reasoning_content": "", "name": "bot"}
     assert result.tools == [{"type": "function", "function": {"name": "f"}}]
@@ -152,30 +197,51 @@ def test_openai_messages_are_normalised():
     + [(name, "assistant") for name in ("gpt", "assistant", "chatgpt", "model", "bot")],
 )
 def test_sharegpt_roles(source_role, role):
-    row = {"conversations": [{"from": source_role, "value": "x"}, {"from": "gpt", "value": "y"}]}
-    assert conversation_from_row(row, 0).messages[0] == {"role": role, "content": "x"}
+    value = {"conversations": [{"from": source_role, "value": "x"}, {"from": "gpt", "value": "y"}]}
+    assert row(value).messages[0] == {"role": role, "content": "x"}
 
 
-def test_unknown_openai_role_names_sample_role_and_accepted_roles():
+def test_unknown_openai_role_names_line_message_and_accepted_roles():
     rows = [{"messages": chat("a", "b")}] * 3 + [{"messages": [{"role": "narrator", "content": "x"}]}]
-    with pytest.raises(CacheConfigError, match="sample 3: unknown role 'narrator'.*system, user, assistant, tool"):
-        list(iter_conversations(rows))
+    named = Rows(rows, lambda index: f"chats.jsonl, line {index + 1}")
+    with pytest.raises(
+        CacheConfigError, match=r"line 4: messages\[0\]: unknown role 'narrator'.*system, user, assistant, tool"
+    ):
+        list(iter_conversations(named))
 
 
-def test_unknown_sharegpt_role_names_sample_role_and_accepted_roles():
-    row = {"conversations": [{"from": "observation", "value": "x"}]}
-    with pytest.raises(CacheConfigError, match="sample 7: unknown ShareGPT role 'observation'.*human"):
-        conversation_from_row(row, 7)
+def test_unknown_sharegpt_role_names_line_turn_and_accepted_roles():
+    value = {"conversations": [{"from": "observation", "value": "x"}]}
+    with pytest.raises(
+        CacheConfigError, match=r"line 8: conversations\[0\]: unknown ShareGPT role 'observation'.*human"
+    ):
+        row(value, "chats.jsonl, line 8")
 
 
 def test_row_without_assistant_turn_is_refused():
-    with pytest.raises(CacheConfigError, match="sample 2 has no assistant turn"):
-        conversation_from_row({"messages": [{"role": "user", "content": "hi"}]}, 2)
+    with pytest.raises(CacheConfigError, match="line 3 has no assistant turn"):
+        row({"messages": [{"role": "user", "content": "hi"}]}, "chats.jsonl, line 3")
 
 
 def test_row_without_messages_is_refused():
-    with pytest.raises(CacheConfigError, match="sample 4: no `messages`.*'text'"):
-        conversation_from_row({"text": "hi"}, 4)
+    with pytest.raises(CacheConfigError, match="line 5: no `messages`.*'text'"):
+        row({"text": "hi"}, "chats.jsonl, line 5")
+
+
+@pytest.mark.parametrize(
+    ("content", "shown"),
+    [({"text": "hello"}, "a dict ({'text': 'hello'})"), (42, "an int (42)"), (["hello"], "a list (['hello'])")],
+)
+def test_content_that_is_not_text_is_refused_not_stringified(content, shown):
+    value = {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "ok"}]}
+    with pytest.raises(CacheConfigError, match=re.escape(f"line 2: messages[0].content is {shown}; give a string")):
+        row(value, "chats.jsonl, line 2")
+
+
+def test_sharegpt_turn_without_value_is_refused():
+    value = {"conversations": [{"from": "human"}, {"from": "gpt", "value": "y"}]}
+    with pytest.raises(CacheConfigError, match=r"conversations\[0\]: a ShareGPT turn needs `value`"):
+        row(value)
 
 
 # --- Rendering and masks -----------------------------------------------------------------------
@@ -395,8 +461,9 @@ def test_a_file_that_is_not_a_store_is_refused(tmp_path):
 # --- The rule script ---------------------------------------------------------------------------
 
 
-def rule_job(tmp_path: Path, **params) -> SimpleNamespace:
-    """The `snakemake` object the tokenize rule hands its script (params as Snakemake's Namedlist)."""
+def rule_job(tmp_path: Path, run_settings: dict | None = None, **params) -> SimpleNamespace:
+    """The `snakemake` object the tokenize rule hands its script (params as Snakemake's Namedlist); the
+    config's run holds the settings the script checks beyond its params."""
     from snakemake.iocontainers import Namedlist
 
     defaults = dict(
@@ -408,10 +475,13 @@ def rule_job(tmp_path: Path, **params) -> SimpleNamespace:
         mask_reasoning_content=False,
         mask_generation_prompt=False,
     )
+    checked = {"aux_layer_ids": None, "draft_vocab_size": None, **(run_settings or {})}
     return SimpleNamespace(
         params=Namedlist(fromdict={**defaults, **params}),
         output=SimpleNamespace(tokenized=str(tmp_path / "results" / "tokenized.h5")),
         log=[str(tmp_path / "tokenize.log")],
+        config={"runs": {"r": checked}},
+        wildcards=SimpleNamespace(run="r"),
     )
 
 
@@ -434,17 +504,47 @@ def test_tokenize_rule_script(tmp_path, model_dir):
     runpy.run_path(str(SCRIPTS / "tokenize_conversations.py"), init_globals={"snakemake": snakemake})
     info = read_tokenized_info(snakemake.output.tokenized)
     assert info.num_samples == 2 and info.target_vocab_size == 384
-    assert info.source == {"input_data": str(data_path), "split": "train", "shuffle_seed": 42}
+    # A JSON file is read whole: its split and shuffle_seed are not applied, and the store says so.
+    assert info.source == {"input_data": str(data_path), "split": None, "shuffle_seed": None}
     assert "2 samples, 0 truncated" in (tmp_path / "tokenize.log").read_text()
 
 
-def test_tokenize_rule_script_names_the_input_of_a_bad_sample(tmp_path, model_dir):
+def run_failing_tokenize_script(snakemake: SimpleNamespace, capsys) -> str:
+    """Run the tokenize script expecting it to stop; returns what it printed on stderr."""
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(str(SCRIPTS / "tokenize_conversations.py"), init_globals={"snakemake": snakemake})
+    assert stopped.value.code != 0
+    return capsys.readouterr().err + str(stopped.value.code)
+
+
+def test_tokenize_rule_script_names_the_line_of_a_bad_sample_in_one_line(tmp_path, model_dir, capsys):
     rows = [{"messages": chat("Hi", "Yo")}, {"messages": [{"role": "user", "content": "Hi"}]}]
     data_path = write_jsonl(tmp_path / "chats.jsonl", rows)
     snakemake = rule_job(tmp_path, target_model=str(model_dir), input_data=str(data_path))
-    with pytest.raises(CacheConfigError, match="chats.jsonl.*sample 1 has no assistant turn"):
-        runpy.run_path(str(SCRIPTS / "tokenize_conversations.py"), init_globals={"snakemake": snakemake})
-    assert list((tmp_path / "results").iterdir()) == []
+    printed = run_failing_tokenize_script(snakemake, capsys)
+    assert f"Error: {data_path}, line 2 has no assistant turn" in printed
+    assert "Traceback" not in printed
+    assert "Traceback" in (tmp_path / "tokenize.log").read_text()
+    assert not (tmp_path / "results").exists() or list((tmp_path / "results").iterdir()) == []
+
+
+def test_tokenize_rule_script_checks_the_target_config_before_tokenizing(tmp_path, model_dir, capsys):
+    data_path = write_jsonl(tmp_path / "chats.jsonl", [{"messages": chat("Hi", "Yo")}])
+    snakemake = rule_job(
+        tmp_path, {"aux_layer_ids": [1, 2, 30]}, target_model=str(model_dir), input_data=str(data_path)
+    )
+    assert "aux_layer_ids must be 3 distinct layer ids in [0, 7]" in run_failing_tokenize_script(snakemake, capsys)
+
+
+def test_samples_left_without_supervision_are_named_by_line(tmp_path, make_chat_tokenizer, caplog):
+    long_system = {"role": "system", "content": "The quick brown fox jumps over the lazy dog. " * 40}
+    rows = [{"messages": chat("Hi", "Yo")}, {"messages": [long_system, *chat("Hi", "Yo")]}]
+    data_path = write_jsonl(tmp_path / "chats.jsonl", rows)
+    with caplog.at_level("WARNING"):
+        tokenize_to_store(tmp_path / "tokenized.h5", make_chat_tokenizer(), data_path, 32)
+    warning = " ".join(record.getMessage() for record in caplog.records if record.levelname == "WARNING")
+    assert "1 samples have no supervised token" in warning
+    assert f"{data_path}, line 2 (cut at seq_length before its first assistant token)" in warning
 
 
 # --- Parity with Automodel's ChatDataset (the oracle) ------------------------------------------
