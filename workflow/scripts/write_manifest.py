@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from eagle3_cache.atomic import write_json_atomic
+from eagle3_cache.errors import reported_errors
 from eagle3_cache.logs import setup_logging
 from eagle3_cache.manifest import checked_manifest, read_shard_stats
 from eagle3_cache.token_store import read_tokenized_info
@@ -12,19 +13,20 @@ snakemake = snakemake  # noqa: F821 (injected by Snakemake's script directive)
 log = setup_logging(snakemake.log[0])
 settings = dict(snakemake.params.items())
 
-selected, _ = read_vocab_selection(snakemake.input.selection)
-manifest = checked_manifest(
-    Path(snakemake.params.cache_dir),
-    settings,
-    read_shard_stats(snakemake.input.stats),
-    selected.tolist(),
-    read_tokenized_info(snakemake.input.tokenized),
-)
-write_json_atomic(snakemake.output.manifest, manifest)
-log.info(
-    "cache complete: %d samples in %d shards, %.2f GB in %s",
-    manifest["num_samples"],
-    len(manifest["shards"]),
-    sum(s["bytes"] for s in manifest["shards"]) / 1e9,
-    snakemake.params.cache_dir,
-)
+with reported_errors():
+    selected, _ = read_vocab_selection(snakemake.input.selection)
+    manifest = checked_manifest(
+        Path(snakemake.params.cache_dir),
+        settings,
+        read_shard_stats(snakemake.input.stats),
+        selected.tolist(),
+        read_tokenized_info(snakemake.input.tokenized),
+    )
+    write_json_atomic(snakemake.output.manifest, manifest)
+    log.info(
+        "cache complete: %d samples in %d shards, %.2f GB in %s",
+        manifest["num_samples"],
+        len(manifest["shards"]),
+        sum(s["bytes"] for s in manifest["shards"]) / 1e9,
+        snakemake.params.cache_dir,
+    )
