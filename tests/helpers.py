@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -305,6 +308,46 @@ def run_config(target_model: str | Path, **overrides) -> dict:
     # Not strict: a random model's predictions fail the report's quality thresholds.
     validation = {"num_samples": 2, "strict": False}
     return {"runs": {RUN: settings}, "device": "cpu", "validation": validation}
+
+
+RUN_TIMEOUT_S = 900
+# One thread per target-model job, so that two shard jobs share the 2 cores of a CI machine.
+LOCAL_RUN = ["--profile", "profiles/local", "--set-threads", "compute_shard=1", "validate=1", "--cores", "2"]
+
+JOB_HEADER = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):$")
+SHARD_WILDCARD = re.compile(r"^\s+wildcards: .*\bshard=(\d{6})")
+
+
+def snakemake(
+    workdir: Path, *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run snakemake with the local profile on 2 cores; output is stdout and stderr together."""
+    command = ["timeout", "-k", "10", str(RUN_TIMEOUT_S), SNAKEMAKE, *LOCAL_RUN, *args]
+    result = subprocess.run(
+        command,
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    if check and result.returncode != 0:
+        pytest.fail(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-6000:]}")
+    return result
+
+
+def jobs_run(output: str) -> set[str]:
+    """The jobs a snakemake run executed ("compute_shard-000003" for a shard), `all` left out."""
+    jobs = []
+    for line in output.splitlines():
+        header = JOB_HEADER.match(line)
+        shard = SHARD_WILDCARD.match(line)
+        if header:
+            jobs.append(header.group(1))
+        elif shard and jobs and jobs[-1] == "compute_shard":
+            jobs[-1] = f"compute_shard-{shard.group(1)}"
+    assert len(jobs) == len(set(jobs)), f"a job ran twice: {jobs}"
+    return set(jobs) - {"all"}
 
 
 def write_config(workdir: Path, config: dict) -> None:

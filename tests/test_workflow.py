@@ -1,8 +1,8 @@
 """The workflow end to end, through the `snakemake` command line, on a tiny random model.
 
-One completed run is built per session; each test that changes something works on its own
-copy of it (mtimes and Snakemake's metadata included), so the tests do not depend on each
-other. What reran is read from the job headers Snakemake prints for every job it executes.
+One completed run is built per session (conftest's `completed`); each test that changes something
+works on its own copy of it (`workdir`: mtimes and Snakemake's metadata included), so the tests do
+not depend on each other. What reran is read from the job headers Snakemake prints for every job it executes.
 """
 
 import hashlib
@@ -20,74 +20,26 @@ import pytest
 
 from helpers import (
     HOLD_SHARD,
+    LOCAL_RUN,
     NUM_CONVERSATIONS,
     NUM_SHARDS,
     REPO,
+    RUN_TIMEOUT_S,
     SNAKEMAKE,
     assert_complete_cache,
     cache_dir,
     digest,
+    jobs_run,
     new_workdir,
     run_config,
     shard_path,
+    snakemake,
     write_config,
 )
-
-RUN_TIMEOUT_S = 900
-# One thread per target-model job, so that two shard jobs share the 2 cores of a CI machine.
-LOCAL_RUN = ["--profile", "profiles/local", "--set-threads", "compute_shard=1", "validate=1", "--cores", "2"]
-
-JOB_HEADER = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):$")
-SHARD_WILDCARD = re.compile(r"^\s+wildcards: .*\bshard=(\d{6})")
 
 
 def every_shard(count: int = NUM_SHARDS) -> set[str]:
     return {f"compute_shard-{index:06d}" for index in range(count)}
-
-
-# --- Setup ----------------------------------------------------------------------------------
-
-
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run snakemake with the local profile on 2 cores; output is stdout and stderr together."""
-    command = ["timeout", "-k", "10", str(RUN_TIMEOUT_S), SNAKEMAKE, *LOCAL_RUN, *args]
-    result = subprocess.run(
-        command,
-        cwd=workdir,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    if check and result.returncode != 0:
-        pytest.fail(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-6000:]}")
-    return result
-
-
-def jobs_run(output: str) -> set[str]:
-    """The jobs a snakemake run executed ("compute_shard-000003" for a shard), `all` left out."""
-    jobs = []
-    for line in output.splitlines():
-        header = JOB_HEADER.match(line)
-        shard = SHARD_WILDCARD.match(line)
-        if header:
-            jobs.append(header.group(1))
-        elif shard and jobs and jobs[-1] == "compute_shard":
-            jobs[-1] = f"compute_shard-{shard.group(1)}"
-    assert len(jobs) == len(set(jobs)), f"a job ran twice: {jobs}"
-    return set(jobs) - {"all"}
-
-
-@pytest.fixture(scope="session")
-def completed(tmp_path_factory, tiny_chat_target) -> tuple[Path, set[str]]:
-    """A workdir where the whole workflow ran once, and the jobs that first run executed."""
-    workdir = new_workdir(tmp_path_factory.mktemp("completed"), run_config(tiny_chat_target))
-    return workdir, jobs_run(snakemake(workdir).stdout)
-
-
-@pytest.fixture
-def workdir(completed, tmp_path) -> Path:
-    """A private copy of the completed workdir (timestamps and Snakemake metadata kept)."""
-    return Path(shutil.copytree(completed[0], tmp_path / "workdir", symlinks=True))
 
 
 # --- End to end -----------------------------------------------------------------------------
@@ -275,23 +227,6 @@ def test_demo_dry_run_converts_the_model_first(tmp_path):
     result = snakemake_static(workdir, "-n")
     assert result.returncode == 0, result.stdout
     assert "convert_demo_model" in jobs_run(result.stdout)
-
-
-@pytest.mark.parametrize(
-    ("config", "named"),
-    [
-        (run_config(HUB_MODEL, sequence_length=512), "sequence_length"),
-        (run_config(HUB_MODEL, seq_length="long"), "seq_length"),
-        ({**run_config(HUB_MODEL), "gpus_per_job": 0}, "gpus_per_job"),
-        ({**run_config(HUB_MODEL), "validation": {"samples": 3}}, "samples"),
-    ],
-)
-def test_config_errors_name_the_key(tmp_path, config, named):
-    workdir = new_workdir(tmp_path, config)
-    result = snakemake_static(workdir, "-n")
-    assert result.returncode != 0
-    assert "Error validating config file" in result.stdout
-    assert named in result.stdout
 
 
 def test_conda_env_records_the_requirements_it_installs():
