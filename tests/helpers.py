@@ -100,6 +100,21 @@ CHATML_GENERATION_TEMPLATE = (
 )
 
 
+def chat(user: str, assistant: str, **assistant_fields) -> list[dict]:
+    """A user turn and an assistant turn, as OpenAI messages."""
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant, **assistant_fields}]
+
+
+def numbered_rows(count: int) -> list[dict]:
+    """`count` rows, each with its `id` and a short exchange."""
+    return [{"id": i, "messages": chat(f"question {i}", f"answer {i}")} for i in range(count)]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 # Conversations for the Automodel parity tests: both row schemas, system turns, several assistant
 # turns, reasoning, list-of-parts content, and rows long enough to be truncated mid-turn.
 PARITY_ROWS = [

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import runpy
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +16,7 @@ from datasets import Dataset
 
 from eagle3_cache import data
 from eagle3_cache.chat import ChatTokenizer, chat_template_hash, special_token_ids, tokenizer_hash
-from eagle3_cache.data import Conversation, Rows, conversation_from_row, iter_conversations, load_rows, read_json_rows
+from eagle3_cache.data import Conversation, Rows, conversation_from_row, iter_conversations, load_rows
 from eagle3_cache.errors import CacheConfigError
 from eagle3_cache.token_store import (
     TokenizedHeader,
@@ -27,22 +26,17 @@ from eagle3_cache.token_store import (
     read_tokenized_info,
     write_tokenized,
 )
-from helpers import CHATML_GENERATION_TEMPLATE, CHATML_TEMPLATE, tiny_llama_config, tokenize_to_store
+from helpers import (
+    CHATML_GENERATION_TEMPLATE,
+    CHATML_TEMPLATE,
+    chat,
+    numbered_rows,
+    tiny_llama_config,
+    tokenize_to_store,
+    write_jsonl,
+)
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "workflow" / "scripts"
-
-
-def chat(user: str, assistant: str, **assistant_fields) -> list[dict]:
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant, **assistant_fields}]
-
-
-def numbered_rows(count: int) -> list[dict]:
-    return [{"id": i, "messages": chat(f"question {i}", f"answer {i}")} for i in range(count)]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 def ids_of(rows) -> list[int]:
@@ -117,43 +111,6 @@ def test_missing_local_file_is_named(tmp_path):
         load_rows(str(missing), None, None)
 
 
-def test_a_path_without_its_suffix_is_a_missing_file_with_a_suggestion(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "data").mkdir()
-    write_jsonl(tmp_path / "data" / "chats.jsonl", numbered_rows(1))
-    with pytest.raises(CacheConfigError, match=r"'data/chats': no such file.*did you mean data/chats.jsonl\?"):
-        load_rows("data/chats", None, None)
-
-
-def test_jsonl_rows_are_named_by_their_line(tmp_path):
-    path = tmp_path / "chats.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in numbered_rows(2)).replace("\n", "\n\n") + "\n")
-    rows = load_rows(str(path), None, None)
-    assert [rows.where(i) for i in range(2)] == [f"{path}, line 1", f"{path}, line 3"]
-    assert read_json_rows(tmp_path / "chats.jsonl")[1]["id"] == 1
-
-
-def test_json_list_items_are_named_from_one(tmp_path):
-    (tmp_path / "list.json").write_text(json.dumps(numbered_rows(3)))
-    assert load_rows(str(tmp_path / "list.json"), None, None).where(2) == f"{tmp_path / 'list.json'}, item 3"
-
-
-def test_non_utf8_data_names_the_file_and_line(tmp_path):
-    path = tmp_path / "chats.jsonl"
-    path.write_bytes(json.dumps(numbered_rows(1)[0]).encode() + b'\n{"messages": "caf\xe9"}\n')
-    with pytest.raises(CacheConfigError, match=r"chats.jsonl, line 2: not valid UTF-8 \(byte 0xe9\)"):
-        load_rows(str(path), None, None)
-    (tmp_path / "chats.json").write_bytes(b'[\n{"a": 1},\n"\xff"]')
-    with pytest.raises(CacheConfigError, match=r"chats.json, line 3: not valid UTF-8"):
-        load_rows(str(tmp_path / "chats.json"), None, None)
-
-
-def test_a_byte_order_mark_is_skipped(tmp_path):
-    path = tmp_path / "chats.jsonl"
-    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(numbered_rows(1)[0]).encode() + b"\n")
-    assert ids_of(load_rows(str(path), None, None)) == [0]
-
-
 def test_unsupported_slice_syntax(tmp_path):
     with pytest.raises(CacheConfigError, match=r"train\[:10%\]"):
         load_rows("org/chats", "train[:10%]", 42)
@@ -226,22 +183,6 @@ def test_row_without_assistant_turn_is_refused():
 def test_row_without_messages_is_refused():
     with pytest.raises(CacheConfigError, match="line 5: no `messages`.*'text'"):
         row({"text": "hi"}, "chats.jsonl, line 5")
-
-
-@pytest.mark.parametrize(
-    ("content", "shown"),
-    [({"text": "hello"}, "a dict ({'text': 'hello'})"), (42, "an int (42)"), (["hello"], "a list (['hello'])")],
-)
-def test_content_that_is_not_text_is_refused_not_stringified(content, shown):
-    value = {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "ok"}]}
-    with pytest.raises(CacheConfigError, match=re.escape(f"line 2: messages[0].content is {shown}; give a string")):
-        row(value, "chats.jsonl, line 2")
-
-
-def test_sharegpt_turn_without_value_is_refused():
-    value = {"conversations": [{"from": "human"}, {"from": "gpt", "value": "y"}]}
-    with pytest.raises(CacheConfigError, match=r"conversations\[0\]: a ShareGPT turn needs `value`"):
-        row(value)
 
 
 # --- Rendering and masks -----------------------------------------------------------------------
@@ -534,17 +475,6 @@ def test_tokenize_rule_script_checks_the_target_config_before_tokenizing(tmp_pat
         tmp_path, {"aux_layer_ids": [1, 2, 30]}, target_model=str(model_dir), input_data=str(data_path)
     )
     assert "aux_layer_ids must be 3 distinct layer ids in [0, 7]" in run_failing_tokenize_script(snakemake, capsys)
-
-
-def test_samples_left_without_supervision_are_named_by_line(tmp_path, make_chat_tokenizer, caplog):
-    long_system = {"role": "system", "content": "The quick brown fox jumps over the lazy dog. " * 40}
-    rows = [{"messages": chat("Hi", "Yo")}, {"messages": [long_system, *chat("Hi", "Yo")]}]
-    data_path = write_jsonl(tmp_path / "chats.jsonl", rows)
-    with caplog.at_level("WARNING"):
-        tokenize_to_store(tmp_path / "tokenized.h5", make_chat_tokenizer(), data_path, 32)
-    warning = " ".join(record.getMessage() for record in caplog.records if record.levelname == "WARNING")
-    assert "1 samples have no supervised token" in warning
-    assert f"{data_path}, line 2 (cut at seq_length before its first assistant token)" in warning
 
 
 # --- Parity with Automodel's ChatDataset (the oracle) ------------------------------------------

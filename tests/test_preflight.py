@@ -11,7 +11,7 @@ import pytest
 from huggingface_hub import constants
 
 from eagle3_cache.errors import CacheConfigError, reported_errors
-from eagle3_cache.hub import check_hub_access, hub_reachable, named_load_errors
+from eagle3_cache.hub import check_hub_access, hub_reachable, loading
 from eagle3_cache.layout import applied_settings, is_hub_id, is_local_data, names_local_path
 from eagle3_cache.logs import setup_logging
 from eagle3_cache.preflight import check_device, check_model_config, check_run, cuda_device_count
@@ -127,10 +127,10 @@ def test_offline_a_model_must_be_cached(monkeypatch, tmp_path):
     check_hub_access("target_model", str(tmp_path))  # a local path: nothing to fetch
 
 
-def test_load_errors_name_the_setting():
-    with pytest.raises(CacheConfigError, match="target_model 'org/model' could not be loaded: gated repo"):
-        with named_load_errors("target_model", "org/model"):
-            raise OSError("gated repo\nmore details")
+def test_load_errors_name_the_setting(tmp_path):
+    with pytest.raises(CacheConfigError, match="could not be loaded: no weights found$"):
+        with loading("target_model", str(tmp_path)):
+            raise OSError("no weights found\nmore details")
 
 
 # --- Reporting -----------------------------------------------------------------------------------

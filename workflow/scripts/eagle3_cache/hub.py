@@ -79,8 +79,10 @@ def hub_reachable(endpoint: str) -> bool:
 
 
 @contextlib.contextmanager
-def named_load_errors(setting: str, name: str) -> Iterator[None]:
-    """An OSError from loading `name` (no such repo, a gated one, a missing file) as a CacheConfigError naming it."""
+def loading(setting: str, name: str, *, revision: str | None = None) -> Iterator[None]:
+    """Around loading `name` with transformers: refused at once when it cannot be fetched, and an OSError
+    from the load (no such repo, a gated one, a missing file) as a CacheConfigError naming it."""
+    check_hub_access(setting, name, revision=revision)
     try:
         yield
     except OSError as error:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .errors import CacheConfigError
-from .hub import check_hub_access, named_load_errors
+from .hub import loading
 from .layout import WEIGHT_SUFFIXES
 from .preflight import check_device, resolved_aux_layer_ids
 from .shard_format import file_sha256, stored_safetensors_header
@@ -63,8 +63,7 @@ def load_target(
         device_map = "auto"
     else:
         device_map = {"": str(device)}  # straight to the GPU, never a full copy in host RAM
-    check_hub_access("target_model", model_id, revision=revision)
-    with named_load_errors("target_model", model_id):
+    with loading("target_model", model_id, revision=revision):
         model = AutoModelForCausalLM.from_pretrained(
             model_id,
             revision=revision,
@@ -170,8 +169,7 @@ def input_embeddings(model_id: str, *, revision: str | None, trust_remote_code: 
     """
     from transformers import AutoModelForCausalLM
 
-    check_hub_access("target_model", model_id, revision=revision)
-    with named_load_errors("target_model", model_id):
+    with loading("target_model", model_id, revision=revision):
         model = AutoModelForCausalLM.from_pretrained(
             model_id, revision=revision, trust_remote_code=trust_remote_code, dtype="auto"
         )

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 from .chat import ChatTokenizer, chat_template_hash, special_token_ids, tokenizer_hash
 from .data import Conversation, Rows, checked_rows, iter_conversations
 from .errors import CacheConfigError
-from .hub import check_hub_access, named_load_errors
+from .hub import loading
 from .layout import applied_settings
 from .preflight import check_model_config
 from .token_store import TokenizedHeader, TokenizedSample, read_tokenized_info, write_tokenized
@@ -37,8 +37,7 @@ def tokenize_dataset(
     With `run_settings` (the run's whole settings), its aux_layer_ids and draft_vocab_size are first
     checked against the config: for a hub model this is the first place they can be.
     """
-    check_hub_access("target_model", target_model, revision=revision)
-    with named_load_errors("target_model", target_model):
+    with loading("target_model", target_model, revision=revision):
         config = AutoConfig.from_pretrained(target_model, revision=revision, trust_remote_code=trust_remote_code)
         if run_settings is not None:
             check_model_config(config.to_dict(), run_settings)
