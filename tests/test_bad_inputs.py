@@ -234,7 +234,11 @@ CASES = [
         r"data/conversations\.jsonl, line 4: not valid UTF-8 \(byte 0xe9\); save the file as UTF-8",
         prepare=data_line(4, messages(("user", "café"), ("assistant", "oui")).encode("latin-1")),
     ),
-    Case("invalid_json", r"data/conversations\.jsonl, line 3: invalid JSON", prepare=data_line(3, '{"messages": [')),
+    Case(
+        "invalid_json",
+        r"data/conversations\.jsonl, line 3: invalid JSON \(Expecting value at column 15\); fix or remove it",
+        prepare=data_line(3, '{"messages": ['),
+    ),
     Case(
         "content_is_a_dict",
         r"line 3: messages\[0\]\.content is a dict \(\{'text': 'hello'\}\); give a string",

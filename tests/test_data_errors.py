@@ -75,3 +75,9 @@ def test_samples_left_without_supervision_are_named_by_line(tmp_path, make_chat_
     warning = " ".join(record.getMessage() for record in caplog.records if record.levelname == "WARNING")
     assert "1 samples have no supervised token" in warning
     assert f"{data_path}, line 2 (cut at seq_length before its first assistant token)" in warning
+
+
+def test_invalid_json_in_a_document_names_its_line_and_column(tmp_path):
+    (tmp_path / "chats.json").write_text('[\n{"a": 1},\n{oops}]')
+    with pytest.raises(CacheConfigError, match=r"chats.json: invalid JSON \(.* at line 3, column 2\)"):
+        load_rows(str(tmp_path / "chats.json"), None, None)

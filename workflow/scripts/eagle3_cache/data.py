@@ -139,7 +139,7 @@ def read_json_lines(path: Path) -> Rows:
         for number, raw in enumerate(handle, start=1):
             where = f"{path}, line {number}"
             # A byte order mark may open the file; json.loads refuses it.
-            text = utf8_text(raw.removeprefix(b"\xef\xbb\xbf") if number == 1 else raw, path, number)
+            text = utf8_text(raw.removeprefix(b"\xef\xbb\xbf") if number == 1 else raw, path, number).rstrip("\r\n")
             if text.strip():
                 items.append(parse_json(text, where))
                 line_numbers.append(number)
@@ -160,10 +160,12 @@ def utf8_text(raw: bytes, path: Path, line: int | None = None) -> str:
 
 
 def parse_json(text: str, where: str) -> Any:
+    """`text` parsed, or an error naming `where` and the place in it (a line within a whole document)."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
-        raise CacheConfigError(f"{where}: invalid JSON ({error}); fix or remove it") from error
+        at = f"line {error.lineno}, column {error.colno}" if "\n" in text else f"column {error.colno}"
+        raise CacheConfigError(f"{where}: invalid JSON ({error.msg} at {at}); fix or remove it") from error
 
 
 def iter_conversations(rows: Rows) -> Iterator[Conversation]:
