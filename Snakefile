@@ -12,6 +12,7 @@ include: "workflow/rules/demo.smk"
 include: "workflow/rules/tokenize.smk"
 include: "workflow/rules/vocab.smk"
 include: "workflow/rules/shards.smk"
+include: "workflow/rules/specforge.smk"
 include: "workflow/rules/manifest.smk"
 include: "workflow/rules/validate.smk"
 

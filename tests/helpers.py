@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,17 +220,22 @@ def build_tiny_cache(
     draft_vocab_size: int | None = 64,
     dtype: str = "bf16",
     target_probs_topk: int = 0,
+    format: str = "automodel",
 ) -> TinyCache:
     """What the workflow's rules do, in-process on the CPU: tokenize `rows`, select the draft
-    vocabulary, compute every shard, store the embeddings and write the manifest."""
+    vocabulary, compute every shard, store the embeddings (automodel) or the vocabulary mapping
+    (specforge) and write the manifest."""
     from transformers import AutoTokenizer
 
     from eagle3_cache import CACHE_SEMANTICS_VERSION
     from eagle3_cache.atomic import write_json_atomic
-    from eagle3_cache.layout import EMBEDDINGS_FILE, MANIFEST_FILE, num_shards
+    from eagle3_cache.layout import EMBEDDINGS_FILE, MANIFEST_FILE, VOCAB_MAPPING_FILE, num_shards, shard_dir_name
     from eagle3_cache.manifest import checked_manifest, read_shard_stats
-    from eagle3_cache.pipeline import run_shard_job
+    from eagle3_cache.pipeline import compute_shard, run_shard_job
     from eagle3_cache.shard_format import write_target_embeddings
+    from eagle3_cache.specforge_cache import specforge_manifest
+    from eagle3_cache.specforge_format import write_vocab_mapping
+    from eagle3_cache.specforge_shard import compute_specforge_shard
     from eagle3_cache.target import input_embeddings
     from eagle3_cache.token_store import read_tokenized_info
     from eagle3_cache.vocab import build_vocab_selection
@@ -257,7 +265,9 @@ def build_tiny_cache(
         "shuffle_seed": 42,
         "mask_reasoning_content": False,
         "mask_generation_prompt": False,
+        "format": format,
     }
+    specforge = format == "specforge"
     shard_count = num_shards(info.num_samples, shard_size)
     stats_paths = [cache.run_dir / "shard_stats" / f"shard-{shard_id(i)}.json" for i in range(shard_count)]
     for index, stats_path in enumerate(stats_paths):
@@ -269,13 +279,19 @@ def build_tiny_cache(
             batch_size=batch_size,
             device=torch.device("cpu"),
             num_gpus=1,
-            shard_path=cache.cache_dir / shard_file_name(index),
+            shard_path=cache.cache_dir / (shard_dir_name if specforge else shard_file_name)(index),
             stats_path=stats_path,
+            compute=compute_specforge_shard if specforge else compute_shard,
         )
-    embeddings = input_embeddings(str(target_dir), revision=None, trust_remote_code=False)
-    write_target_embeddings(cache.cache_dir / EMBEDDINGS_FILE, embeddings)
+    if specforge:
+        write_vocab_mapping(cache.cache_dir / VOCAB_MAPPING_FILE, selected, info.target_vocab_size)
+    else:
+        embeddings = input_embeddings(str(target_dir), revision=None, trust_remote_code=False)
+        write_target_embeddings(cache.cache_dir / EMBEDDINGS_FILE, embeddings)
     stats = read_shard_stats(stats_paths)
     manifest = checked_manifest(cache.cache_dir, settings, stats, selected.tolist(), info)
+    if specforge:
+        manifest = specforge_manifest(cache.cache_dir, stats, manifest)
     write_json_atomic(cache.cache_dir / MANIFEST_FILE, manifest)
     return cache
 
@@ -325,46 +341,6 @@ def run_config(target_model: str | Path, **overrides) -> dict:
     return {"runs": {RUN: settings}, "device": "cpu", "validation": validation}
 
 
-RUN_TIMEOUT_S = 900
-# One thread per target-model job, so that two shard jobs share the 2 cores of a CI machine.
-LOCAL_RUN = ["--profile", "profiles/local", "--set-threads", "compute_shard=1", "validate=1", "--cores", "2"]
-
-JOB_HEADER = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):$")
-SHARD_WILDCARD = re.compile(r"^\s+wildcards: .*\bshard=(\d{6})")
-
-
-def snakemake(
-    workdir: Path, *args: str, check: bool = True, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
-    """Run snakemake with the local profile on 2 cores; output is stdout and stderr together."""
-    command = ["timeout", "-k", "10", str(RUN_TIMEOUT_S), SNAKEMAKE, *LOCAL_RUN, *args]
-    result = subprocess.run(
-        command,
-        cwd=workdir,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    if check and result.returncode != 0:
-        pytest.fail(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-6000:]}")
-    return result
-
-
-def jobs_run(output: str) -> set[str]:
-    """The jobs a snakemake run executed ("compute_shard-000003" for a shard), `all` left out."""
-    jobs = []
-    for line in output.splitlines():
-        header = JOB_HEADER.match(line)
-        shard = SHARD_WILDCARD.match(line)
-        if header:
-            jobs.append(header.group(1))
-        elif shard and jobs and jobs[-1] == "compute_shard":
-            jobs[-1] = f"compute_shard-{shard.group(1)}"
-    assert len(jobs) == len(set(jobs)), f"a job ran twice: {jobs}"
-    return set(jobs) - {"all"}
-
-
 def write_config(workdir: Path, config: dict) -> None:
     (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config))
 
@@ -406,9 +382,10 @@ def assert_complete_cache(workdir: Path, num_shards: int) -> None:
     assert (workdir / "results" / RUN / "validation_report.html").is_file()
 
 
-# Injected into the shard job through PYTHONPATH: holds shard-000001 just before its temp
-# file is moved into place and tells the test the writer's pid, so that the SIGKILL lands
-# while the shard is still being written.
+# Injected into the shard job through PYTHONPATH: holds the shard named by HOLD_DESTINATION
+# (shard-000001.safetensors by default) just before its temp file or staging directory is moved
+# into place and tells the test the writer's pid, so that the SIGKILL lands while the shard is
+# still being written.
 HOLD_SHARD = """
 import os, time
 from pathlib import Path
@@ -417,7 +394,7 @@ _replace = os.replace
 
 
 def replace(source, destination, *args, **kwargs):
-    if str(destination).endswith("shard-000001.safetensors"):
+    if str(destination).endswith(os.environ.get("HOLD_DESTINATION", "shard-000001.safetensors")):
         Path(os.environ["HOLD_MARKER"]).write_text(str(os.getpid()))
         time.sleep(3600)
     return _replace(source, destination, *args, **kwargs)
@@ -425,3 +402,101 @@ def replace(source, destination, *args, **kwargs):
 
 os.replace = replace
 """
+
+
+# --- Running snakemake in a copy (workflow tests) ----------------------------------------
+
+RUN_TIMEOUT_S = 900
+# One thread per target-model job, so that two shard jobs share the 2 cores of a CI machine.
+LOCAL_RUN = [
+    "--profile",
+    "profiles/local",
+    "--set-threads",
+    "compute_shard=1",
+    "compute_specforge_shard=1",
+    "validate=1",
+    "--cores",
+    "2",
+]
+
+JOB_HEADER = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):$")
+SHARD_WILDCARD = re.compile(r"^\s+wildcards: .*\bshard=(\d{6})")
+
+
+def every_shard(count: int = NUM_SHARDS) -> set[str]:
+    return {f"compute_shard-{index:06d}" for index in range(count)}
+
+
+def snakemake(
+    workdir: Path, *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run snakemake with the local profile on 2 cores; output is stdout and stderr together."""
+    command = ["timeout", "-k", "10", str(RUN_TIMEOUT_S), SNAKEMAKE, *LOCAL_RUN, *args]
+    result = subprocess.run(
+        command,
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    if check and result.returncode != 0:
+        pytest.fail(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-6000:]}")
+    return result
+
+
+def jobs_run(output: str) -> set[str]:
+    """The jobs a snakemake run executed ("compute_shard-000003" for a shard), `all` left out."""
+    jobs = []
+    for line in output.splitlines():
+        header = JOB_HEADER.match(line)
+        shard = SHARD_WILDCARD.match(line)
+        if header:
+            jobs.append(header.group(1))
+        elif shard and jobs and jobs[-1] in ("compute_shard", "compute_specforge_shard"):
+            jobs[-1] = f"{jobs[-1]}-{shard.group(1)}"
+    assert len(jobs) == len(set(jobs)), f"a job ran twice: {jobs}"
+    return set(jobs) - {"all"}
+
+
+def kill_shard_writer_mid_write(
+    workdir: Path, hook_dir: Path, destination: str = "shard-000001.safetensors"
+) -> subprocess.CompletedProcess:
+    """Run the workflow, SIGKILL the job writing `destination` at its final rename, return the run."""
+    hook_dir.mkdir()
+    (hook_dir / "sitecustomize.py").write_text(HOLD_SHARD)
+    marker = hook_dir / "writer.pid"
+    env = {**os.environ, "PYTHONPATH": str(hook_dir), "HOLD_MARKER": str(marker), "HOLD_DESTINATION": destination}
+    run = subprocess.Popen(
+        [SNAKEMAKE, *LOCAL_RUN],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not marker.exists() or not marker.read_text():
+            assert run.poll() is None, f"snakemake ended before the write:\n{run.stdout.read()}"
+            assert time.monotonic() < deadline, "the shard job never reached its write"
+            time.sleep(0.2)
+        os.kill(int(marker.read_text()), signal.SIGKILL)
+        output, _ = run.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        run.kill()
+    return subprocess.CompletedProcess(run.args, run.returncode, output)
+
+
+HUB_MODEL = "example-org/example-model"
+
+
+def snakemake_static(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    """snakemake without the profile; output is stdout and stderr together."""
+    return subprocess.run(
+        ["timeout", "-k", "10", "300", SNAKEMAKE, *args],
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )

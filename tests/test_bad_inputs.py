@@ -22,14 +22,13 @@ import pytest
 import torch
 import yaml
 
-from helpers import RUN, cache_dir, digest, jobs_run, snakemake, write_config
+from helpers import HUB_MODEL, RUN, cache_dir, digest, jobs_run, snakemake, write_config
 
 # The first line of an error, ours ("Error: ...") or Snakemake's ("RuleException:", "Error in rule ...").
 ERROR_LINE = re.compile(r"^(Error\b|Traceback|\w*(Error|Exception)\b)")
 DATA = Path("data") / "conversations.jsonl"
 # No case may reach the network: the hub is an address nothing listens on.
 UNREACHABLE_HUB = "http://127.0.0.1:9"
-HUB_MODEL = "example-org/example-model"
 
 
 @dataclass(frozen=True)

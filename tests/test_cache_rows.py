@@ -142,8 +142,13 @@ def test_unknown_architectures_take_the_full_logits_path(tiny_llama, monkeypatch
 
 
 def test_the_target_runs_one_position_past_the_longest_row_within_seq_length():
-    assert forward_width(torch.tensor([5, 3]), SEQ) == 6
-    assert forward_width(torch.tensor([SEQ, 3]), SEQ) == SEQ
+    assert forward_width(torch.tensor([5, 3]), SEQ, "distribution") == 6
+    assert forward_width(torch.tensor([SEQ, 3]), SEQ, "distribution") == SEQ
+
+
+def test_for_hidden_states_the_target_runs_on_the_longest_row_only():
+    assert forward_width(torch.tensor([5, 3]), SEQ, "hidden_state") == 5
+    assert forward_width(torch.tensor([SEQ, 3]), SEQ, "hidden_state") == SEQ
 
 
 def test_captured_layer_outputs_are_the_hidden_states_after_each_layer(tiny_llama):

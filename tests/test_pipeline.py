@@ -1,20 +1,26 @@
-"""A shard computed by the streamed, length-bucketed pipeline holds exactly the rows of the shared function."""
+"""A shard computed by the streamed pipeline, in forwards within a position budget, holds exactly the rows of the
+shared function."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
+from eagle3_cache import CACHE_SEMANTICS_VERSION
 from eagle3_cache.cache_rows import CacheSpec, compute_cache_batch
+from eagle3_cache.errors import CacheConfigError
 from eagle3_cache.layout import shard_file_name
-from eagle3_cache.pipeline import compute_shard, length_buckets
+from eagle3_cache.pipeline import ShardJob, compute_shard, forward_batches, forward_budget, run_shard_job
 from eagle3_cache.shard_format import ShardLayout, file_sha256, read_shard_rows
 from eagle3_cache.target import resolve_aux_layer_ids
 from eagle3_cache.token_store import TokenBlock
 from helpers import random_token_block, write_token_store
 
 SEQ = 20
-LENGTHS = [7, SEQ, 3, 12, 12, 1, 18, 9, 5, 16, 2]  # 11 samples: shards of 4, 4 and a partial 3
+# 11 samples: shards of 4, 4 and a partial 3, each with rows close enough in length to share a forward.
+LENGTHS = [14, SEQ, 13, 19, 12, 1, 11, 2, 5, 16, 15]
 
 
 @pytest.fixture()
@@ -25,32 +31,71 @@ def store(tmp_path):
     return path, block
 
 
-def spec_and_layout(model, topk=0):
+def spec_and_layout(model, topk=0, dtype="bf16"):
     selected = torch.arange(0, 128, 3)
-    spec = CacheSpec(resolve_aux_layer_ids(model, None), selected, 128, "bf16", topk)
-    layout = ShardLayout(SEQ, 3 * model.config.hidden_size, spec.draft_vocab_size, "bf16", topk)
+    spec = CacheSpec(resolve_aux_layer_ids(model, None), selected, 128, dtype, topk)
+    layout = ShardLayout(SEQ, 3 * model.config.hidden_size, spec.draft_vocab_size, dtype, topk)
     return spec, layout
 
 
-def shard(model, store_path, tmp_path, index, shard_size=4, batch_size=3, topk=0, name=None):
-    spec, layout = spec_and_layout(model, topk)
+def shard(
+    model,
+    store_path,
+    tmp_path,
+    index,
+    shard_size=4,
+    batch_size=3,
+    topk=0,
+    name=None,
+    tokens_per_forward=None,
+    dtype="bf16",
+):
+    spec, layout = spec_and_layout(model, topk, dtype)
     path = tmp_path / (name or shard_file_name(index))
-    result = compute_shard(
-        model,
-        spec,
-        layout,
-        tokenized_path=store_path,
-        num_samples=len(LENGTHS),
-        shard_index=index,
-        shard_size=shard_size,
-        batch_size=batch_size,
-        shard_path=path,
-    )
+    job = ShardJob(store_path, len(LENGTHS), index, shard_size, batch_size, path, tokens_per_forward)
+    result = compute_shard(model, spec, layout, job)
     return path, result
 
 
-def test_length_buckets_group_similar_lengths_longest_first():
-    assert length_buckets(torch.tensor([3, 9, 3, 7, 9]), 2) == [[1, 4], [3, 0], [2]]
+def test_forward_batches_group_similar_lengths_longest_first():
+    # Widths are one past the longest row: 10, 10, 8, 4, 4.
+    assert forward_batches(torch.tensor([3, 9, 3, 7, 9]), 10, 20) == [[1, 4], [3], [0, 2]]
+
+
+def test_rows_of_similar_length_fill_a_forward_up_to_the_budget():
+    lengths = torch.tensor([30, 29, 28, 31, 30])  # widths 31, 30, 29, 32, 31
+    assert forward_batches(lengths, 64, 100) == [[3, 0, 4], [1, 2]]
+    assert forward_batches(lengths, 64, 64) == [[3, 0], [4, 1], [2]]
+    assert forward_batches(lengths, 64, 10_000) == [[3, 0, 4, 1, 2]]
+
+
+def test_no_row_is_padded_by_more_than_an_eighth_of_its_width():
+    # Widths 10, 7, 9: 10 pads the 9 by a ninth, the 7 by three sevenths.
+    assert forward_batches(torch.tensor([9, 6, 8]), 10, 10_000) == [[0, 2], [1]]
+
+
+def test_a_row_wider_than_the_budget_runs_alone():
+    assert forward_batches(torch.tensor([9, 9, 8]), 10, 5) == [[0], [1], [2]]
+
+
+def test_every_row_runs_once_within_the_budget_and_the_padding_limit():
+    generator = torch.Generator().manual_seed(3)
+    for budget in (1, 17, 64, 200, 10_000):
+        lengths = torch.randint(1, 50, (97,), generator=generator)
+        batches = forward_batches(lengths, 50, budget)
+        assert sorted(row for rows in batches for row in rows) == list(range(97))
+        for rows in batches:
+            widths = [min(50, int(lengths[row]) + 1) for row in rows]
+            assert widths == sorted(widths, reverse=True)
+            assert len(rows) == 1 or len(rows) * widths[0] <= budget
+            assert all(8 * widths[0] <= 9 * width for width in widths)
+
+
+def test_the_default_budget_is_a_padded_batch_and_a_bad_one_names_the_key():
+    assert forward_budget(None, 4, 512) == 2048
+    assert forward_budget(300, 4, 512) == 300
+    with pytest.raises(CacheConfigError, match="tokens_per_forward"):
+        forward_budget(0, 4, 512)
 
 
 @pytest.mark.parametrize("index", [0, 2])
@@ -75,10 +120,12 @@ def test_shard_rows_equal_the_shared_function_on_each_sample(tiny_llama, store, 
 def test_stats_count_real_and_computed_tokens(tiny_llama, store, tmp_path):
     store_path, _ = store
     path, result = shard(tiny_llama, store_path, tmp_path, 0, batch_size=2)
-    # Shard 0 holds lengths 7, 20, 3, 12: buckets (20, 12) and (7, 3), each run one past its longest row.
-    assert result.real_tokens == 7 + 20 + 3 + 12
-    assert result.computed_tokens == 2 * 20 + 2 * 8
+    # Shard 0 holds lengths 14, 20, 13, 19: forwards (20, 19) and (14, 13), each run one past its longest row.
+    assert result.real_tokens == 14 + 20 + 13 + 19
+    assert result.computed_tokens == 2 * 20 + 2 * 15
     assert result.padded_tokens == 4 * SEQ
+    assert (result.positions_per_forward.budget, result.positions_per_forward.forwards) == (2 * SEQ, 2)
+    assert (result.positions_per_forward.mean, result.positions_per_forward.max) == ((40 + 30) / 2, 40)
     assert result.sha256 == file_sha256(path) and result.bytes == path.stat().st_size
     assert {"read", "forward", "distribution", "copy", "write"} <= result.seconds.keys()
 
@@ -106,3 +153,61 @@ def test_a_failing_forward_leaves_no_shard(tiny_llama, store, tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="out of memory"):
         shard(tiny_llama, store_path, tmp_path, 0, batch_size=1)
     assert [p.name for p in tmp_path.iterdir()] == ["tokenized.h5"]
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_the_budget_changes_stored_values_only_by_fp32_rounding(tiny_llama, store, tmp_path, index):
+    # A row run at another width goes through other kernel blockings, so fp32 sums round differently:
+    # the stored values agree to rounding, not bit for bit.
+    store_path, _ = store
+    budgets = [1, 2 * SEQ, 5 * SEQ, 10_000]
+    shards = [
+        shard(tiny_llama, store_path, tmp_path, index, dtype="fp32", tokens_per_forward=budget, name=f"{budget}.st")
+        for budget in budgets
+    ]
+    forwards = [result.positions_per_forward.forwards for _, result in shards]
+    assert forwards[0] > forwards[-1], "the budgets must group the rows differently"
+    count = shards[0][1].num_samples
+    alone = read_shard_rows(shards[0][0], range(count))
+    for path, _ in shards[1:]:
+        stored = read_shard_rows(path, range(count))
+        for name, values in alone.items():
+            if values.is_floating_point():
+                torch.testing.assert_close(stored[name], values, atol=1e-6, rtol=1e-5)
+            else:
+                assert torch.equal(stored[name], values), name
+
+
+def test_a_shard_job_records_positions_per_forward(tiny_llama_dir, store, tmp_path):
+    store_path, _ = store
+    from eagle3_cache.vocab import write_vocab_selection
+
+    selection = tmp_path / "vocab_selection.pt"
+    write_vocab_selection(selection, torch.arange(0, 128, 3), 128)
+    settings = {
+        "target_model": str(tiny_llama_dir),
+        "revision": None,
+        "trust_remote_code": False,
+        "aux_layer_ids": None,
+        "dtype": "bf16",
+        "target_probs_topk": 0,
+        "seq_length": SEQ,
+        "shard_size": 4,
+        "cache_semantics_version": CACHE_SEMANTICS_VERSION,
+    }
+    stats = run_shard_job(
+        settings,
+        tokenized_path=store_path,
+        selection_path=selection,
+        shard_index=0,
+        batch_size=1,
+        tokens_per_forward=3 * SEQ,
+        device=torch.device("cpu"),
+        num_gpus=1,
+        shard_path=tmp_path / shard_file_name(0),
+        stats_path=tmp_path / "stats.json",
+    )
+    # Shard 0 holds lengths 14, 20, 13, 19: (20, 19) at width 20; 14 would be padded by 5, so (14, 13) at 15.
+    assert stats["positions_per_forward"] == {"budget": 60, "forwards": 2, "mean": 35.0, "max": 40}
+    assert stats["cuda_peak_bytes"] is None
+    assert json.loads((tmp_path / "stats.json").read_text())["positions_per_forward"]["forwards"] == 2

@@ -15,7 +15,7 @@ from eagle3_cache.hub import check_hub_access, hub_reachable, loading
 from eagle3_cache.layout import applied_settings, is_hub_id, is_local_data, names_local_path
 from eagle3_cache.logs import setup_logging
 from eagle3_cache.preflight import check_device, check_model_config, check_run, cuda_device_count
-from eagle3_cache.provenance import settings_fingerprint
+from eagle3_cache.provenance import SHARD_SETTING_KEYS, settings_fingerprint
 from helpers import run_config
 
 UNREACHABLE_HUB = "http://127.0.0.1:9"
@@ -49,17 +49,7 @@ def test_a_json_file_applies_no_split_or_seed_and_a_parquet_file_does():
 
 
 def test_split_and_shuffle_seed_do_not_shape_the_shards():
-    shard_settings = {
-        "target_model": "m",
-        "revision": None,
-        "trust_remote_code": False,
-        "aux_layer_ids": None,
-        "dtype": "bf16",
-        "target_probs_topk": 0,
-        "seq_length": 32,
-        "shard_size": 4,
-        "cache_semantics_version": 1,
-    }
+    shard_settings = dict.fromkeys(SHARD_SETTING_KEYS, "any")
     fingerprints = {
         settings_fingerprint({**shard_settings, "split": split, "shuffle_seed": seed})
         for split, seed in [(None, 42), ("train[:3]", 7)]

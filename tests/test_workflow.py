@@ -2,45 +2,38 @@
 
 One completed run is built per session (conftest's `completed`); each test that changes something
 works on its own copy of it (`workdir`: mtimes and Snakemake's metadata included), so the tests do
-not depend on each other. What reran is read from the job headers Snakemake prints for every job it executes.
+not depend on each other. What reran is read from the job headers Snakemake prints for every job it
+executes.
 """
 
 import hashlib
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from helpers import (
-    HOLD_SHARD,
-    LOCAL_RUN,
+    HUB_MODEL,
     NUM_CONVERSATIONS,
     NUM_SHARDS,
     REPO,
-    RUN_TIMEOUT_S,
-    SNAKEMAKE,
     assert_complete_cache,
     cache_dir,
     digest,
+    every_shard,
     jobs_run,
+    kill_shard_writer_mid_write,
     new_workdir,
     run_config,
     shard_path,
     snakemake,
+    snakemake_static,
     write_config,
 )
-
-
-def every_shard(count: int = NUM_SHARDS) -> set[str]:
-    return {f"compute_shard-{index:06d}" for index in range(count)}
-
 
 # --- End to end -----------------------------------------------------------------------------
 
@@ -120,33 +113,6 @@ def assert_automodel_reads(cache: Path, shard_size: int) -> None:
     assert last["target_probs"].shape == (32, 64)
 
 
-def kill_shard_writer_mid_write(workdir: Path, hook_dir: Path) -> subprocess.CompletedProcess:
-    """Run the workflow, SIGKILL the job writing shard-000001 at its write, return the run."""
-    hook_dir.mkdir()
-    (hook_dir / "sitecustomize.py").write_text(HOLD_SHARD)
-    marker = hook_dir / "writer.pid"
-    env = {**os.environ, "PYTHONPATH": str(hook_dir), "HOLD_MARKER": str(marker)}
-    run = subprocess.Popen(
-        [SNAKEMAKE, *LOCAL_RUN],
-        cwd=workdir,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while not marker.exists() or not marker.read_text():
-            assert run.poll() is None, f"snakemake ended before the write:\n{run.stdout.read()}"
-            assert time.monotonic() < deadline, "the shard job never reached its write"
-            time.sleep(0.2)
-        os.kill(int(marker.read_text()), signal.SIGKILL)
-        output, _ = run.communicate(timeout=RUN_TIMEOUT_S)
-    finally:
-        run.kill()
-    return subprocess.CompletedProcess(run.args, run.returncode, output)
-
-
 @pytest.mark.slow
 def test_8_killed_shard_job_leaves_no_shard_and_the_next_run_completes(workdir, completed, tmp_path):
     shard_path(workdir, 1).unlink()
@@ -174,19 +140,6 @@ def test_9_a_bare_snakemake_after_a_code_only_edit_plans_nothing(workdir):
 
 
 # --- Static checks (fast) -------------------------------------------------------------------
-
-HUB_MODEL = "example-org/example-model"
-
-
-def snakemake_static(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    """snakemake without the profile; output is stdout and stderr together."""
-    return subprocess.run(
-        ["timeout", "-k", "10", "300", SNAKEMAKE, *args],
-        cwd=workdir,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
 
 
 def test_lint_is_clean(tmp_path):

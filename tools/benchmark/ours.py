@@ -59,7 +59,7 @@ def run_ours(job: dict) -> dict:
 
 def compute_our_shards(model: torch.nn.Module, workload: Workload, job: dict) -> dict:
     """Every shard (or those in job["shards"]) through `compute_shard`, set up as `run_shard_job` does."""
-    from eagle3_cache.pipeline import compute_shard, shard_spec_and_layout
+    from eagle3_cache.pipeline import ShardJob, compute_shard, shard_spec_and_layout
     from eagle3_cache.token_store import read_tokenized_info
 
     loaded_rss = current_rss_mib()
@@ -81,12 +81,14 @@ def compute_our_shards(model: torch.nn.Module, workload: Workload, job: dict) ->
                 model,
                 spec,
                 layout,
-                tokenized_path=job["tokenized"],
-                num_samples=info.num_samples,
-                shard_index=index,
-                shard_size=workload.shard_size,
-                batch_size=workload.batch_size,
-                shard_path=output / shard_file_name(index),
+                ShardJob(
+                    tokenized_path=job["tokenized"],
+                    num_samples=info.num_samples,
+                    shard_index=index,
+                    shard_size=workload.shard_size,
+                    batch_size=workload.batch_size,
+                    shard_path=output / shard_file_name(index),
+                ),
             )
             for index in shards
         ]

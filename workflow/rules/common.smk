@@ -24,11 +24,13 @@ from eagle3_cache.layout import (
     MANIFEST_FILE,
     MANIFEST_SETTINGS,
     SELECT_VOCAB_SETTINGS,
+    SHARD_DIR,
     SHARD_FILE,
     SHARD_ID,
     SHARD_SETTINGS,
     TARGET_SETTINGS,
     TOKENIZE_SETTINGS,
+    VOCAB_MAPPING_FILE,
     applied_settings,
     is_local_data,
     num_shards,
@@ -56,12 +58,16 @@ def schema_violation(error: WorkflowError) -> str:
     if not isinstance(cause, jsonschema.ValidationError):
         return str(error)
     key = ".".join(str(part) for part in cause.absolute_path) or "(top level)"
-    problem = cause.message
+    notes = ["config/README.md explains every key"]
     if cause.validator == "additionalProperties":
         known = sorted(cause.schema.get("properties", {}))
         unknown = sorted(set(cause.instance) - set(known))
         problem = f"unknown key {', '.join(map(repr, unknown))}; the known keys are {', '.join(known)}"
-    return f"config {key}: {problem} (config/README.md explains every key)"
+    else:
+        problem = cause.message
+        if isinstance(cause.schema, dict) and cause.schema.get("description"):
+            notes.insert(0, cause.schema["description"].rstrip("."))
+    return f"config {key}: {problem} ({'; '.join(notes)})"
 
 
 def check_config() -> None:
@@ -169,12 +175,36 @@ def expand_shards(pattern: str, run: str) -> list[str]:
     return expand(pattern, run=run, shard=shards)
 
 
-def every_shard(pattern: str):
-    """An input function giving `pattern` for every shard of the job's run."""
-    return lambda wildcards: expand_shards(pattern, wildcards.run)
+def is_specforge(run: str) -> bool:
+    """Whether the run writes SpecForge's format rather than Automodel's."""
+    return run_settings(run)["format"] == "specforge"
+
+
+def shard_rule(run: str):
+    """The rule that computes the run's shards in its output format."""
+    return rules.compute_specforge_shard if is_specforge(run) else rules.compute_shard
+
+
+def every_shard(pick: Callable):
+    """An input function: the pattern `pick(shard rule)` (with a {shard} wildcard) for every shard of
+    the job's run, taken from the shard rule of the run's format."""
+    return lambda wildcards: expand_shards(
+        pick(shard_rule(wildcards.run)), wildcards.run
+    )
+
+
+def format_files(wildcards) -> list[str]:
+    """What the run's format keeps beside the shards: Automodel's target embeddings, or SpecForge's
+    vocabulary mapping."""
+    if is_specforge(wildcards.run):
+        return expand(rules.specforge_vocab_mapping.output.mapping, run=wildcards.run)
+    return expand(rules.target_embeddings.output.embeddings, run=wildcards.run)
 
 
 def every_run_shard(wildcards) -> list[str]:
     """Every shard of every run, so that a deleted shard is rebuilt."""
-    shard = rules.compute_shard.output.shard
-    return [path for run in config["runs"] for path in expand_shards(shard, run)]
+    return [
+        path
+        for run in config["runs"]
+        for path in expand_shards(shard_rule(run).output.shard, run)
+    ]

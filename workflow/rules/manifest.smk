@@ -1,8 +1,8 @@
 rule manifest:
     input:
-        shards=every_shard(rules.compute_shard.output.shard),
-        stats=every_shard(rules.compute_shard.output.stats),
-        embeddings=rules.target_embeddings.output.embeddings,
+        shards=every_shard(lambda rule: rule.output.shard),
+        stats=every_shard(lambda rule: rule.output.stats),
+        format_files=format_files,
         selection=rules.select_vocab.output.selection,
         tokenized=rules.tokenize.output.tokenized,
     output:

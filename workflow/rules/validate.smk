@@ -4,7 +4,7 @@ rule validate:
         tokenized=rules.tokenize.output.tokenized,
         selection=rules.select_vocab.output.selection,
         counts=rules.select_vocab.output.counts,
-        stats=every_shard(rules.compute_shard.output.stats),
+        stats=every_shard(lambda rule: rule.output.stats),
     output:
         report=report(
             "results/{run}/validation_report.html",
@@ -24,6 +24,6 @@ rule validate:
         **run_params(TARGET_SETTINGS),
         cache_dir=subpath(input.manifest, parent=True),
         # Read when present; as inputs, a missing one would force its shard to rerun.
-        benchmarks=every_shard(rules.compute_shard.benchmark),
+        benchmarks=every_shard(lambda rule: rule.benchmark),
     script:
         "../scripts/validate.py"

@@ -6,17 +6,22 @@ import torch
 
 from eagle3_cache.errors import reported_errors
 from eagle3_cache.gpu_lease import lease_gpus
-from eagle3_cache.logs import setup_logging
-from eagle3_cache.pipeline import run_shard_job
+from eagle3_cache.logs import logged_wall_split, setup_logging
+from eagle3_cache.pipeline import compute_shard, run_shard_job
+from eagle3_cache.specforge_shard import compute_specforge_shard
 from eagle3_cache.target import resolve_device
 
 snakemake = snakemake  # noqa: F821 (injected by Snakemake's script directive)
 log = setup_logging(snakemake.log[0])
+# The two shard rules share this script; the run's format decides what it writes.
+COMPUTE = {"automodel": compute_shard, "specforge": compute_specforge_shard}
 shard_index = int(snakemake.wildcards.shard)
+# Read from the config, not params: they change speed and memory only, so changing them reruns nothing.
+run = snakemake.config["runs"][snakemake.wildcards.run]
 # Snakemake budgets cores by `threads`; on the CPU, torch would otherwise take them all.
 torch.set_num_threads(snakemake.threads)
 
-with reported_errors():
+with reported_errors(), logged_wall_split(log):
     with lease_gpus(snakemake.config["gpus_per_job"], device=snakemake.config["device"]) as gpus:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         log.info("shard %06d: GPUs %s (CUDA_VISIBLE_DEVICES=%s)", shard_index, gpus, visible)
@@ -25,14 +30,17 @@ with reported_errors():
             tokenized_path=snakemake.input.tokenized,
             selection_path=snakemake.input.selection,
             shard_index=shard_index,
-            batch_size=snakemake.config["runs"][snakemake.wildcards.run]["batch_size"],
+            batch_size=run["batch_size"],
+            tokens_per_forward=run["tokens_per_forward"],
             device=resolve_device(snakemake.config["device"]),
             num_gpus=max(1, len(gpus)),
             shard_path=snakemake.output.shard,
             stats_path=snakemake.output.stats,
+            compute=COMPUTE[snakemake.params.format],
         )
 
     phases = ", ".join(f"{name} {seconds:.2f}s" for name, seconds in sorted(stats["seconds"].items()))
+    forwards = stats["positions_per_forward"]
     log.info(
         "shard %06d: %d samples, %d real tokens (%d computed, %d padded), %.1f MB; %s",
         shard_index,
@@ -42,4 +50,13 @@ with reported_errors():
         stats["padded_tokens"],
         stats["bytes"] / 1e6,
         phases,
+    )
+    log.info(
+        "shard %06d: %d forwards, %.0f positions each on average, at most %d (budget %d); CUDA peak %s",
+        shard_index,
+        forwards["forwards"],
+        forwards["mean"],
+        forwards["max"],
+        forwards["budget"],
+        "n/a" if stats["cuda_peak_bytes"] is None else f"{stats['cuda_peak_bytes'] / 2**30:.1f} GiB",
     )

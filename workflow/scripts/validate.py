@@ -14,8 +14,16 @@ from torch import nn
 from eagle3_cache.errors import CacheConfigError, reported_errors
 from eagle3_cache.gpu_lease import lease_gpus
 from eagle3_cache.logs import setup_logging
+from eagle3_cache.specforge_cache import manifest_format
+from eagle3_cache.specforge_validation import specforge_checks
 from eagle3_cache.target import load_target, resolve_device
-from eagle3_cache.validation import ValidationInputs, failure_message, validate_cache, write_report
+from eagle3_cache.validation import (
+    ValidationInputs,
+    automodel_checks,
+    failure_message,
+    validate_cache,
+    write_report,
+)
 
 snakemake = snakemake  # noqa: F821 (injected by Snakemake's script directive)
 log = setup_logging(snakemake.log[0])
@@ -51,7 +59,8 @@ with reported_errors():
         num_samples=params.num_samples,
         seed=params.seed,
     )
-    report = validate_cache(inputs, leased_target)
+    format_checks = specforge_checks if manifest_format(inputs.cache_dir) == "specforge" else automodel_checks
+    report = validate_cache(inputs, leased_target, format_checks)
     kept = write_report(report, Path(snakemake.output.report), Path(snakemake.output.json), strict=params.strict)
     if kept is not None:
         raise CacheConfigError(failure_message(report, kept))

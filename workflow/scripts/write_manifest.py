@@ -6,6 +6,7 @@ from eagle3_cache.atomic import write_json_atomic
 from eagle3_cache.errors import reported_errors
 from eagle3_cache.logs import setup_logging
 from eagle3_cache.manifest import checked_manifest, read_shard_stats
+from eagle3_cache.specforge_cache import remove_specforge_files, specforge_manifest
 from eagle3_cache.token_store import read_tokenized_info
 from eagle3_cache.vocab import read_vocab_selection
 
@@ -14,14 +15,15 @@ log = setup_logging(snakemake.log[0])
 settings = dict(snakemake.params.items())
 
 with reported_errors():
+    cache_dir = Path(snakemake.params.cache_dir)
     selected, _ = read_vocab_selection(snakemake.input.selection)
-    manifest = checked_manifest(
-        Path(snakemake.params.cache_dir),
-        settings,
-        read_shard_stats(snakemake.input.stats),
-        selected.tolist(),
-        read_tokenized_info(snakemake.input.tokenized),
-    )
+    stats = read_shard_stats(snakemake.input.stats)
+    info = read_tokenized_info(snakemake.input.tokenized)
+    manifest = checked_manifest(cache_dir, settings, stats, selected.tolist(), info)
+    if settings["format"] == "specforge":
+        manifest = specforge_manifest(cache_dir, stats, manifest)
+    else:
+        remove_specforge_files(cache_dir)
     write_json_atomic(snakemake.output.manifest, manifest)
     log.info(
         "cache complete: %d samples in %d shards, %.2f GB in %s",

@@ -24,6 +24,9 @@ from .token_store import TokenBlock
 # runs only on the draft-vocabulary rows, plus a full-vocabulary top-1 at supervised positions.
 PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"})
 TOP1_CHUNK_ROWS = 512
+# What a cache row carries about the target's prediction: Automodel's draft-vocabulary distribution,
+# or SpecForge's final post-norm hidden state (its trainer applies lm_head itself).
+TARGET_REPRS = ("distribution", "hidden_state")
 
 
 @contextlib.contextmanager
@@ -55,6 +58,11 @@ class CacheSpec:
     target_vocab_size: int
     dtype: str
     target_probs_topk: int
+    target_repr: str = "distribution"
+
+    def __post_init__(self) -> None:
+        if self.target_repr not in TARGET_REPRS:
+            raise ValueError(f"target_repr must be one of {TARGET_REPRS}, got {self.target_repr!r}")
 
     @property
     def cache_dtype(self) -> torch.dtype:
@@ -117,13 +125,15 @@ def shifted_left(tensor: torch.Tensor) -> torch.Tensor:
     return shifted
 
 
-def forward_width(lengths: torch.Tensor, seq_length: int) -> int:
+def forward_width(lengths: torch.Tensor, seq_length: int, target_repr: str) -> int:
     """How many leading positions the target must see for this batch.
 
-    One position past the longest row: the stored distribution at a row's last content position
-    comes from the target's logits at the next position, as in the straightforward computation.
+    For a distribution, one position past the longest row: the stored distribution at a row's last
+    content position comes from the target's logits at the next position, as in the straightforward
+    computation. A hidden state is stored at each content position itself.
     """
-    return min(seq_length, int(lengths.max()) + 1)
+    past_content = 1 if target_repr == "distribution" else 0
+    return min(seq_length, max(1, int(lengths.max()) + past_content))
 
 
 def selected_token_mask(selected: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -202,19 +212,22 @@ def compute_cache_batch(
 
     The target runs only on the leading positions the batch needs (see `forward_width`); rows are
     right padded, so trimming changes no content position. The computed fields stay on the target's
-    (first) device; `CacheBatch.cpu()` brings them over.
+    (first) device; `CacheBatch.cpu()` brings them over. With `spec.target_repr == "hidden_state"`
+    the computed fields are `aux_hidden_states` and `final_hidden_state` (the decoder's output after
+    its final norm, what lm_head multiplies), and no distribution is computed.
     """
     seq_length = tokens.input_ids.shape[1]
     lengths = tokens.attention_mask.sum(dim=1)
-    width = forward_width(lengths, seq_length)
+    width = forward_width(lengths, seq_length, spec.target_repr)
     device = model.get_input_embeddings().weight.device
     input_ids = tokens.input_ids[:, :width].to(device)
     attention_mask = tokens.attention_mask[:, :width].to(device)
     shifted_loss_mask = shifted_left(tokens.loss_mask)
 
     head = plain_output_head(model)
+    full_logits = head is None and spec.target_repr == "distribution"
     with timer.phase("forward"), captured_layer_outputs(model, spec.aux_layer_ids) as captured:
-        if head is None:
+        if full_logits:
             outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         else:
             decoder = model.get_decoder()
@@ -222,17 +235,18 @@ def compute_cache_batch(
     with timer.phase("distribution"):
         # A target split over several GPUs leaves layer outputs and logits on different devices.
         aux_hidden_states = torch.cat([captured[i].to(outputs.device) for i in spec.aux_layer_ids], dim=-1)
-        # Position p is supervised by the output at p + 1; those exist for p < width - 1.
-        next_token = outputs[:, 1:width]
-        loss_mask = shifted_loss_mask[:, : width - 1].to(outputs.device)
-        if head is None:
-            probs, position_mask = draft_distribution(next_token, loss_mask, spec)
+        computed = {"aux_hidden_states": aux_hidden_states.to(spec.cache_dtype)}
+        if spec.target_repr == "hidden_state":
+            computed["final_hidden_state"] = outputs.to(spec.cache_dtype)
         else:
-            probs, position_mask = draft_distribution_from_hidden(next_token, head, loss_mask, spec)
-        computed = {
-            "aux_hidden_states": aux_hidden_states.to(spec.cache_dtype),
-            **with_last_slot({"position_mask": position_mask, **stored_distribution(probs, spec)}, spec),
-        }
+            # Position p is supervised by the output at p + 1; those exist for p < width - 1.
+            next_token = outputs[:, 1:width]
+            loss_mask = shifted_loss_mask[:, : width - 1].to(outputs.device)
+            if head is None:
+                probs, position_mask = draft_distribution(next_token, loss_mask, spec)
+            else:
+                probs, position_mask = draft_distribution_from_hidden(next_token, head, loss_mask, spec)
+            computed.update(with_last_slot({"position_mask": position_mask, **stored_distribution(probs, spec)}, spec))
     return CacheBatch(
         input_ids=shifted_left(tokens.input_ids),
         attention_mask=tokens.attention_mask.clone(),

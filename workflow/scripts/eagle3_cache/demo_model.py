@@ -33,8 +33,10 @@ def gguf_path(package: str = DEMO_PACKAGE, file_name: str = DEMO_GGUF) -> Path:
 
 
 def convert_gguf(gguf: Path, output: Path) -> None:
-    """Write model and tokenizer (with its chat template) to `output`, all or nothing."""
+    """Write model, weight index and tokenizer (with its chat template) to `output`, all or nothing."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    from .specforge_format import write_weight_index
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if not tokenizer.chat_template:
@@ -45,4 +47,6 @@ def convert_gguf(gguf: Path, output: Path) -> None:
     )
     with atomic_directory(output) as staging:
         model.save_pretrained(staging)
+        # SpecForge's TargetHead reads the (tied) head through a weight index only.
+        write_weight_index(staging)
         tokenizer.save_pretrained(staging)

@@ -20,7 +20,14 @@ SHARD_FILE = "shard-{shard}.safetensors"
 SHARD_DIGITS = 6
 # The {shard} wildcard: the shard's index, zero-padded to SHARD_DIGITS digits.
 SHARD_ID = rf"\d{{{SHARD_DIGITS}}}"
-SHARD_NAME = re.compile("^" + re.escape(SHARD_FILE).replace(re.escape("{shard}"), f"({SHARD_ID})") + "$")
+
+
+def shard_name_pattern(template: str) -> re.Pattern[str]:
+    """A regex matching names made from `template`, its {shard} captured as the shard id."""
+    return re.compile("^" + re.escape(template).replace(re.escape("{shard}"), f"({SHARD_ID})") + "$")
+
+
+SHARD_NAME = shard_name_pattern(SHARD_FILE)
 
 
 def shard_id(index: int) -> str:
@@ -49,6 +56,19 @@ def num_shards(num_samples: int, shard_size: int) -> int:
 def samples_in_shard(index: int, num_samples: int, shard_size: int) -> int:
     """Every shard holds `shard_size` samples except the last."""
     return min(shard_size, num_samples - index * shard_size)
+
+
+# --- A cache directory in the specforge format (see eagle3_cache.specforge_format) -------------
+
+# A shard is a directory of per-sample files; SpecForge's `model.vocab_mapping_path` names the mapping.
+SHARD_DIR = "shard-{shard}"
+SHARD_DIR_NAME = shard_name_pattern(SHARD_DIR)
+VOCAB_MAPPING_FILE = "vocab_mapping.pt"
+
+
+def shard_dir_name(index: int) -> str:
+    """`shard-000042`, the directory of shard 42 in the specforge format."""
+    return SHARD_DIR.format(shard=shard_id(index))
 
 
 # --- The embedded demo's target (see eagle3_cache.demo_model) ---------------------------------
@@ -126,7 +146,15 @@ TOKENIZE_SETTINGS = (
     "mask_generation_prompt",
 )
 SELECT_VOCAB_SETTINGS = ("draft_vocab_size",)
-# Given the tokenized data and the draft vocabulary, these decide a shard's bytes.
-SHARD_SETTINGS = (*TARGET_SETTINGS, "aux_layer_ids", "dtype", "target_probs_topk", "seq_length", "shard_size")
+# Given the tokenized data and the draft vocabulary, these decide a shard's bytes; both shard rules take them.
+SHARD_SETTINGS = (
+    *TARGET_SETTINGS,
+    "aux_layer_ids",
+    "dtype",
+    "target_probs_topk",
+    "seq_length",
+    "shard_size",
+    "format",
+)
 # The manifest records every setting that shaped the cache.
 MANIFEST_SETTINGS = tuple(dict.fromkeys((*TOKENIZE_SETTINGS, *SELECT_VOCAB_SETTINGS, *SHARD_SETTINGS)))

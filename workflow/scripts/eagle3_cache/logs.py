@@ -1,9 +1,14 @@
-"""Logging for rule scripts: one file per job (Snakemake's `log:`) plus stderr."""
+"""Logging for rule scripts: one file per job (Snakemake's `log:`) plus stderr, and the job's wall split."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -15,3 +20,37 @@ def setup_logging(log_path: str | None = None) -> logging.Logger:
         handlers.append(logging.FileHandler(log_path, mode="w"))
     logging.basicConfig(level=logging.INFO, format=FORMAT, handlers=handlers, force=True)
     return logging.getLogger("eagle3_cache")
+
+
+def process_age_seconds() -> float | None:
+    """Seconds since the kernel started this process (10 ms resolution), or None where /proc is absent.
+
+    Read from /proc/self/stat, so it counts everything before the caller: the interpreter's start,
+    Snakemake's script preamble and every import, which a clock started inside the script would miss.
+    """
+    try:
+        stat = Path("/proc/self/stat").read_text()
+    except OSError:
+        return None
+    # Field 22, starttime, in clock ticks since boot; fields are counted after the parenthesised name.
+    start_ticks = int(stat.rsplit(")", 1)[1].split()[19])
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def logged_wall_split(log: logging.Logger) -> Iterator[None]:
+    """Log how long the process took to get here (imports) and how long the block took (work).
+
+    Enter it right after the script's imports, around everything else the script does. What the
+    package imports only on first use (transformers' model classes) counts as work.
+    """
+    startup = process_age_seconds()
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        work = time.monotonic() - started
+        if startup is None:
+            log.info("work %.2fs (process start unknown: no /proc on this system)", work)
+        else:
+            log.info("started %.2fs after process start (imports), work %.2fs", startup, work)

@@ -90,6 +90,7 @@ def provenance_fields(settings: Mapping[str, Any], stats: Sequence[Mapping[str, 
     return {
         "revision": settings["revision"],
         "trust_remote_code": settings["trust_remote_code"],
+        "format": settings["format"],
         "target_model_identity": stats[0]["model_identity"],
         "tokenizer_sha256": info.tokenizer_hash,
         "chat_template_sha256": info.chat_template_hash,

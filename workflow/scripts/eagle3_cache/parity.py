@@ -23,6 +23,7 @@ from .shard_format import reconstruct_target_probs
 
 # Stored and recomputed values may differ by this many units of the coarser dtype's rounding.
 TOLERANCE_ULPS = 4
+TOLERANCE_RULE = f"|Δ| ≤ {TOLERANCE_ULPS}·eps·(|value| + largest |value| at its position)"
 # With bf16/fp16 compute, a batch of another shape may break a near tie between the target's top two
 # tokens the other way; when one of them is in the draft vocabulary and the other is not, that
 # position's position_mask flips. Such flips stay rare; a real error (a shift) flips most positions.
@@ -158,32 +159,39 @@ def parity_problems(comparisons: Sequence[SampleComparison], eps: float, allowed
         for name, count in c.mismatches.items():
             if count and not (name == "position_mask" and allowed_flips):
                 problems.append(f"{where}: {name} differs at {count} position(s)")
-        for name, errors in c.errors.items():
-            if errors.beyond_tolerance:
-                problems.append(
-                    f"{where}: {name}: {errors.beyond_tolerance} of {errors.compared} values beyond tolerance; "
-                    f"largest error {errors.max_abs:.3g}, worst at position {errors.worst_position}: "
-                    f"{errors.max_rel:.3g} of its largest |value| (at most {2 * TOLERANCE_ULPS * eps:.3g} tolerated)"
-                )
+        problems += tolerance_problems(where, c.errors, eps)
     flips = sum(c.mismatches["position_mask"] for c in comparisons)
     if allowed_flips and flips > allowed_flips:
         problems.append(f"position_mask differs at {flips} positions, more than the {allowed_flips} near ties allowed")
     return problems
 
 
+def tolerance_problems(where: str, errors: Mapping[str, FieldErrors], eps: float) -> list[str]:
+    """One line per float field of one sample with values beyond tolerance."""
+    return [
+        f"{where}: {name}: {e.beyond_tolerance} of {e.compared} values beyond tolerance; "
+        f"largest error {e.max_abs:.3g}, worst at position {e.worst_position}: "
+        f"{e.max_rel:.3g} of its largest |value| (at most {2 * TOLERANCE_ULPS * eps:.3g} tolerated)"
+        for name, e in errors.items()
+        if e.beyond_tolerance
+    ]
+
+
+def tolerance_row(name: str, errors: Sequence[FieldErrors]) -> dict[str, Any]:
+    """A float field's row of the parity table: its errors over every sample compared."""
+    return {
+        "field": name,
+        "rule": "within tolerance",
+        "compared": sum(e.compared for e in errors),
+        "differing": sum(e.beyond_tolerance for e in errors),
+        "max_abs_error": max((e.max_abs for e in errors), default=0.0),
+        "max_rel_error": max((e.max_rel for e in errors), default=0.0),
+    }
+
+
 def field_rows(comparisons: Sequence[SampleComparison]) -> list[dict[str, Any]]:
     """Per field, what was compared under which rule, and the largest errors over every sample."""
-    return [
-        {
-            "field": name,
-            "rule": "within tolerance",
-            "compared": sum(c.errors[name].compared for c in comparisons),
-            "differing": sum(c.errors[name].beyond_tolerance for c in comparisons),
-            "max_abs_error": max((c.errors[name].max_abs for c in comparisons), default=0.0),
-            "max_rel_error": max((c.errors[name].max_rel for c in comparisons), default=0.0),
-        }
-        for name in FLOAT_FIELDS
-    ] + [
+    return [tolerance_row(name, [c.errors[name] for c in comparisons]) for name in FLOAT_FIELDS] + [
         {
             "field": name,
             "rule": "exact",
@@ -242,7 +250,7 @@ def parity_result(outcome: ParityOutcome, load_seconds: float) -> CheckResult:
     figures = {
         "samples_checked": len(comparisons),
         "eps": outcome.eps,
-        "tolerance": f"|Δ| ≤ {TOLERANCE_ULPS}·eps·(|value| + largest |value| at its position)",
+        "tolerance": TOLERANCE_RULE,
         "position_mask_flips_allowed": outcome.allowed_flips,
         "model_load_seconds": load_seconds,
     }

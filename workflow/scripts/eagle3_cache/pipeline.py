@@ -7,13 +7,14 @@ at most a few batches are ever in memory, whatever the shard size.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
 import socket
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from .atomic import write_json_atomic
-from .cache_rows import CacheBatch, CacheSpec, compute_cache_batch
+from .cache_rows import CacheBatch, CacheSpec, compute_cache_batch, forward_width
 from .errors import CacheConfigError
 from .layout import samples_in_shard
 from .provenance import ids_fingerprint, settings_fingerprint
@@ -37,13 +38,41 @@ log = logging.getLogger(__name__)
 QUEUE_DEPTH = 2
 
 
-def length_buckets(lengths: torch.Tensor, batch_size: int) -> list[list[int]]:
-    """Rows grouped into batches of similar length, longest first, so trimming saves the most.
+MAX_ROW_PADDING = 1 / 8
 
-    Ties keep row order, so the grouping (and thus the bytes written) is deterministic.
+
+def forward_budget(tokens_per_forward: int | None, batch_size: int, seq_length: int) -> int:
+    """Positions one forward may hold: `tokens_per_forward`, or what a padded batch of `batch_size` rows holds."""
+    budget = batch_size * seq_length if tokens_per_forward is None else tokens_per_forward
+    if budget < 1:
+        raise CacheConfigError(
+            f"tokens_per_forward must be at least 1, got {budget}. Fix `tokens_per_forward` in the run's config "
+            "(or leave it out for batch_size × seq_length)."
+        )
+    return budget
+
+
+def forward_batches(
+    lengths: torch.Tensor, seq_length: int, tokens_per_forward: int, target_repr: str = "distribution"
+) -> list[list[int]]:
+    """Rows grouped into forwards of at most `tokens_per_forward` positions, longest rows first.
+
+    Rows are sorted by length, so a forward's width (see `forward_width`) is that of its first row,
+    and it takes the next rows while rows × width fits the budget and the width pads none of them
+    by more than `MAX_ROW_PADDING` of its own; a row wider than the budget runs alone. Ties keep
+    row order, so the grouping (and thus the bytes written) is deterministic.
     """
     order = sorted(range(len(lengths)), key=lambda row: (-int(lengths[row]), row))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    width = 0
+    for row in order:
+        own = forward_width(lengths[row : row + 1], seq_length, target_repr)
+        if batches and (len(batches[-1]) + 1) * width <= tokens_per_forward and width <= own * (1 + MAX_ROW_PADDING):
+            batches[-1].append(row)
+        else:
+            batches.append([row])
+            width = own
+    return batches
 
 
 def token_rows(block: TokenBlock, rows: list[int]) -> TokenBlock:
@@ -80,11 +109,14 @@ def write_batch_rows(writer: ShardWriter, batch: CacheBatch, rows: list[int]) ->
             writer.write_row(row, name, values[i, :length])
 
 
-class RowWriterThread:
-    """Consumes finished batches from a bounded queue: host copy, then row writes."""
+BatchWrite = Callable[[CacheBatch, list[int]], None]
 
-    def __init__(self, writer: ShardWriter, device: torch.device):
-        self.writer = writer
+
+class RowWriterThread:
+    """Consumes finished batches from a bounded queue: host copy, then `write(batch, rows)`."""
+
+    def __init__(self, write: BatchWrite, device: torch.device):
+        self.write = write
         self.timer = PhaseTimer(torch.device("cpu"))
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
@@ -125,9 +157,24 @@ class RowWriterThread:
                 with self.timer.phase("copy"):
                     batch = host_batch(batch, ready, self.stream)
                 with self.timer.phase("write"):
-                    write_batch_rows(self.writer, batch, rows)
+                    self.write(batch, rows)
         except BaseException as error:  # handed to the main thread, which raises it
             self.error = error
+
+
+@dataclass
+class ForwardStats:
+    """The positions the target ran per forward, against the budget."""
+
+    budget: int
+    forwards: int
+    mean: float
+    max: int
+
+
+def forward_stats(positions: Sequence[int], budget: int) -> ForwardStats:
+    """Count, mean and max of the positions per forward."""
+    return ForwardStats(budget, len(positions), sum(positions) / len(positions), max(positions))
 
 
 @dataclass
@@ -141,54 +188,94 @@ class ShardResult:
     real_tokens: int
     computed_tokens: int
     padded_tokens: int
+    positions_per_forward: ForwardStats
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def compute_shard(
-    model: nn.Module,
-    spec: CacheSpec,
-    layout: ShardLayout,
-    *,
-    tokenized_path: str | Path,
-    num_samples: int,
-    shard_index: int,
-    shard_size: int,
-    batch_size: int,
-    shard_path: str | Path,
-) -> ShardResult:
-    """Compute shard `shard_index` of a tokenized dataset and write it to `shard_path` atomically."""
-    device = model.get_input_embeddings().weight.device
-    timer = PhaseTimer(device)
-    first = shard_index * shard_size
-    count = samples_in_shard(shard_index, num_samples, shard_size)
+@dataclass(frozen=True)
+class ShardJob:
+    """Which shard of a tokenized dataset a job computes, how big its forwards are, and where the shard goes."""
+
+    tokenized_path: str | Path
+    num_samples: int
+    shard_index: int
+    shard_size: int
+    batch_size: int
+    shard_path: str | Path
+    # Positions per forward; None: what a padded batch of `batch_size` rows holds.
+    tokens_per_forward: int | None = None
+
+    @property
+    def first_sample(self) -> int:
+        return self.shard_index * self.shard_size
+
+    @property
+    def shard_samples(self) -> int:
+        return samples_in_shard(self.shard_index, self.num_samples, self.shard_size)
+
+    def read_tokens(self) -> TokenBlock:
+        """The shard's rows of the token store."""
+        return read_token_block(self.tokenized_path, self.first_sample, self.first_sample + self.shard_samples)
+
+    def budget(self, seq_length: int) -> int:
+        """Positions one forward may hold."""
+        return forward_budget(self.tokens_per_forward, self.batch_size, seq_length)
+
+
+@dataclass
+class StreamedRows:
+    """What `stream_rows` did: the positions of each forward, and the writer thread's seconds per phase."""
+
+    positions: list[int]
+    write_seconds: dict[str, float]
+
+
+# Writes one shard in an output format.
+ShardComputer = Callable[[nn.Module, CacheSpec, ShardLayout, ShardJob], ShardResult]
+
+
+def compute_shard(model: nn.Module, spec: CacheSpec, layout: ShardLayout, job: ShardJob) -> ShardResult:
+    """Compute shard `job.shard_index` of a tokenized dataset and write it to `job.shard_path` atomically."""
+    timer = PhaseTimer(model.get_input_embeddings().weight.device)
     with timer.phase("read"):
-        block = read_token_block(tokenized_path, first, first + count)
-    lengths = block.attention_mask.sum(dim=1)
-    buckets = length_buckets(lengths, batch_size)
-    computed_tokens = 0
-    started = time.perf_counter()
-    with ShardWriter(shard_path, layout, count) as writer:
-        writer_thread = RowWriterThread(writer, device)
-        for done, rows in enumerate(buckets, start=1):
-            batch = compute_cache_batch(model, spec, token_rows(block, rows), timer=timer)
-            computed_tokens += len(rows) * batch.computed["aux_hidden_states"].shape[1]
-            writer_thread.submit(batch, rows)
-            log_progress(done, len(buckets), started)
-        with timer.phase("drain"):
-            writer_thread.finish()
+        block = job.read_tokens()
+    count = job.shard_samples
+    budget = job.budget(layout.seq_length)
+    with ShardWriter(job.shard_path, layout, count) as writer:
+        streamed = stream_rows(model, spec, block, functools.partial(write_batch_rows, writer), budget, timer)
         with timer.phase("commit"):
             sha256 = writer.commit()
-    seconds = {**timer.seconds, **writer_thread.timer.seconds}
     return ShardResult(
         num_samples=count,
-        first_sample=first,
+        first_sample=job.first_sample,
         bytes=writer.size,
         sha256=sha256,
-        real_tokens=int(lengths.sum()),
-        computed_tokens=computed_tokens,
+        real_tokens=int(block.attention_mask.sum()),
+        computed_tokens=sum(streamed.positions),
         padded_tokens=count * layout.seq_length,
-        seconds=dict(seconds),
+        positions_per_forward=forward_stats(streamed.positions, budget),
+        seconds={**timer.seconds, **streamed.write_seconds},
     )
+
+
+def stream_rows(
+    model: nn.Module, spec: CacheSpec, block: TokenBlock, write: BatchWrite, budget: int, timer: PhaseTimer
+) -> StreamedRows:
+    """Every row of `block` through the target in forwards of at most `budget` positions, each finished
+    batch handed to `write` on the writer thread."""
+    seq_length = block.input_ids.shape[1]
+    batches = forward_batches(block.attention_mask.sum(dim=1), seq_length, budget, spec.target_repr)
+    positions: list[int] = []
+    started = time.perf_counter()
+    writer_thread = RowWriterThread(write, model.get_input_embeddings().weight.device)
+    for done, rows in enumerate(batches, start=1):
+        batch = compute_cache_batch(model, spec, token_rows(block, rows), timer=timer)
+        positions.append(len(rows) * batch.computed["aux_hidden_states"].shape[1])
+        writer_thread.submit(batch, rows)
+        log_progress(done, len(batches), started)
+    with timer.phase("drain"):
+        writer_thread.finish()
+    return StreamedRows(positions, writer_thread.timer.seconds)
 
 
 def log_progress(done: int, total: int, started: float) -> None:
@@ -210,10 +297,14 @@ def run_shard_job(
     num_gpus: int,
     shard_path: str | Path,
     stats_path: str | Path,
+    tokens_per_forward: int | None = None,
+    compute: ShardComputer = compute_shard,
 ) -> dict[str, Any]:
     """What a shard job does once it holds its devices: load the target, write the shard and its stats.
 
-    `settings` are the shard rule's params. Returns the stats written to `stats_path`.
+    `settings` are the shard rule's params; `batch_size` and `tokens_per_forward` are not among them,
+    since they change speed and memory only. `compute` writes the shard in its output format. Returns
+    the stats written to `stats_path`.
     """
     started = time.perf_counter()
     model = load_target(
@@ -234,17 +325,16 @@ def run_shard_job(
         target_probs_topk=settings["target_probs_topk"],
         seq_length=settings["seq_length"],
     )
-    result = compute_shard(
-        model,
-        spec,
-        layout,
-        tokenized_path=tokenized_path,
-        num_samples=info.num_samples,
-        shard_index=shard_index,
-        shard_size=settings["shard_size"],
-        batch_size=batch_size,
-        shard_path=shard_path,
+    job = ShardJob(
+        tokenized_path,
+        info.num_samples,
+        shard_index,
+        settings["shard_size"],
+        batch_size,
+        shard_path,
+        tokens_per_forward,
     )
+    result = compute(model, spec, layout, job)
     result.seconds["load"] = load_seconds
     result.seconds["total"] = time.perf_counter() - started
     stats = {
@@ -261,6 +351,7 @@ def run_shard_job(
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "host": socket.gethostname(),
         "batch_size": batch_size,
+        "cuda_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     }
     write_json_atomic(stats_path, stats)
     return stats

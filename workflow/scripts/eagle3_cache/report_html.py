@@ -23,7 +23,7 @@ import jinja2
 from markupsafe import Markup
 
 from .provenance import producer
-from .results import TITLES, CheckResult, ValidationReport, listed
+from .results import CheckResult, ValidationReport, listed
 from .svg import svg_bar_chart, svg_column_chart, svg_line_chart
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -159,7 +159,6 @@ def report_template() -> jinja2.Template:
     environment.filters.update(label=label, listed=listed)
     environment.globals.update(
         format_value=format_value,
-        section_numbers={key: number for number, key in enumerate(TITLES, start=1)},
         numeric_columns=numeric_columns,
         verdict_headline=verdict_headline,
         meta_line=meta_line,

@@ -341,15 +341,22 @@ def shard_records_problems(manifest: Mapping[str, Any]) -> list[CacheProblem]:
     return []
 
 
+def readable_manifest(cache_dir: Path) -> dict[str, Any] | CacheProblem:
+    """The manifest of a cache directory, or why there is none to check it against."""
+    if not (cache_dir / MANIFEST_FILE).exists():
+        return CacheProblem(MANIFEST_FILE, "missing: the cache is incomplete (the manifest is written last)")
+    try:
+        return read_manifest(cache_dir)
+    except json.JSONDecodeError as error:
+        return CacheProblem(MANIFEST_FILE, f"not valid JSON: {error}")
+
+
 def check_cache(cache_dir: str | os.PathLike, verify_hashes: bool = True) -> list[CacheProblem]:
     """Everything wrong with a cache directory; empty when it is complete and intact."""
     cache_dir = Path(cache_dir)
-    if not (cache_dir / MANIFEST_FILE).exists():
-        return [CacheProblem(MANIFEST_FILE, "missing: the cache is incomplete (the manifest is written last)")]
-    try:
-        manifest = read_manifest(cache_dir)
-    except json.JSONDecodeError as error:
-        return [CacheProblem(MANIFEST_FILE, f"not valid JSON: {error}")]
+    manifest = readable_manifest(cache_dir)
+    if isinstance(manifest, CacheProblem):
+        return [manifest]
     problems = manifest_problems(manifest)
     if problems:
         return problems

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .checkpoint_tensors import NotReadableDirectly, read_input_embeddings
 from .errors import CacheConfigError
 from .hub import loading
 from .layout import WEIGHT_SUFFIXES
 from .preflight import check_device, resolved_aux_layer_ids
 from .shard_format import file_sha256, stored_safetensors_header
+
+log = logging.getLogger(__name__)
 
 # Where decoder layers live in the causal-LM layouts we support, tried in order
 # (the same search NeMo Automodel's target wrapper does).
@@ -162,14 +166,19 @@ def weight_file_description(path: Path) -> list[str | int | None]:
 
 
 def input_embeddings(model_id: str, *, revision: str | None, trust_remote_code: bool) -> torch.Tensor:
-    """The target's input embedding table as `[V, H]` fp32.
+    """The target's input embedding table as `[V, H]` fp32, as the loaded model holds it.
 
-    The model is loaded on the CPU in its checkpoint dtype (no upcast of the whole model), so this
-    needs about the checkpoint's size in RAM.
+    Read from the one safetensors file that holds it (see `checkpoint_tensors`). Where that cannot be
+    done exactly, the model is built on the CPU in its checkpoint dtype (no upcast of the whole
+    model), which needs about the checkpoint's size in RAM.
     """
     from transformers import AutoModelForCausalLM
 
     with loading("target_model", model_id, revision=revision):
+        try:
+            return read_input_embeddings(model_id, revision=revision, trust_remote_code=trust_remote_code)
+        except NotReadableDirectly as reason:
+            log.info("building %s to read its input embeddings: %s", model_id, reason)
         model = AutoModelForCausalLM.from_pretrained(
             model_id, revision=revision, trust_remote_code=trust_remote_code, dtype="auto"
         )

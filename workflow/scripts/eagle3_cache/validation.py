@@ -1,15 +1,15 @@
 """Validation of a finished cache: the eight checks, run one after another, and the report they write.
 
 Each check is a function returning a `CheckResult` (passed or not, a one-line summary, figures,
-series for tables and charts, details). `validate_cache` runs them all; a check that cannot run
-(an unreadable file, a missing manifest) is a failed check, never a crash, so a report is always
-written. `write_report` writes it as HTML (`report_html`) and JSON. The checks that read every
-sample share one scan (`scan`); live parity applies the `parity` rule.
+series for tables and charts, details). `validate_cache` runs them all: the shared ones and those of
+the cache's format (`automodel_checks`, or `specforge_validation.specforge_checks`); a check that
+cannot run (an unreadable file, a missing manifest) is a failed check, never a crash, so a report is
+always written. `write_report` writes it as HTML (`report_html`) and JSON. The checks that read every
+sample share one scan (`scan`); the cost check is in `cost`; live parity applies the `parity` rule.
 """
 
 from __future__ import annotations
 
-import csv
 import functools
 import logging
 import math
@@ -28,11 +28,12 @@ from torch import nn
 from . import CACHE_SEMANTICS_VERSION
 from .atomic import atomic_output, write_json_atomic
 from .cache_rows import CacheSpec, compute_cache_batch
-from .layout import EMBEDDINGS_FILE, ROW_ORDER_SETTINGS, applied_settings, shard_file_name, shard_index
+from .cost import cost_check
+from .layout import EMBEDDINGS_FILE, ROW_ORDER_SETTINGS, applied_settings, shard_file_name
 from .manifest import read_shard_stats
 from .parity import parity_outcome, parity_result, parity_sample_indices
-from .report_html import format_bytes, format_seconds, render_html
-from .results import TITLES, CheckResult, ValidationReport, listed, problems_summary
+from .report_html import format_bytes, render_html
+from .results import TITLES, CheckResult, ValidationReport, problems_summary
 from .scan import MIN_DRAFT_SHARE, sanity_check, scan_cache, supervision_check
 from .shard_format import (
     DTYPES,
@@ -43,6 +44,7 @@ from .shard_format import (
     safetensors_header,
     shard_indices_in,
 )
+from .specforge_format import specforge_files_bytes
 from .target import compute_dtype
 from .token_store import TokenizedInfo, read_token_rows, read_tokenized_info
 from .vocab import read_vocab_selection
@@ -95,7 +97,8 @@ def cache_spec(manifest: Mapping[str, Any]) -> CacheSpec:
         selected_token_ids=torch.tensor(manifest["selected_token_ids"], dtype=torch.long),
         target_vocab_size=int(manifest["target_vocab_size"]),
         dtype=manifest["dtype"],
-        target_probs_topk=int(manifest["target_probs_topk"] or 0),
+        # A specforge manifest records none: its shards hold no distribution.
+        target_probs_topk=int(manifest.get("target_probs_topk") or 0),
     )
 
 
@@ -211,7 +214,8 @@ def shard_bytes_by_layout(layout: ShardLayout, num_samples: int) -> int:
 
 
 def disk_check(cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo) -> CheckResult:
-    """Bytes per sample and per field, padding's share, and the size of a larger dataset of the same shape."""
+    """Bytes per sample and per field, padding's share, the size of a larger dataset of the same shape, and
+    what the same samples would take in the specforge format."""
     layout = ShardLayout.from_manifest(manifest)
     n = int(manifest["num_samples"])
     field_bytes = {f.name: f.sample_bytes for f in layout.fields()}
@@ -224,6 +228,8 @@ def disk_check(cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo
     embeddings = cache_dir / EMBEDDINGS_FILE
     embeddings_bytes = embeddings.stat().st_size if embeddings.exists() else 0
     padding_share = 1 - float(info.lengths.sum()) / (n * layout.seq_length)
+    shards_allocated = allocated_bytes([cache_dir / r["file"] for r in records])
+    specforge_bytes = specforge_files_bytes(info.lengths.tolist(), layout.aux_hidden_dim // 3)
     figures = {
         "num_samples": n,
         "shards": len(records),
@@ -231,13 +237,16 @@ def disk_check(cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo
         "shard_bytes": shard_bytes,
         "embeddings_bytes": embeddings_bytes,
         "total_bytes": shard_bytes + embeddings_bytes,
-        "allocated_bytes": allocated_bytes([cache_dir / r["file"] for r in records] + [embeddings]),
+        "allocated_bytes": shards_allocated + allocated_bytes([embeddings]),
         "padding_share": padding_share,
         "padding_bytes": round(padding_share * n * per_sample),
         **{
             f"projected_{name}_samples_bytes": count * per_sample + embeddings_bytes
             for name, count in PROJECTED_SAMPLES.items()
         },
+        # The specforge format keeps no distribution, no padding and no embeddings.
+        "specforge_format_bytes": specforge_bytes,
+        "specforge_format_of_allocated_shards_share": specforge_bytes / shards_allocated if shards_allocated else 0.0,
     }
     series = {
         "fields": [
@@ -253,7 +262,8 @@ def disk_check(cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo
     summary = (
         f"{format_bytes(shard_bytes + embeddings_bytes)} in all "
         f"({format_bytes(figures['allocated_bytes'])} allocated), "
-        f"{format_bytes(per_sample)} per sample, {padding_share:.1%} of positions are padding"
+        f"{format_bytes(per_sample)} per sample, {padding_share:.1%} of positions are padding; "
+        f"the specforge format would take {format_bytes(specforge_bytes)}"
     )
     return CheckResult("disk", True, summary, figures, series)
 
@@ -266,67 +276,7 @@ def allocated_bytes(paths: Sequence[Path]) -> int:
     return sum(path.stat().st_blocks * 512 for path in paths if path.exists())
 
 
-# --- 7. Cost -----------------------------------------------------------------------------------
-
-
-def read_benchmark(path: Path) -> dict[str, float | None]:
-    """The first row of a Snakemake benchmark file (`s`, `max_rss` in MB, ...); "NA" becomes None."""
-    with open(path, newline="") as handle:
-        row = next(csv.DictReader(handle, delimiter="\t"))
-    return {key: None if value in ("NA", "-", "") else float(value) for key, value in row.items() if key != "h:m:s"}
-
-
-def shard_cost_row(stats: Mapping[str, Any], benchmark: Mapping[str, float | None] | None) -> dict[str, Any]:
-    """One shard job's time and throughput."""
-    seconds = stats["seconds"]
-    total, load = float(seconds.get("total", 0.0)), float(seconds.get("load", 0.0))
-    return {
-        "shard": stats["shard"],
-        "samples": stats["num_samples"],
-        "job_seconds": total,
-        "load_seconds": load,
-        "forward_seconds": float(seconds.get("forward", 0.0)),
-        "write_seconds": float(seconds.get("write", 0.0)),
-        "real_tokens": stats["real_tokens"],
-        "tokens_per_second": stats["real_tokens"] / total if total else 0.0,
-        "load_share": load / total if total else 0.0,
-        # The part of the padded [samples, seq_length] grid the target ran on; trimming skipped the rest.
-        "positions_computed_share": (
-            stats["computed_tokens"] / stats["padded_tokens"] if stats["padded_tokens"] else 0.0
-        ),
-        "benchmark_seconds": benchmark.get("s") if benchmark else None,
-        "max_rss_mb": benchmark.get("max_rss") if benchmark else None,
-        "device": stats.get("device"),
-    }
-
-
-def cost_check(stats: Sequence[Mapping[str, Any]], benchmarks: Sequence[Path], shard_count: int) -> CheckResult:
-    """Per shard job: wall time, model load, tokens per second, and Snakemake's benchmark when present."""
-    by_shard = {shard_index(path): read_benchmark(path) for path in benchmarks if path.exists()}
-    rows = [shard_cost_row(s, by_shard.get(s["shard"])) for s in sorted(stats, key=lambda s: s["shard"])]
-    job_seconds = sum(r["job_seconds"] for r in rows)
-    load_seconds = sum(r["load_seconds"] for r in rows)
-    real_tokens = sum(r["real_tokens"] for r in rows)
-    computed, padded = sum(s["computed_tokens"] for s in stats), sum(s["padded_tokens"] for s in stats)
-    figures = {
-        "shard_jobs": len(rows),
-        "job_seconds": job_seconds,
-        "load_seconds": load_seconds,
-        "load_share": load_seconds / job_seconds if job_seconds else 0.0,
-        "tokens_per_second": real_tokens / job_seconds if job_seconds else 0.0,
-        "positions_computed_share": computed / padded if padded else 0.0,
-        "max_rss_mb": max((r["max_rss_mb"] for r in rows if r["max_rss_mb"] is not None), default=None),
-    }
-    missing = sorted(set(range(shard_count)) - {r["shard"] for r in rows})
-    if missing:
-        summary = f"no stats for {len(missing)} shard(s): {listed(missing)}"
-        return CheckResult("cost", False, summary, figures, {"shards": rows}, [summary])
-    summary = (
-        f"{len(rows)} shard jobs, {format_seconds(job_seconds)} in all, "
-        f"{figures['tokens_per_second']:,.0f} real tokens/s; "
-        f"model loading is {figures['load_share']:.0%} of job time"
-    )
-    return CheckResult("cost", True, summary, figures, {"shards": rows})
+# --- 7. Cost: in `cost` -------------------------------------------------------------------------
 
 
 # --- 8. Provenance -----------------------------------------------------------------------------
@@ -357,6 +307,7 @@ SETTING_KEYS = (
     "aux_hidden_dim",
     "mask_reasoning_content",
     "mask_generation_prompt",
+    "format",
     "format_version",
     "settings_fingerprint",
 )
@@ -439,27 +390,69 @@ def run_check(key: str, check: Callable[[], CheckResult]) -> CheckResult:
     return replace(result, seconds=seconds)
 
 
+# A check, deferred until the report runs it (see `run_check`).
+Check = Callable[[], CheckResult]
+
+
+@dataclass
+class CacheReads:
+    """One run's inputs and what its checks share, each read once when first needed."""
+
+    inputs: ValidationInputs
+    # Yields the target model for the parity check, and holds it only while that check runs.
+    open_target: Callable[[], AbstractContextManager[nn.Module]]
+
+    @functools.cached_property
+    def manifest(self) -> dict[str, Any]:
+        return read_manifest(self.inputs.cache_dir)
+
+    @functools.cached_property
+    def info(self) -> TokenizedInfo:
+        return read_tokenized_info(self.inputs.tokenized)
+
+    @functools.cached_property
+    def stats(self) -> list[dict[str, Any]]:
+        # A missing stats file is the cost check's finding, not a reason to stop.
+        return read_shard_stats([path for path in self.inputs.stats if path.exists()])
+
+
+def shared_checks(reads: CacheReads) -> dict[str, Check]:
+    """The checks that read nothing of the shards themselves, the same for every output format."""
+    inputs = reads.inputs
+    return {
+        "vocabulary": lambda: vocabulary_check(np.load(inputs.counts), reads.manifest, inputs.selection),
+        "cost": lambda: cost_check(reads.stats, inputs.benchmarks, len(inputs.stats)),
+        "provenance": lambda: provenance_check(reads.manifest, reads.info, reads.stats),
+    }
+
+
+def automodel_checks(reads: CacheReads) -> dict[str, Check]:
+    """The checks of an Automodel cache's shards."""
+    inputs = reads.inputs
+    scan = functools.cache(lambda: scan_cache(inputs.cache_dir, reads.manifest, inputs.tokenized))
+    return {
+        "integrity": lambda: integrity_check(inputs.cache_dir),
+        "parity": lambda: parity_check(reads.open_target, reads.manifest, inputs, reads.stats),
+        "sanity": lambda: sanity_check(scan(), int(reads.manifest["num_samples"])),
+        "supervision": lambda: supervision_check(scan(), reads.info),
+        "disk": lambda: disk_check(inputs.cache_dir, reads.manifest, reads.info),
+    }
+
+
 def validate_cache(
-    inputs: ValidationInputs, open_target: Callable[[], AbstractContextManager[nn.Module]]
+    inputs: ValidationInputs,
+    open_target: Callable[[], AbstractContextManager[nn.Module]],
+    format_checks: Callable[[CacheReads], Mapping[str, Check]] = automodel_checks,
 ) -> ValidationReport:
-    """Run every check on one run's cache. `open_target()` yields the target model for the parity check."""
-    manifest = functools.cache(lambda: read_manifest(inputs.cache_dir))
-    info = functools.cache(lambda: read_tokenized_info(inputs.tokenized))
-    scan = functools.cache(lambda: scan_cache(inputs.cache_dir, manifest(), inputs.tokenized))
-    # A missing stats file is the cost check's finding, not a reason to stop.
-    stats = read_shard_stats([path for path in inputs.stats if path.exists()])
-    checks = [
-        run_check("integrity", lambda: integrity_check(inputs.cache_dir)),
-        run_check("parity", lambda: parity_check(open_target, manifest(), inputs, stats)),
-        run_check("sanity", lambda: sanity_check(scan(), int(manifest()["num_samples"]))),
-        run_check("supervision", lambda: supervision_check(scan(), info())),
-        run_check("vocabulary", lambda: vocabulary_check(np.load(inputs.counts), manifest(), inputs.selection)),
-        run_check("disk", lambda: disk_check(inputs.cache_dir, manifest(), info())),
-        run_check("cost", lambda: cost_check(stats, inputs.benchmarks, len(inputs.stats))),
-        run_check("provenance", lambda: provenance_check(manifest(), info(), stats)),
-    ]
+    """Run every check on one run's cache: the shared ones and `format_checks`, in the report's order.
+
+    `open_target()` yields the target model for the parity check.
+    """
+    reads = CacheReads(inputs, open_target)
+    checks = {**shared_checks(reads), **format_checks(reads)}
+    results = [run_check(key, checks[key]) for key in TITLES if key in checks]
     generated_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return ValidationReport(inputs.run, str(inputs.cache_dir), checks, generated_at)
+    return ValidationReport(inputs.run, str(inputs.cache_dir), results, generated_at)
 
 
 def failed_path(path: Path) -> Path:

@@ -1,0 +1,167 @@
+"""The validation report on a specforge cache: a clean cache passes, each kind of damage fails its check."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+
+import pytest
+import torch
+
+from eagle3_cache.layout import MANIFEST_FILE
+from eagle3_cache.parity import parity_sample_indices
+from eagle3_cache.report_html import render_html
+from eagle3_cache.shard_format import ShardLayout, file_sha256, read_manifest
+from eagle3_cache.specforge_format import read_sample_file, sample_file_name, serialized, specforge_files_bytes
+from eagle3_cache.specforge_validation import automodel_written_bytes, specforge_checks
+from eagle3_cache.target import load_target
+from eagle3_cache.token_store import read_tokenized_info
+from eagle3_cache.validation import ValidationInputs, disk_check, validate_cache
+from helpers import PARITY_ROWS, TinyCache, build_tiny_cache
+
+SHARD_SIZE = 4
+DRAFT_VOCAB = 300  # most of the random target's vocabulary, as in test_report.py
+
+
+@pytest.fixture(scope="module")
+def target_model(tiny_chat_target):
+    return load_target(str(tiny_chat_target), revision=None, trust_remote_code=False, device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def built_cache(tmp_path_factory, tiny_chat_target) -> TinyCache:
+    run_dir = tmp_path_factory.mktemp("built") / "results" / "tiny"
+    return build_tiny_cache(
+        run_dir, tiny_chat_target, PARITY_ROWS, shard_size=SHARD_SIZE, draft_vocab_size=DRAFT_VOCAB, format="specforge"
+    )
+
+
+@pytest.fixture
+def cache(built_cache, tmp_path) -> TinyCache:
+    """A private copy of the built cache, free to damage."""
+    run_dir = tmp_path / "results" / "tiny"
+    shutil.copytree(built_cache.run_dir, run_dir)
+    return TinyCache(run_dir)
+
+
+def validate(cache: TinyCache, model, num_samples: int = 3):
+    inputs = ValidationInputs(
+        run="tiny",
+        cache_dir=cache.cache_dir,
+        tokenized=cache.tokenized,
+        selection=cache.selection,
+        counts=cache.counts,
+        stats=cache.stats,
+        benchmarks=[],
+        num_samples=num_samples,
+        seed=0,
+    )
+    return validate_cache(inputs, lambda: contextlib.nullcontext(model), specforge_checks)
+
+
+def failed(report) -> set[str]:
+    return {check.key for check in report.checks if not check.passed}
+
+
+def rewrite_sample(cache: TinyCache, sample: int, change) -> None:
+    """Change one stored sample, then re-record its size and hash: damage done before hashing."""
+    manifest = read_manifest(cache.cache_dir)
+    shard, row = divmod(sample, SHARD_SIZE)
+    record = manifest["shards"][shard]["files"][row]
+    path = cache.cache_dir / manifest["shards"][shard]["directory"] / record["file"]
+    stored = {key: value.clone() for key, value in read_sample_file(path).items()}
+    change(stored)
+    path.write_bytes(serialized(stored))
+    record.update(bytes=path.stat().st_size, sha256=file_sha256(path))
+    (cache.cache_dir / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def test_a_clean_cache_passes_every_check(cache, target_model):
+    report = validate(cache, target_model)
+    assert failed(report) == set(), [c.summary for c in report.checks]
+    assert [c.key for c in report.checks] == [
+        "integrity",
+        "parity",
+        "sanity",
+        "vocabulary",
+        "disk",
+        "cost",
+        "provenance",
+    ]
+    parity = {row["field"]: row for row in report.check("parity").series["fields"]}
+    assert parity.keys() == {"hidden_state", "aux_hidden_state", "logits"}
+    assert all(row["compared"] > 0 and row["differing"] == 0 for row in parity.values())
+    disk = report.check("disk").figures
+    assert disk["file_bytes"] == sum(p.stat().st_size for p in cache.cache_dir.glob("shard-*/*.ckpt"))
+    assert disk["automodel_format_written_bytes_per_real_token"] > disk["bytes_per_real_token"]
+    assert "PASS" in render_html(report)
+    # The tiny target is saved as one model.safetensors: SpecForge needs an index, which is a note.
+    [note] = report.check("integrity").details
+    assert note.startswith("SpecForge cannot train from this target yet: ") and "write_weight_index" in note
+
+
+def test_a_changed_hidden_state_fails_live_parity_naming_sample_and_position(cache, target_model):
+    sample = parity_sample_indices(len(PARITY_ROWS), SHARD_SIZE, 3, seed=0)[0]
+
+    def change(stored):
+        stored["hidden_state"][0, 2, 5] += 0.5
+
+    rewrite_sample(cache, sample, change)
+    report = validate(cache, target_model)
+    assert failed(report) == {"parity"}
+    problems = report.check("parity").details
+    assert all(f"sample {sample}: " in line and "position 2" in line for line in problems)
+    assert {line.split(": ")[1] for line in problems} == {"hidden_state", "logits"}
+
+
+def test_nan_and_other_tokens_fail_sanity(cache, target_model):
+    def nan(stored):
+        stored["aux_hidden_state"][0, 0, 0] = float("nan")
+
+    def other_token(stored):
+        stored["input_ids"][1] += 1
+
+    rewrite_sample(cache, 1, nan)
+    rewrite_sample(cache, 4, other_token)
+    report = validate(cache, target_model, num_samples=0)
+    assert failed(report) == {"sanity"}
+    assert report.check("sanity").figures["nonfinite_aux_hidden_state_values"] == 1
+    assert report.check("sanity").details == [
+        "NaN or Inf in the hidden states of 1 samples: 1",
+        "1 samples whose input_ids or loss_mask differ from tokenized.h5: 4",
+    ]
+
+
+def test_a_deleted_file_fails_integrity_and_still_gives_a_report(cache, target_model):
+    (cache.cache_dir / "shard-000001" / sample_file_name(5)).unlink()
+    report = validate(cache, target_model, num_samples=0)
+    assert "integrity" in failed(report)
+    assert "shard-000001/sample-000000005.ckpt: missing" in report.check("integrity").details
+    assert "FAIL" in render_html(report)
+
+
+def test_the_file_size_estimate_and_the_automodel_bytes():
+    from eagle3_cache.specforge_format import sample_tensors
+
+    for length in (1, 37, 300):
+        sample = sample_tensors(
+            torch.zeros(length, dtype=torch.int64),
+            torch.zeros(length, dtype=torch.int64),
+            torch.zeros(length, 64, dtype=torch.bfloat16),
+            torch.zeros(length, 192, dtype=torch.bfloat16),
+        )
+        assert abs(specforge_files_bytes([length], 64) - len(serialized(sample))) <= 256
+    layout = ShardLayout(seq_length=10, aux_hidden_dim=6, draft_vocab_size=4, dtype="bf16", target_probs_topk=0)
+    # Two samples of 3 and 10 tokens: 24 bytes at each of 20 positions, 6·2 + 1 + 4·2 at each of 13.
+    assert automodel_written_bytes(layout, [3, 10]) == 20 * 24 + 13 * 21
+
+
+def test_the_automodel_disk_check_gives_what_the_specforge_files_take(built_cache, tiny_chat_target, tmp_path):
+    automodel = build_tiny_cache(
+        tmp_path / "automodel", tiny_chat_target, PARITY_ROWS, shard_size=SHARD_SIZE, draft_vocab_size=DRAFT_VOCAB
+    )
+    disk = disk_check(automodel.cache_dir, read_manifest(automodel.cache_dir), read_tokenized_info(automodel.tokenized))
+    files = list(built_cache.cache_dir.glob("shard-*/*.ckpt"))
+    assert abs(disk.figures["specforge_format_bytes"] - sum(p.stat().st_size for p in files)) <= 256 * len(files)
+    assert "the specforge format would take" in disk.summary

@@ -1,0 +1,125 @@
+"""The specforge format end to end, through the `snakemake` command line, on a tiny random model.
+
+As in test_workflow.py: one completed run per session, and each test works on its own copy of it.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from eagle3_cache.layout import MANIFEST_FILE, VOCAB_MAPPING_FILE, shard_dir_name, shard_id
+from eagle3_cache.shard_format import check_cache
+from eagle3_cache.specforge_cache import check_specforge_cache
+from helpers import (
+    HUB_MODEL,
+    NUM_SHARDS,
+    RUN,
+    cache_dir,
+    every_shard,
+    jobs_run,
+    kill_shard_writer_mid_write,
+    new_workdir,
+    run_config,
+    snakemake,
+    snakemake_static,
+    write_config,
+)
+
+
+def every_specforge_shard(count: int = NUM_SHARDS) -> set[str]:
+    return {f"compute_specforge_shard-{shard_id(index)}" for index in range(count)}
+
+
+def shard_dir(workdir: Path, index: int) -> Path:
+    return cache_dir(workdir) / shard_dir_name(index)
+
+
+def file_bytes(directory: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+
+
+def assert_complete_specforge_cache(workdir: Path) -> None:
+    """Exactly the shard directories, mapping and manifest, all checks passing, report written."""
+    expected = {shard_dir_name(index) for index in range(NUM_SHARDS)} | {MANIFEST_FILE, VOCAB_MAPPING_FILE}
+    assert {path.name for path in cache_dir(workdir).iterdir()} == expected
+    assert check_specforge_cache(cache_dir(workdir)) == []
+    assert not (workdir / "results" / RUN / "shards.staging").exists()
+    report = json.loads((workdir / "results" / RUN / "validation.json").read_text())
+    failed = set(report["failed_checks"])
+    # A random model's predictions cover little of a small draft vocabulary; that is all that may fail.
+    assert failed <= {"Draft vocabulary"}, report["failed_checks"]
+
+
+@pytest.mark.parametrize(("setting", "value"), [("dtype", "fp32"), ("target_probs_topk", 8)])
+def test_settings_the_format_cannot_store_are_config_errors(tmp_path, setting, value):
+    workdir = new_workdir(tmp_path, run_config(HUB_MODEL, format="specforge", **{setting: value}))
+    result = snakemake_static(workdir, "-n")
+    assert result.returncode != 0
+    assert f"Error: config runs.tiny.{setting}: {value!r} is not" not in result.stdout
+    assert f"Error: config runs.tiny.{setting}: " in result.stdout
+    assert "the specforge format stores" in result.stdout
+
+
+@pytest.fixture(scope="session")
+def completed(tmp_path_factory, tiny_chat_target) -> tuple[Path, set[str]]:
+    workdir = new_workdir(tmp_path_factory.mktemp("specforge"), run_config(tiny_chat_target, format="specforge"))
+    return workdir, jobs_run(snakemake(workdir).stdout)
+
+
+@pytest.fixture
+def workdir(completed, tmp_path) -> Path:
+    return Path(shutil.copytree(completed[0], tmp_path / "workdir", symlinks=True))
+
+
+@pytest.mark.slow
+def test_first_run_builds_every_step(completed):
+    workdir, jobs = completed
+    assert jobs == {"tokenize", "select_vocab", "specforge_vocab_mapping", "manifest", "validate"} | (
+        every_specforge_shard()
+    )
+    assert_complete_specforge_cache(workdir)
+
+
+@pytest.mark.slow
+def test_1_second_run_does_nothing(workdir):
+    result = snakemake(workdir)
+    assert jobs_run(result.stdout) == set()
+
+
+@pytest.mark.slow
+def test_2_format_reruns_shards_manifest_and_report_only(workdir, tiny_chat_target):
+    write_config(workdir, run_config(tiny_chat_target, format="automodel"))
+    jobs = jobs_run(snakemake(workdir).stdout)
+    assert jobs == {"target_embeddings", "manifest", "validate"} | every_shard()
+    assert check_cache(cache_dir(workdir)) == []
+    write_config(workdir, run_config(tiny_chat_target, format="specforge"))
+    jobs = jobs_run(snakemake(workdir).stdout)
+    assert jobs == {"specforge_vocab_mapping", "manifest", "validate"} | every_specforge_shard()
+    assert_complete_specforge_cache(workdir)
+
+
+@pytest.mark.slow
+def test_3_forced_shard_is_recomputed_with_identical_bytes(workdir):
+    target = shard_dir(workdir, 1)
+    before = file_bytes(target), target.stat().st_mtime_ns
+    result = snakemake(workdir, str(target.relative_to(workdir)), "--force")
+    assert jobs_run(result.stdout) == {"compute_specforge_shard-000001"}
+    assert target.stat().st_mtime_ns != before[1]
+    assert file_bytes(target) == before[0]
+
+
+@pytest.mark.slow
+def test_4_killed_shard_job_leaves_no_directory_and_the_next_run_completes(workdir, completed, tmp_path):
+    shutil.rmtree(shard_dir(workdir, 1))
+    killed = kill_shard_writer_mid_write(workdir, tmp_path / "hook", destination="shards/shard-000001")
+    assert killed.returncode != 0, killed.stdout[-6000:]
+    assert not shard_dir(workdir, 1).exists()
+    result = snakemake(workdir, check=False)
+    if "--rerun-incomplete" in result.stdout:
+        result = snakemake(workdir, "--rerun-incomplete")
+    assert result.returncode == 0, result.stdout[-6000:]
+    assert jobs_run(result.stdout) == {"compute_specforge_shard-000001", "manifest", "validate"}
+    assert_complete_specforge_cache(workdir)
+    assert file_bytes(shard_dir(workdir, 1)) == file_bytes(shard_dir(completed[0], 1))

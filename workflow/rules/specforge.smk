@@ -1,0 +1,41 @@
+# The specforge output format: the same shard job writing one directory of per-sample files, and
+# the vocabulary mapping SpecForge's `model.vocab_mapping_path` reads. A run's `format` picks these
+# rules or the Automodel ones (see shard_rule in common.smk).
+
+
+rule compute_specforge_shard:
+    input:
+        tokenized=rules.tokenize.output.tokenized,
+        selection=rules.select_vocab.output.selection,
+        model=model_input,
+    output:
+        shard=directory(f"{CACHE_DIR}/{SHARD_DIR}"),
+        stats="results/{run}/shard_stats/shard-{shard}.specforge.json",
+    log:
+        "logs/{run}/compute_specforge_shard-{shard}.log",
+    benchmark:
+        "benchmarks/{run}/specforge/shard-{shard}.tsv"
+    conda:
+        "../../envs/eagle3-cache.yaml"
+    threads: 4
+    resources:
+        gpu=gpus_per_job,
+    params:
+        **run_params(SHARD_SETTINGS),
+        cache_semantics_version=CACHE_SEMANTICS_VERSION,
+    script:
+        "../scripts/compute_shard.py"
+
+
+rule specforge_vocab_mapping:
+    input:
+        selection=rules.select_vocab.output.selection,
+    output:
+        mapping=f"{CACHE_DIR}/{VOCAB_MAPPING_FILE}",
+    log:
+        "logs/{run}/specforge_vocab_mapping.log",
+    localrule: True
+    conda:
+        "../../envs/eagle3-cache.yaml"
+    script:
+        "../scripts/specforge_vocab_mapping.py"

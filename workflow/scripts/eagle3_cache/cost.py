@@ -1,0 +1,72 @@
+"""The cost check: per shard job, its time and throughput from its stats, and Snakemake's benchmark of it."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .layout import shard_index
+from .report_html import format_seconds
+from .results import CheckResult, listed
+
+
+def read_benchmark(path: Path) -> dict[str, float | None]:
+    """The first row of a Snakemake benchmark file (`s`, `max_rss` in MB, ...); "NA" becomes None."""
+    with open(path, newline="") as handle:
+        row = next(csv.DictReader(handle, delimiter="\t"))
+    return {key: None if value in ("NA", "-", "") else float(value) for key, value in row.items() if key != "h:m:s"}
+
+
+def shard_cost_row(stats: Mapping[str, Any], benchmark: Mapping[str, float | None] | None) -> dict[str, Any]:
+    """One shard job's time and throughput."""
+    seconds = stats["seconds"]
+    total, load = float(seconds.get("total", 0.0)), float(seconds.get("load", 0.0))
+    return {
+        "shard": stats["shard"],
+        "samples": stats["num_samples"],
+        "job_seconds": total,
+        "load_seconds": load,
+        "forward_seconds": float(seconds.get("forward", 0.0)),
+        "write_seconds": float(seconds.get("write", 0.0)),
+        "real_tokens": stats["real_tokens"],
+        "tokens_per_second": stats["real_tokens"] / total if total else 0.0,
+        "load_share": load / total if total else 0.0,
+        # The part of the padded [samples, seq_length] grid the target ran on; trimming skipped the rest.
+        "positions_computed_share": (
+            stats["computed_tokens"] / stats["padded_tokens"] if stats["padded_tokens"] else 0.0
+        ),
+        "benchmark_seconds": benchmark.get("s") if benchmark else None,
+        "max_rss_mb": benchmark.get("max_rss") if benchmark else None,
+        "device": stats.get("device"),
+    }
+
+
+def cost_check(stats: Sequence[Mapping[str, Any]], benchmarks: Sequence[Path], shard_count: int) -> CheckResult:
+    """Per shard job: wall time, model load, tokens per second, and Snakemake's benchmark when present."""
+    by_shard = {shard_index(path): read_benchmark(path) for path in benchmarks if path.exists()}
+    rows = [shard_cost_row(s, by_shard.get(s["shard"])) for s in sorted(stats, key=lambda s: s["shard"])]
+    job_seconds = sum(r["job_seconds"] for r in rows)
+    load_seconds = sum(r["load_seconds"] for r in rows)
+    real_tokens = sum(r["real_tokens"] for r in rows)
+    computed, padded = sum(s["computed_tokens"] for s in stats), sum(s["padded_tokens"] for s in stats)
+    figures = {
+        "shard_jobs": len(rows),
+        "job_seconds": job_seconds,
+        "load_seconds": load_seconds,
+        "load_share": load_seconds / job_seconds if job_seconds else 0.0,
+        "tokens_per_second": real_tokens / job_seconds if job_seconds else 0.0,
+        "positions_computed_share": computed / padded if padded else 0.0,
+        "max_rss_mb": max((r["max_rss_mb"] for r in rows if r["max_rss_mb"] is not None), default=None),
+    }
+    missing = sorted(set(range(shard_count)) - {r["shard"] for r in rows})
+    if missing:
+        summary = f"no stats for {len(missing)} shard(s): {listed(missing)}"
+        return CheckResult("cost", False, summary, figures, {"shards": rows}, [summary])
+    summary = (
+        f"{len(rows)} shard jobs, {format_seconds(job_seconds)} in all, "
+        f"{figures['tokens_per_second']:,.0f} real tokens/s; "
+        f"model loading is {figures['load_share']:.0%} of job time"
+    )
+    return CheckResult("cost", True, summary, figures, {"shards": rows})

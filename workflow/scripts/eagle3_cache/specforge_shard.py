@@ -1,0 +1,152 @@
+"""A shard job in the specforge format: the shard's samples through the target, one file each, into a directory.
+
+A shard is built in a staging directory beside the cache directory, not inside it (SpecForge would read
+a half-written shard there), and renamed onto its final name whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .cache_rows import CacheBatch, CacheSpec
+from .errors import CacheConfigError
+from .pipeline import ShardJob, ShardResult, forward_stats, stream_rows
+from .shard_format import ShardLayout
+from .specforge_format import TARGET_REPR, lm_head_key, sample_file_name, sample_tensors, serialized, staging_dir_for
+from .target import hidden_size
+from .timing import PhaseTimer
+from .token_store import TokenBlock
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write `data` to a new file and fsync it."""
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (created or renamed files) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ShardDirectoryWriter:
+    """Write one shard's sample files into a staging directory, in any order, then rename it into place.
+
+    If `commit()` is never reached the staging directory is removed and nothing appears under the
+    shard's name.
+    """
+
+    def __init__(self, shard_dir: str | os.PathLike, block: TokenBlock, first_sample: int):
+        self.path = Path(shard_dir)
+        self.staging = staging_dir_for(self.path)
+        self.block = block
+        self.first_sample = first_sample
+        self.files: dict[int, dict[str, Any]] = {}
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir(parents=True)
+
+    def write_batch(self, batch: CacheBatch, rows: list[int]) -> None:
+        """Write one file per row of a host batch computed with `target_repr=TARGET_REPR`."""
+        for i, row in enumerate(rows):
+            length = int(batch.lengths[i])
+            sample = sample_tensors(
+                self.block.input_ids[row, :length],
+                self.block.loss_mask[row, :length],
+                batch.computed["final_hidden_state"][i, :length],
+                batch.computed["aux_hidden_states"][i, :length],
+            )
+            name = sample_file_name(self.first_sample + row)
+            data = serialized(sample)
+            write_durably(self.staging / name, data)
+            self.files[row] = {
+                "file": name,
+                "num_tokens": length,
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+
+    def commit(self) -> list[dict[str, Any]]:
+        """Rename the staging directory onto the shard's name; returns the file records in sample order."""
+        fsync_dir(self.staging)
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.staging, self.path)
+        fsync_dir(self.path.parent)
+        return [self.files[row] for row in sorted(self.files)]
+
+    def abort(self) -> None:
+        """Drop the staging directory; the shard's name is never touched."""
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def __enter__(self) -> ShardDirectoryWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def records_sha256(files: Sequence[Mapping[str, Any]]) -> str:
+    """One digest for a shard directory: of its file records (names, sizes and sha256s) in order."""
+    return hashlib.sha256(json.dumps(list(files), sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(kw_only=True)
+class SpecForgeShardResult(ShardResult):
+    """A shard job's result in the specforge format: `ShardResult` plus what the manifest records."""
+
+    hidden_size: int
+    lm_head_key: str
+    files: list[dict[str, Any]]
+
+
+def compute_specforge_shard(
+    model: nn.Module, spec: CacheSpec, layout: ShardLayout, job: ShardJob
+) -> SpecForgeShardResult:
+    """`compute_shard` for the specforge format: shard `job.shard_index` as the directory `job.shard_path`."""
+    if spec.dtype != "bf16":
+        raise CacheConfigError(
+            f"the specforge format stores bf16 (SpecForge's TargetHead multiplies in bf16), not {spec.dtype}: "
+            "set `dtype: bf16` for this run."
+        )
+    spec = dataclasses.replace(spec, target_repr=TARGET_REPR)
+    timer = PhaseTimer(model.get_input_embeddings().weight.device)
+    with timer.phase("read"):
+        block = job.read_tokens()
+    count = job.shard_samples
+    budget = job.budget(layout.seq_length)
+    with ShardDirectoryWriter(job.shard_path, block, job.first_sample) as writer:
+        streamed = stream_rows(model, spec, block, writer.write_batch, budget, timer)
+        with timer.phase("commit"):
+            files = writer.commit()
+    return SpecForgeShardResult(
+        num_samples=count,
+        first_sample=job.first_sample,
+        bytes=sum(f["bytes"] for f in files),
+        sha256=records_sha256(files),
+        real_tokens=int(block.attention_mask.sum()),
+        computed_tokens=sum(streamed.positions),
+        padded_tokens=count * layout.seq_length,
+        positions_per_forward=forward_stats(streamed.positions, budget),
+        seconds={**timer.seconds, **streamed.write_seconds},
+        hidden_size=hidden_size(model),
+        lm_head_key=lm_head_key(model),
+        files=files,
+    )
