@@ -23,6 +23,7 @@ from eagle3_cache.layout import (
     EMBEDDINGS_FILE,
     MANIFEST_FILE,
     MANIFEST_SETTINGS,
+    PLAN_SETTINGS,
     SELECT_VOCAB_SETTINGS,
     SHARD_DIR,
     SHARD_FILE,

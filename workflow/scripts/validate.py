@@ -58,6 +58,7 @@ with reported_errors():
         benchmarks=[Path(p) for p in params.benchmarks],
         num_samples=params.num_samples,
         seed=params.seed,
+        plan=Path(snakemake.input.plan),
     )
     format_checks = specforge_checks if manifest_format(inputs.cache_dir) == "specforge" else automodel_checks
     report = validate_cache(inputs, leased_target, format_checks)

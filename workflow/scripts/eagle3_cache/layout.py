@@ -58,6 +58,11 @@ def samples_in_shard(index: int, num_samples: int, shard_size: int) -> int:
     return min(shard_size, num_samples - index * shard_size)
 
 
+def draft_vocab_width(draft_vocab_size: int | None, target_vocab_size: int) -> int:
+    """Ids in the draft vocabulary: `draft_vocab_size`, or the whole target vocabulary for null or a larger size."""
+    return target_vocab_size if draft_vocab_size is None else min(draft_vocab_size, target_vocab_size)
+
+
 # --- A cache directory in the specforge format (see eagle3_cache.specforge_format) -------------
 
 # A shard is a directory of per-sample files; SpecForge's `model.vocab_mapping_path` names the mapping.
@@ -150,6 +155,17 @@ SELECT_VOCAB_SETTINGS = ("draft_vocab_size",)
 SHARD_SETTINGS = (
     *TARGET_SETTINGS,
     "aux_layer_ids",
+    "dtype",
+    "target_probs_topk",
+    "seq_length",
+    "shard_size",
+    "format",
+)
+# Given the tokenized data, these decide the cache's size on disk: the target's width, the draft
+# vocabulary's, and the shard layout (the plan rule also receives the global `plan` keys).
+PLAN_SETTINGS = (
+    *TARGET_SETTINGS,
+    "draft_vocab_size",
     "dtype",
     "target_probs_topk",
     "seq_length",

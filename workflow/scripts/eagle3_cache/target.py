@@ -7,6 +7,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,7 +17,11 @@ from .errors import CacheConfigError
 from .hub import loading
 from .layout import WEIGHT_SUFFIXES
 from .preflight import check_device, resolved_aux_layer_ids
-from .shard_format import file_sha256, stored_safetensors_header
+from .shard_format import file_sha256
+from .shard_layout import stored_safetensors_header
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +93,13 @@ def num_hidden_layers(model: nn.Module) -> int:
 
 def hidden_size(model: nn.Module) -> int:
     """Width of one decoder layer's output."""
-    text_config = getattr(model.config, "text_config", None)
-    return int((text_config or model.config).hidden_size)
+    return config_hidden_size(model.config)
+
+
+def config_hidden_size(config: PretrainedConfig) -> int:
+    """Width of one decoder layer's output, from the model's config; multimodal wrappers keep it on `text_config`."""
+    text_config = getattr(config, "text_config", None)
+    return int((text_config or config).hidden_size)
 
 
 def resolve_aux_layer_ids(model: nn.Module, aux_layer_ids: Sequence[int] | None) -> list[int]:

@@ -29,6 +29,7 @@ from . import CACHE_SEMANTICS_VERSION
 from .atomic import atomic_output, write_json_atomic
 from .cache_rows import CacheSpec, compute_cache_batch
 from .cost import cost_check
+from .disk_plan import planned_figures, read_plan
 from .layout import EMBEDDINGS_FILE, ROW_ORDER_SETTINGS, applied_settings, shard_file_name
 from .manifest import read_shard_stats
 from .parity import parity_outcome, parity_result, parity_sample_indices
@@ -41,7 +42,6 @@ from .shard_format import (
     check_cache,
     read_manifest,
     read_shard_rows,
-    safetensors_header,
     shard_indices_in,
 )
 from .specforge_format import specforge_files_bytes
@@ -67,6 +67,7 @@ class ValidationInputs:
     benchmarks: Sequence[Path]
     num_samples: int  # samples recomputed by the parity check
     seed: int
+    plan: Path | None = None  # the disk plan, whose predictions the disk check compares with the cache
 
 
 # --- 1. Complete and intact ------------------------------------------------------------------
@@ -207,23 +208,18 @@ def vocabulary_check(counts: np.ndarray, manifest: Mapping[str, Any], selection:
 # --- 6. Disk -----------------------------------------------------------------------------------
 
 
-def shard_bytes_by_layout(layout: ShardLayout, num_samples: int) -> int:
-    """A shard's size as its layout predicts it: header plus every field's bytes."""
-    header, _ = safetensors_header(layout, num_samples)
-    return len(header) + num_samples * sum(f.sample_bytes for f in layout.fields())
-
-
-def disk_check(cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo) -> CheckResult:
-    """Bytes per sample and per field, padding's share, the size of a larger dataset of the same shape, and
-    what the same samples would take in the specforge format."""
+def disk_check(
+    cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo, plan: Mapping[str, Any] | None = None
+) -> CheckResult:
+    """Bytes per sample and per field, padding's share, the size of a larger dataset of the same shape, what
+    the same samples would take in the specforge format, and the disk plan's predictions against the
+    measured sizes."""
     layout = ShardLayout.from_manifest(manifest)
     n = int(manifest["num_samples"])
     field_bytes = {f.name: f.sample_bytes for f in layout.fields()}
     per_sample = sum(field_bytes.values())
     records = manifest["shards"]
-    unexplained = [
-        r["file"] for r in records if shard_bytes_by_layout(layout, int(r["num_samples"])) != int(r["bytes"])
-    ]
+    unexplained = [r["file"] for r in records if layout.shard_bytes(int(r["num_samples"])) != int(r["bytes"])]
     shard_bytes = sum(int(r["bytes"]) for r in records)
     embeddings = cache_dir / EMBEDDINGS_FILE
     embeddings_bytes = embeddings.stat().st_size if embeddings.exists() else 0
@@ -248,6 +244,8 @@ def disk_check(cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo
         "specforge_format_bytes": specforge_bytes,
         "specforge_format_of_allocated_shards_share": specforge_bytes / shards_allocated if shards_allocated else 0.0,
     }
+    if plan is not None:
+        figures.update(planned_figures(plan, figures["total_bytes"], figures["allocated_bytes"]))
     series = {
         "fields": [
             {"field": name, "per_sample_bytes": size, "total_bytes": size * n, "of_the_cache_share": size / per_sample}
@@ -265,6 +263,11 @@ def disk_check(cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo
         f"{format_bytes(per_sample)} per sample, {padding_share:.1%} of positions are padding; "
         f"the specforge format would take {format_bytes(specforge_bytes)}"
     )
+    if plan is not None:
+        summary += (
+            f"; the disk plan predicted {format_bytes(plan['apparent_bytes'])} "
+            f"({format_bytes(plan['allocated_bytes'])} allocated)"
+        )
     return CheckResult("disk", True, summary, figures, series)
 
 
@@ -435,7 +438,7 @@ def automodel_checks(reads: CacheReads) -> dict[str, Check]:
         "parity": lambda: parity_check(reads.open_target, reads.manifest, inputs, reads.stats),
         "sanity": lambda: sanity_check(scan(), int(reads.manifest["num_samples"])),
         "supervision": lambda: supervision_check(scan(), reads.info),
-        "disk": lambda: disk_check(inputs.cache_dir, reads.manifest, reads.info),
+        "disk": lambda: disk_check(inputs.cache_dir, reads.manifest, reads.info, read_plan(inputs.plan)),
     }
 
 
