@@ -1,8 +1,9 @@
 """The workflow end to end, through the `snakemake` command line, on a tiny random model.
 
-One completed run is built per session; each test that changes something works on its own
-copy of it (mtimes and Snakemake's metadata included), so the tests do not depend on each
-other. What reran is read from the job headers Snakemake prints for every job it executes.
+One completed run is built per session (conftest's `completed`); each test that changes something
+works on its own copy of it (`workdir`: mtimes and Snakemake's metadata included), so the tests do
+not depend on each other. What reran is read from the job headers Snakemake prints for every job it
+executes.
 """
 
 import hashlib
@@ -31,28 +32,12 @@ from helpers import (
     jobs_run,
     kill_shard_writer_mid_write,
     new_workdir,
-    private_copy,
     run_config,
     shard_path,
     snakemake,
     snakemake_static,
     write_config,
 )
-
-# --- Setup ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def completed(tmp_path_factory, tiny_chat_target) -> tuple[Path, set[str]]:
-    """A workdir where the whole workflow ran once, and the jobs that first run executed."""
-    workdir = new_workdir(tmp_path_factory.mktemp("completed"), run_config(tiny_chat_target))
-    return workdir, jobs_run(snakemake(workdir).stdout)
-
-
-@pytest.fixture
-def workdir(completed, tmp_path) -> Path:
-    return private_copy(completed[0], tmp_path)
-
 
 # --- End to end -----------------------------------------------------------------------------
 
@@ -284,23 +269,6 @@ def test_demo_dry_run_converts_the_model_first(tmp_path):
     result = snakemake_static(workdir, "-n")
     assert result.returncode == 0, result.stdout
     assert "convert_demo_model" in jobs_run(result.stdout)
-
-
-@pytest.mark.parametrize(
-    ("config", "named"),
-    [
-        (run_config(HUB_MODEL, sequence_length=512), "sequence_length"),
-        (run_config(HUB_MODEL, seq_length="long"), "seq_length"),
-        ({**run_config(HUB_MODEL), "gpus_per_job": 0}, "gpus_per_job"),
-        ({**run_config(HUB_MODEL), "validation": {"samples": 3}}, "samples"),
-    ],
-)
-def test_config_errors_name_the_key(tmp_path, config, named):
-    workdir = new_workdir(tmp_path, config)
-    result = snakemake_static(workdir, "-n")
-    assert result.returncode != 0
-    assert "Error validating config file" in result.stdout
-    assert named in result.stdout
 
 
 def test_conda_env_records_the_requirements_it_installs():

@@ -30,7 +30,7 @@ from .atomic import atomic_output, write_json_atomic
 from .cache_rows import CacheSpec, compute_cache_batch
 from .cost import cost_check
 from .disk_plan import planned_figures, planned_summary, read_plan
-from .layout import EMBEDDINGS_FILE, shard_file_name
+from .layout import EMBEDDINGS_FILE, ROW_ORDER_SETTINGS, applied_settings, shard_file_name
 from .manifest import read_shard_stats
 from .parity import parity_outcome, parity_result, parity_sample_indices
 from .report_html import format_bytes, render_html
@@ -324,9 +324,13 @@ def provenance_disagreements(
         )
     if manifest.get("chat_template_sha256") != info.chat_template_hash:
         problems.append("chat_template_sha256 differs from the tokenized store's")
-    for key in ("input_data", "split", "shuffle_seed"):
-        if manifest.get(key) != info.source.get(key):
-            problems.append(f"{key} is {manifest.get(key)!r}, the tokenized store says {info.source.get(key)!r}")
+    # The store holds the data settings as applied: a JSON file's split and shuffle_seed are None there.
+    recorded = {key: manifest.get(key) for key in ("input_data", *ROW_ORDER_SETTINGS)}
+    if isinstance(recorded["input_data"], str):
+        recorded = applied_settings(recorded)
+    for key, value in recorded.items():
+        if value != info.source.get(key):
+            problems.append(f"{key} is {value!r}, the tokenized store says {info.source.get(key)!r}")
     for s in stats:
         if s["model_identity"] != manifest.get("target_model_identity"):
             problems.append(f"{shard_file_name(s['shard'])} was computed by another target: {s['model_identity']}")

@@ -12,6 +12,7 @@ import torch
 from .atomic import atomic_output, torch_save_atomic
 from .errors import CacheConfigError
 from .layout import draft_vocab_width
+from .preflight import check_draft_vocab_size
 from .token_store import iter_token_blocks, read_tokenized_info
 
 # Rows per read while counting; bounds RAM to a few such blocks of int64 [rows, seq_length].
@@ -98,8 +99,13 @@ class VocabSelection:
 
 
 def store_vocab_selection(tokenized: str | os.PathLike, draft_vocab_size: int | None) -> VocabSelection:
-    """The draft vocabulary of a tokenized store, with its specials, as the select_vocab rule picks it."""
+    """The draft vocabulary of a tokenized store, with its specials, as the select_vocab rule picks it.
+
+    A draft_vocab_size above the target's vocabulary is refused, where Automodel would take the whole
+    vocabulary: more ids than exist is a mistake to fix, not a size to round down.
+    """
     info = read_tokenized_info(tokenized)
+    check_draft_vocab_size(draft_vocab_size, info.target_vocab_size)
     counts = count_supervised_tokens(tokenized, info.target_vocab_size)
     selected = select_draft_vocab(counts, info.special_token_ids, draft_vocab_size, info.target_vocab_size)
     return VocabSelection(selected, counts)
