@@ -1,8 +1,9 @@
 # make demo: build the demo cache (SmolLM2-135M-Instruct on the bundled conversations).
 # make test: run the test suite.
 # make lint: ruff's lint and format checks (the first step of .ci/run).
+# make gpu-check: on a CUDA machine, the GPU-ready check (tools/gpu_check.py; GPU_CHECK_OUT=DIR for its summary).
 #
-# Both set up .venv first. Each setup step leaves a stamp named after the content of the
+# Each sets up .venv first. Each setup step leaves a stamp named after the content of the
 # requirement files it installed (and of pyproject.toml, for the package itself), so it runs
 # again only when those files change.
 
@@ -20,7 +21,7 @@ TEST_STAMP := $(VENV)/.test-$(call content_hash,$(RUNTIME_REQUIREMENTS) pyprojec
 GPUS ?= $(shell nvidia-smi -L 2>/dev/null | wc -l)
 GPU_LIMIT = $(if $(filter-out 0,$(GPUS)),--resources gpu=$(GPUS))
 
-.PHONY: demo test lint
+.PHONY: demo test lint gpu-check
 
 demo: $(RUNTIME_STAMP)
 	$(BIN)/snakemake --profile profiles/local $(GPU_LIMIT)
@@ -34,6 +35,11 @@ test: $(TEST_STAMP)
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+GPU_CHECK_OUT ?= benchmarks/gpu-check
+
+gpu-check: $(RUNTIME_STAMP)
+	$(BIN)/python -m tools.gpu_check --out $(GPU_CHECK_OUT)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -77,3 +77,30 @@ def test_gpu_floor_code_path_runs_on_a_tiny_cpu_model(tmp_path, capsys):
 def test_a_shard_size_the_reference_refuses_is_an_error():
     with pytest.raises(CacheConfigError, match="multiple of --batch-size"):
         main(["--shard-size", "6", "--batch-size", "4"])
+
+
+@pytest.mark.slow
+@pytest.mark.automodel
+def test_workflow_mode_runs_snakemake_and_the_reference_cli_to_complete_caches(
+    tiny_chat_target, conversations, tmp_path, capsys
+):
+    pytest.importorskip("nemo_automodel.components.speculative.precompute_eagle3")
+    report = main(
+        [
+            *("--workflow", "--model", str(tiny_chat_target), "--conversations", str(conversations)),
+            *("--rounds", "1", "--num-samples", "6", "--shard-size", "4", "--batch-size", "2"),
+            *("--seq-length", "48", "--draft-vocab-size", "64", "--device", "cpu", "--cores", "2"),
+            *("--workdir", str(tmp_path / "work")),
+        ]
+    )
+    out = capsys.readouterr().out
+    for label in ("wall to a complete cache (s)", "peak RSS, process tree (MiB)", "forward s / 1k positions"):
+        assert label in out
+    assert "parity of the round-1 caches: PASS" in out, out
+    ours, reference = report["runs"]["ours"][0], report["runs"]["reference"][0]
+    assert ours["samples"] == 6
+    assert reference["positions"] == 6 * 48  # padded batches of 2 full rows
+    assert 0 < ours["positions"] < reference["positions"]
+    assert ours["fixed_cost"]["compute_shard"]["jobs"] == ours["fixed_cost"]["compute_shard"]["logged"] == 2
+    for run in (ours, reference):
+        assert run["cache"]["cpu"] > 0 and run["cache"]["tree_rss_mib"] >= run["cache"]["max_rss_mib"] > 0

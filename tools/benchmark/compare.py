@@ -52,26 +52,41 @@ def compare(args: argparse.Namespace, work: Path) -> dict:
 
 
 def parity(ours: Path, reference: Path, job: dict, samples: int) -> dict:
-    """Our shards against the reference's, under the validation report's rule (`eagle3_cache.parity`).
+    """Our shards against the reference's, under the validation report's rule (see `shard_parity`)."""
+    from eagle3_cache.target import compute_dtype, resolve_device
+    from eagle3_cache.vocab import read_vocab_selection
+
+    workload = Workload(**job["workload"])
+    return shard_parity(
+        ours,
+        reference,
+        workload,
+        samples,
+        compute_dtypes={compute_dtype(resolve_device(workload.device))},
+        same_vocab=torch.equal(
+            read_vocab_selection(job["selection"])[0], torch.load(reference / "selected_token_ids.pt")
+        ),
+    )
+
+
+def shard_parity(
+    ours: Path, reference: Path, workload: Workload, samples: int, compute_dtypes: set[torch.dtype], same_vocab: bool
+) -> dict:
+    """Two caches' shards under the validation report's rule (`eagle3_cache.parity`).
 
     Ids and masks exactly (position_mask may flip at near ties only with bf16/fp16 compute);
     float fields within the report's tolerance where attention_mask is 1.
     """
     from eagle3_cache.parity import FLOAT_FIELDS, parity_outcome
     from eagle3_cache.shard_format import DTYPES
-    from eagle3_cache.target import compute_dtype, resolve_device
-    from eagle3_cache.vocab import read_vocab_selection
 
-    workload = Workload(**job["workload"])
-    problems = []
-    if not torch.equal(read_vocab_selection(job["selection"])[0], torch.load(reference / "selected_token_ids.pt")):
-        problems.append("the draft vocabularies differ")
+    problems = [] if same_vocab else ["the draft vocabularies differ"]
     outcome = parity_outcome(
         paired_rows(ours, reference, num_shards(samples, workload.shard_size), workload.shard_size, problems),
         shard_size=workload.shard_size,
         draft_vocab_size=workload.draft_vocab_size,
         cache_dtype=DTYPES[workload.dtype],
-        compute_dtypes={compute_dtype(resolve_device(workload.device))},
+        compute_dtypes=compute_dtypes,
     )
     problems += outcome.problems
     fields = {row["field"]: row for row in outcome.fields if row["field"] in FLOAT_FIELDS}
@@ -154,16 +169,22 @@ METRICS: list[tuple[str, Callable[[dict], float], str]] = [
 ]
 
 
+def workload_line(report: dict, how: str) -> str:
+    """The report's first line: the model, samples and settings, `how` the rounds ran, and the load average."""
+    workload, ours = report["workload"], report["runs"]["ours"]
+    return (
+        f"model {workload['model']}; {ours[0]['samples']} samples, {ours[0]['real_tokens']} real tokens; "
+        f"seq_length {workload['seq_length']}, draft vocab {workload['draft_vocab_size']}, {workload['dtype']}, "
+        f"batch {workload['batch_size']}, shard size {workload['shard_size']}, device {workload['device']}; "
+        f"{how}; 1-minute load average {report['load_average'][0]:.1f} before, {report['load_average'][1]:.1f} after"
+    )
+
+
 def print_comparison(report: dict) -> None:
     workload, ours, reference = report["workload"], report["runs"]["ours"], report["runs"]["reference"]
     print()
-    print(
-        f"model {workload['model']}; {ours[0]['samples']} samples, {ours[0]['real_tokens']} real tokens; "
-        f"seq_length {workload['seq_length']}, draft vocab {workload['draft_vocab_size']}, {workload['dtype']}, "
-        f"batch {workload['batch_size']}, shard size {workload['shard_size']}, device {workload['device']}, "
-        f"torch threads {workload['threads']}; {len(ours)} alternating rounds, one fresh process per run; "
-        f"1-minute load average {report['load_average'][0]:.1f} before, {report['load_average'][1]:.1f} after"
-    )
+    how = f"torch threads {workload['threads']}; {len(ours)} alternating rounds, one fresh process per run"
+    print(workload_line(report, how))
     print_table(ours, reference)
     print()
     print_tokenizing(report["prepare"], ours, reference)
@@ -177,14 +198,16 @@ def print_comparison(report: dict) -> None:
     print_overhead(report["job_overhead"])
 
 
-def print_table(ours: list[dict], reference: list[dict]) -> None:
+def print_table(
+    ours: list[dict], reference: list[dict], metrics: Sequence[tuple[str, Callable[[dict], float], str]] = METRICS
+) -> None:
     """Each metric's min / median / max over the rounds, and of the per-round ratio ours/reference."""
     header = (
         f"{'':28}{'ours min / median / max':>30}{'reference min / median / max':>34}{'ours/ref min / median / max':>33}"
     )
     print(header)
     print("-" * len(header))
-    for label, metric, fmt in METRICS:
+    for label, metric, fmt in metrics:
         mine = spread([metric(run) for run in ours])
         theirs = spread([metric(run) for run in reference])
         ratio = spread([metric(a) / metric(b) for a, b in zip(ours, reference, strict=True)])
@@ -211,7 +234,7 @@ def print_tokenizing(prepared: dict, ours: list[dict], reference: list[dict]) ->
     )
 
 
-def print_parity(verdict: dict) -> None:
+def print_parity(verdict: dict, title: str = "parity (round 1)") -> None:
     from eagle3_cache.parity import TOLERANCE_ULPS
 
     largest = ", ".join(
@@ -223,7 +246,7 @@ def print_parity(verdict: dict) -> None:
         f"ids and masks exact, floats within {TOLERANCE_ULPS} units of the cache dtype's rounding of "
         "(|value| + the position's largest |value|) where attention_mask is 1"
     )
-    print(f"parity (round 1): {'PASS' if verdict['identical'] else 'FAIL'}: {rule}; max |diff|: {largest}")
+    print(f"{title}: {'PASS' if verdict['identical'] else 'FAIL'}: {rule}; max |diff|: {largest}")
     for problem in verdict["problems"][:20]:
         print(f"  {problem}")
 

@@ -13,6 +13,8 @@ from pathlib import Path
 from eagle3_cache.errors import CacheConfigError
 from eagle3_cache.layout import DEMO_MODEL
 
+from .measure import log_tail
+
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONVERSATIONS = REPO / "config" / "demo" / "conversations.jsonl"
 WORKFLOW_DEMO_MODEL = REPO / DEMO_MODEL
@@ -48,8 +50,9 @@ def run_child(kind: str, job: dict, work: Path) -> dict:
         finished = subprocess.run(command, cwd=REPO, stdout=log, stderr=log)
     wall_seconds = time.perf_counter() - started
     if finished.returncode != 0:
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
-        raise RuntimeError(f"the {kind} run failed (exit {finished.returncode}); end of {log_path}:\n{tail}")
+        raise RuntimeError(
+            f"the {kind} run failed (exit {finished.returncode}); end of {log_path}:\n{log_tail(log_path)}"
+        )
     return {**json.loads(Path(job["result"]).read_text()), "wall_seconds": wall_seconds}
 
 
