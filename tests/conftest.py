@@ -1,11 +1,23 @@
-"""Shared fixtures: tiny random models and tokenizers built locally (no network); plain helpers are in helpers.py."""
+"""Shared fixtures: tiny random models and tokenizers built locally (no network), and a finished run of the
+workflow; plain helpers are in helpers.py."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import CHATML_TEMPLATE, PARITY_ROWS, tiny_llama_config
+from helpers import (
+    CHATML_TEMPLATE,
+    PARITY_ROWS,
+    jobs_run,
+    new_workdir,
+    private_copy,
+    run_config,
+    snakemake,
+    tiny_llama_config,
+)
 
 
 @pytest.fixture(scope="session")
@@ -145,3 +157,26 @@ def tiny_chat_target(tmp_path_factory, chat_tokenizer_json):
     config = tiny_llama_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def target_model(tiny_chat_target):
+    """`tiny_chat_target` loaded on the CPU, as the validation's parity check loads it."""
+    from eagle3_cache.target import load_target
+
+    return load_target(str(tiny_chat_target), revision=None, trust_remote_code=False, device=torch.device("cpu"))
+
+
+# --- A finished run of the workflow (end-to-end tests) -------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def completed(tmp_path_factory, tiny_chat_target) -> tuple[Path, set[str]]:
+    """A workdir where the whole workflow ran once, and the jobs that first run executed."""
+    workdir = new_workdir(tmp_path_factory.mktemp("completed"), run_config(tiny_chat_target))
+    return workdir, jobs_run(snakemake(workdir).stdout)
+
+
+@pytest.fixture
+def workdir(completed, tmp_path) -> Path:
+    return private_copy(completed[0], tmp_path)

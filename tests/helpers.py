@@ -103,6 +103,21 @@ CHATML_GENERATION_TEMPLATE = (
 )
 
 
+def chat(user: str, assistant: str, **assistant_fields) -> list[dict]:
+    """A user turn and an assistant turn, as OpenAI messages."""
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant, **assistant_fields}]
+
+
+def numbered_rows(count: int) -> list[dict]:
+    """`count` rows, each with its `id` and a short exchange."""
+    return [{"id": i, "messages": chat(f"question {i}", f"answer {i}")} for i in range(count)]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 # Conversations for the Automodel parity tests: both row schemas, system turns, several assistant
 # turns, reasoning, list-of-parts content, and rows long enough to be truncated mid-turn.
 PARITY_ROWS = [
@@ -412,12 +427,15 @@ def every_shard(count: int = NUM_SHARDS) -> set[str]:
     return {f"compute_shard-{index:06d}" for index in range(count)}
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run snakemake with the local profile on 2 cores; output is stdout and stderr together."""
     command = ["timeout", "-k", "10", str(RUN_TIMEOUT_S), SNAKEMAKE, *LOCAL_RUN, *args]
     result = subprocess.run(
         command,
         cwd=workdir,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -482,3 +500,8 @@ def snakemake_static(workdir: Path, *args: str) -> subprocess.CompletedProcess:
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def private_copy(workdir: Path, tmp_path: Path) -> Path:
+    """A copy of a finished workdir a test may change (timestamps and Snakemake metadata kept)."""
+    return Path(shutil.copytree(workdir, tmp_path / "workdir", symlinks=True))

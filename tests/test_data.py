@@ -7,6 +7,7 @@ import runpy
 from pathlib import Path
 from types import SimpleNamespace
 
+import datasets
 import h5py
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from datasets import Dataset
 
 from eagle3_cache import data
 from eagle3_cache.chat import ChatTokenizer, chat_template_hash, special_token_ids, tokenizer_hash
-from eagle3_cache.data import Conversation, conversation_from_row, iter_conversations, load_rows
+from eagle3_cache.data import Conversation, Rows, conversation_from_row, iter_conversations, load_rows
 from eagle3_cache.errors import CacheConfigError
 from eagle3_cache.token_store import (
     TokenizedHeader,
@@ -25,22 +26,17 @@ from eagle3_cache.token_store import (
     read_tokenized_info,
     write_tokenized,
 )
-from helpers import CHATML_GENERATION_TEMPLATE, CHATML_TEMPLATE, tiny_llama_config, tokenize_to_store
+from helpers import (
+    CHATML_GENERATION_TEMPLATE,
+    CHATML_TEMPLATE,
+    chat,
+    numbered_rows,
+    tiny_llama_config,
+    tokenize_to_store,
+    write_jsonl,
+)
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "workflow" / "scripts"
-
-
-def chat(user: str, assistant: str, **assistant_fields) -> list[dict]:
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant, **assistant_fields}]
-
-
-def numbered_rows(count: int) -> list[dict]:
-    return [{"id": i, "messages": chat(f"question {i}", f"answer {i}")} for i in range(count)]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 def ids_of(rows) -> list[int]:
@@ -52,7 +48,11 @@ def supervised_text(tokenizer, sample) -> str:
 
 
 def conversation(messages: list[dict], index: int = 0) -> Conversation:
-    return Conversation(index=index, messages=messages)
+    return Conversation(index=index, messages=messages, where=f"sample {index}")
+
+
+def row(value: dict, where: str = "chats.jsonl, line 1") -> Conversation:
+    return conversation_from_row(value, 0, where)
 
 
 # --- Sources -----------------------------------------------------------------------------------
@@ -92,14 +92,16 @@ def test_hub_id_loads_the_base_split_then_shuffles_and_slices(monkeypatch):
         calls.append((path, split))
         return Dataset.from_list(rows)
 
-    monkeypatch.setattr(data, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(data, "check_hub_access", lambda *args, **kwargs: None)
     loaded = load_rows("org/chats", "train[5:]", 1)
     assert calls == [("org/chats", "train")]
     assert ids_of(loaded) == ids_of(Dataset.from_list(rows).shuffle(seed=1))[5:]
+    assert loaded.where(2) == "org/chats, row 2 (0-based, after shuffling and slicing)"
 
 
 def test_hub_id_needs_a_split():
-    with pytest.raises(CacheConfigError, match="set `split`"):
+    with pytest.raises(CacheConfigError, match="hub dataset, which needs `split`"):
         load_rows("org/chats", None, 42)
 
 
@@ -132,7 +134,7 @@ def test_other_file_types_are_refused(tmp_path):
 
 
 def test_openai_messages_are_normalised():
-    row = {
+    value = {
         "messages": [
             {"role": "system", "content": None},
             {"role": "user", "content": [{"type": "text", "text": "look"}, {"type": "image"}, {"text": "here"}]},
@@ -140,7 +142,7 @@ def test_openai_messages_are_normalised():
         ],
         "tools": json.dumps([{"type": "function", "function": {"name": "f"}}]),
     }
-    result = conversation_from_row(row, 0)
+    result = row(value)
     assert [m["content"] for m in result.messages] == ["", "look here", "ok"]
     assert result.messages[2] == {"role": "assistant", "content": "ok", "reasoning_content": "", "name": "bot"}
     assert result.tools == [{"type": "function", "function": {"name": "f"}}]
@@ -152,30 +154,35 @@ def test_openai_messages_are_normalised():
     + [(name, "assistant") for name in ("gpt", "assistant", "chatgpt", "model", "bot")],
 )
 def test_sharegpt_roles(source_role, role):
-    row = {"conversations": [{"from": source_role, "value": "x"}, {"from": "gpt", "value": "y"}]}
-    assert conversation_from_row(row, 0).messages[0] == {"role": role, "content": "x"}
+    value = {"conversations": [{"from": source_role, "value": "x"}, {"from": "gpt", "value": "y"}]}
+    assert row(value).messages[0] == {"role": role, "content": "x"}
 
 
-def test_unknown_openai_role_names_sample_role_and_accepted_roles():
+def test_unknown_openai_role_names_line_message_and_accepted_roles():
     rows = [{"messages": chat("a", "b")}] * 3 + [{"messages": [{"role": "narrator", "content": "x"}]}]
-    with pytest.raises(CacheConfigError, match="sample 3: unknown role 'narrator'.*system, user, assistant, tool"):
-        list(iter_conversations(rows))
+    named = Rows(rows, lambda index: f"chats.jsonl, line {index + 1}")
+    with pytest.raises(
+        CacheConfigError, match=r"line 4: messages\[0\]: unknown role 'narrator'.*system, user, assistant, tool"
+    ):
+        list(iter_conversations(named))
 
 
-def test_unknown_sharegpt_role_names_sample_role_and_accepted_roles():
-    row = {"conversations": [{"from": "observation", "value": "x"}]}
-    with pytest.raises(CacheConfigError, match="sample 7: unknown ShareGPT role 'observation'.*human"):
-        conversation_from_row(row, 7)
+def test_unknown_sharegpt_role_names_line_turn_and_accepted_roles():
+    value = {"conversations": [{"from": "observation", "value": "x"}]}
+    with pytest.raises(
+        CacheConfigError, match=r"line 8: conversations\[0\]: unknown ShareGPT role 'observation'.*human"
+    ):
+        row(value, "chats.jsonl, line 8")
 
 
 def test_row_without_assistant_turn_is_refused():
-    with pytest.raises(CacheConfigError, match="sample 2 has no assistant turn"):
-        conversation_from_row({"messages": [{"role": "user", "content": "hi"}]}, 2)
+    with pytest.raises(CacheConfigError, match="line 3 has no assistant turn"):
+        row({"messages": [{"role": "user", "content": "hi"}]}, "chats.jsonl, line 3")
 
 
 def test_row_without_messages_is_refused():
-    with pytest.raises(CacheConfigError, match="sample 4: no `messages`.*'text'"):
-        conversation_from_row({"text": "hi"}, 4)
+    with pytest.raises(CacheConfigError, match="line 5: no `messages`.*'text'"):
+        row({"text": "hi"}, "chats.jsonl, line 5")
 
 
 # --- Rendering and masks -----------------------------------------------------------------------
@@ -395,8 +402,9 @@ def test_a_file_that_is_not_a_store_is_refused(tmp_path):
 # --- The rule script ---------------------------------------------------------------------------
 
 
-def rule_job(tmp_path: Path, **params) -> SimpleNamespace:
-    """The `snakemake` object the tokenize rule hands its script (params as Snakemake's Namedlist)."""
+def rule_job(tmp_path: Path, run_settings: dict | None = None, **params) -> SimpleNamespace:
+    """The `snakemake` object the tokenize rule hands its script (params as Snakemake's Namedlist); the
+    config's run holds the settings the script checks beyond its params."""
     from snakemake.iocontainers import Namedlist
 
     defaults = dict(
@@ -408,10 +416,13 @@ def rule_job(tmp_path: Path, **params) -> SimpleNamespace:
         mask_reasoning_content=False,
         mask_generation_prompt=False,
     )
+    checked = {"aux_layer_ids": None, "draft_vocab_size": None, **(run_settings or {})}
     return SimpleNamespace(
         params=Namedlist(fromdict={**defaults, **params}),
         output=SimpleNamespace(tokenized=str(tmp_path / "results" / "tokenized.h5")),
         log=[str(tmp_path / "tokenize.log")],
+        config={"runs": {"r": checked}},
+        wildcards=SimpleNamespace(run="r"),
     )
 
 
@@ -434,17 +445,36 @@ def test_tokenize_rule_script(tmp_path, model_dir):
     runpy.run_path(str(SCRIPTS / "tokenize_conversations.py"), init_globals={"snakemake": snakemake})
     info = read_tokenized_info(snakemake.output.tokenized)
     assert info.num_samples == 2 and info.target_vocab_size == 384
-    assert info.source == {"input_data": str(data_path), "split": "train", "shuffle_seed": 42}
+    # A JSON file is read whole: its split and shuffle_seed are not applied, and the store says so.
+    assert info.source == {"input_data": str(data_path), "split": None, "shuffle_seed": None}
     assert "2 samples, 0 truncated" in (tmp_path / "tokenize.log").read_text()
 
 
-def test_tokenize_rule_script_names_the_input_of_a_bad_sample(tmp_path, model_dir):
+def run_failing_tokenize_script(snakemake: SimpleNamespace, capsys) -> str:
+    """Run the tokenize script expecting it to stop; returns what it printed on stderr."""
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(str(SCRIPTS / "tokenize_conversations.py"), init_globals={"snakemake": snakemake})
+    assert stopped.value.code != 0
+    return capsys.readouterr().err + str(stopped.value.code)
+
+
+def test_tokenize_rule_script_names_the_line_of_a_bad_sample_in_one_line(tmp_path, model_dir, capsys):
     rows = [{"messages": chat("Hi", "Yo")}, {"messages": [{"role": "user", "content": "Hi"}]}]
     data_path = write_jsonl(tmp_path / "chats.jsonl", rows)
     snakemake = rule_job(tmp_path, target_model=str(model_dir), input_data=str(data_path))
-    with pytest.raises(CacheConfigError, match="chats.jsonl.*sample 1 has no assistant turn"):
-        runpy.run_path(str(SCRIPTS / "tokenize_conversations.py"), init_globals={"snakemake": snakemake})
-    assert list((tmp_path / "results").iterdir()) == []
+    printed = run_failing_tokenize_script(snakemake, capsys)
+    assert f"Error: {data_path}, line 2 has no assistant turn" in printed
+    assert "Traceback" not in printed
+    assert "Traceback" in (tmp_path / "tokenize.log").read_text()
+    assert not (tmp_path / "results").exists() or list((tmp_path / "results").iterdir()) == []
+
+
+def test_tokenize_rule_script_checks_the_target_config_before_tokenizing(tmp_path, model_dir, capsys):
+    data_path = write_jsonl(tmp_path / "chats.jsonl", [{"messages": chat("Hi", "Yo")}])
+    snakemake = rule_job(
+        tmp_path, {"aux_layer_ids": [1, 2, 30]}, target_model=str(model_dir), input_data=str(data_path)
+    )
+    assert "aux_layer_ids must be 3 distinct layer ids in [0, 7]" in run_failing_tokenize_script(snakemake, capsys)
 
 
 # --- Parity with Automodel's ChatDataset (the oracle) ------------------------------------------

@@ -17,11 +17,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from eagle3_cache.atomic import write_json_atomic
+from eagle3_cache.disk_plan import plan_cache
 from eagle3_cache.layout import MANIFEST_FILE, shard_file_name
 from eagle3_cache.parity import parity_sample_indices
 from eagle3_cache.report_html import render_html
 from eagle3_cache.shard_format import SAFETENSORS_DTYPES, file_sha256, read_manifest, read_shard_rows
-from eagle3_cache.target import load_target
 from eagle3_cache.validation import ValidationInputs, coverage_curve, failed_path, validate_cache
 from helpers import TinyCache, build_tiny_cache
 
@@ -53,11 +54,6 @@ ROWS = [
 ROWS[5]["messages"][0]["content"] = text(1, 40)
 ROWS[6]["messages"][1]["content"] = text(4, 40)
 TRUNCATED, UNSUPERVISED = [5, 6], [5]
-
-
-@pytest.fixture(scope="session")
-def target_model(tiny_chat_target):
-    return load_target(str(tiny_chat_target), revision=None, trust_remote_code=False, device=torch.device("cpu"))
 
 
 @pytest.fixture(scope="session")
@@ -259,8 +255,16 @@ def test_the_html_parses_and_fetches_nothing(cache, target_model):
 def run_rule_script(cache: TinyCache, target_dir: Path, strict: bool) -> SimpleNamespace:
     """validate.py as Snakemake's `script:` directive runs it, with the rule's names."""
     out = cache.run_dir
+    plan = cache.run_dir / "plan.json"
+    manifest = read_manifest(cache.cache_dir)
+    settings = {key: manifest[key] for key in ("seq_length", "draft_vocab_size", "dtype", "target_probs_topk")}
+    settings |= {"shard_size": manifest["shard_size"], "format": "automodel"}
+    check = {"margin": 0.05, "check_free_space": False}
+    hidden_size = manifest["aux_hidden_dim"] // 3
+    write_json_atomic(plan, plan_cache("tiny", cache.tokenized, cache.cache_dir, settings, check, hidden_size))
     snakemake = SimpleNamespace(
         input=SimpleNamespace(
+            plan=str(plan),
             manifest=str(cache.cache_dir / MANIFEST_FILE),
             tokenized=str(cache.tokenized),
             selection=str(cache.selection),

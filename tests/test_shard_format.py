@@ -13,7 +13,14 @@ from safetensors.torch import load_file, save_file
 
 from eagle3_cache.atomic import atomic_directory, torch_save_atomic, write_json_atomic
 from eagle3_cache.layout import EMBEDDINGS_FILE, num_shards, samples_in_shard, shard_file_name
-from eagle3_cache.shard_format import ShardLayout, ShardWriter, check_cache, read_shard_rows, write_target_embeddings
+from eagle3_cache.shard_format import (
+    TORCH_DTYPES,
+    ShardLayout,
+    ShardWriter,
+    check_cache,
+    read_shard_rows,
+    write_target_embeddings,
+)
 
 LAYOUT = ShardLayout(seq_length=6, aux_hidden_dim=9, draft_vocab_size=5, dtype="bf16", target_probs_topk=0)
 
@@ -22,12 +29,13 @@ def random_rows(layout: ShardLayout, n: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     rows = {}
     for field in layout.fields():
-        if field.dtype.is_floating_point:
-            rows[field.name] = torch.rand((n, *field.sample_shape), generator=generator).to(field.dtype)
-        elif field.dtype == torch.bool:
+        dtype = TORCH_DTYPES[field.dtype]
+        if dtype.is_floating_point:
+            rows[field.name] = torch.rand((n, *field.sample_shape), generator=generator).to(dtype)
+        elif dtype == torch.bool:
             rows[field.name] = torch.rand((n, *field.sample_shape), generator=generator) > 0.5
         else:
-            rows[field.name] = torch.randint(0, 5, (n, *field.sample_shape), generator=generator, dtype=field.dtype)
+            rows[field.name] = torch.randint(0, 5, (n, *field.sample_shape), generator=generator, dtype=dtype)
     return rows
 
 

@@ -9,24 +9,21 @@ import shutil
 import pytest
 import torch
 
+from eagle3_cache.disk_plan import plan_cache
 from eagle3_cache.layout import MANIFEST_FILE
 from eagle3_cache.parity import parity_sample_indices
 from eagle3_cache.report_html import render_html
 from eagle3_cache.shard_format import ShardLayout, file_sha256, read_manifest
-from eagle3_cache.specforge_format import read_sample_file, sample_file_name, serialized, specforge_files_bytes
+from eagle3_cache.specforge_format import read_sample_file, sample_file_name, serialized
+from eagle3_cache.specforge_sizes import specforge_files_bytes
 from eagle3_cache.specforge_validation import automodel_written_bytes, specforge_checks
-from eagle3_cache.target import load_target
+from eagle3_cache.specforge_validation import disk_check as specforge_disk_check
 from eagle3_cache.token_store import read_tokenized_info
 from eagle3_cache.validation import ValidationInputs, disk_check, validate_cache
 from helpers import PARITY_ROWS, TinyCache, build_tiny_cache
 
 SHARD_SIZE = 4
 DRAFT_VOCAB = 300  # most of the random target's vocabulary, as in test_report.py
-
-
-@pytest.fixture(scope="module")
-def target_model(tiny_chat_target):
-    return load_target(str(tiny_chat_target), revision=None, trust_remote_code=False, device=torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +138,7 @@ def test_a_deleted_file_fails_integrity_and_still_gives_a_report(cache, target_m
     assert "FAIL" in render_html(report)
 
 
-def test_the_file_size_estimate_and_the_automodel_bytes():
+def test_the_file_size_and_the_automodel_bytes():
     from eagle3_cache.specforge_format import sample_tensors
 
     for length in (1, 37, 300):
@@ -151,7 +148,7 @@ def test_the_file_size_estimate_and_the_automodel_bytes():
             torch.zeros(length, 64, dtype=torch.bfloat16),
             torch.zeros(length, 192, dtype=torch.bfloat16),
         )
-        assert abs(specforge_files_bytes([length], 64) - len(serialized(sample))) <= 256
+        assert specforge_files_bytes([length], 64) == len(serialized(sample))
     layout = ShardLayout(seq_length=10, aux_hidden_dim=6, draft_vocab_size=4, dtype="bf16", target_probs_topk=0)
     # Two samples of 3 and 10 tokens: 24 bytes at each of 20 positions, 6·2 + 1 + 4·2 at each of 13.
     assert automodel_written_bytes(layout, [3, 10]) == 20 * 24 + 13 * 21
@@ -163,5 +160,23 @@ def test_the_automodel_disk_check_gives_what_the_specforge_files_take(built_cach
     )
     disk = disk_check(automodel.cache_dir, read_manifest(automodel.cache_dir), read_tokenized_info(automodel.tokenized))
     files = list(built_cache.cache_dir.glob("shard-*/*.ckpt"))
-    assert abs(disk.figures["specforge_format_bytes"] - sum(p.stat().st_size for p in files)) <= 256 * len(files)
+    assert disk.figures["specforge_format_bytes"] == sum(p.stat().st_size for p in files)
     assert "the specforge format would take" in disk.summary
+
+
+def test_the_disk_check_sets_the_plan_against_the_files(built_cache):
+    manifest = read_manifest(built_cache.cache_dir)
+    settings = {
+        "draft_vocab_size": manifest["draft_vocab_size"],
+        "dtype": "bf16",
+        "target_probs_topk": 0,
+        "seq_length": manifest["seq_length"],
+        "shard_size": manifest["shard_size"],
+        "format": "specforge",
+    }
+    check = {"margin": 0.05, "check_free_space": True}
+    plan = plan_cache("tiny", built_cache.tokenized, built_cache.cache_dir, settings, check, manifest["hidden_size"])
+    disk = specforge_disk_check(built_cache.cache_dir, manifest, read_tokenized_info(built_cache.tokenized), plan)
+    assert disk.figures["planned_bytes"] == disk.figures["total_bytes"]
+    assert abs(disk.figures["planned_allocated_bytes_error_share"]) <= 0.01
+    assert "the disk plan predicted" in disk.summary

@@ -4,6 +4,7 @@ As in test_workflow.py: one completed run per session, and each test works on it
 """
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from helpers import (
     jobs_run,
     kill_shard_writer_mid_write,
     new_workdir,
+    private_copy,
     run_config,
     snakemake,
     snakemake_static,
@@ -57,8 +59,9 @@ def test_settings_the_format_cannot_store_are_config_errors(tmp_path, setting, v
     workdir = new_workdir(tmp_path, run_config(HUB_MODEL, format="specforge", **{setting: value}))
     result = snakemake_static(workdir, "-n")
     assert result.returncode != 0
-    assert "Error validating config file" in result.stdout
-    assert f"['{setting}']" in result.stdout
+    assert f"Error: config runs.tiny.{setting}: {value!r} is not" not in result.stdout
+    assert f"Error: config runs.tiny.{setting}: " in result.stdout
+    assert "the specforge format stores" in result.stdout
 
 
 @pytest.fixture(scope="session")
@@ -69,13 +72,13 @@ def completed(tmp_path_factory, tiny_chat_target) -> tuple[Path, set[str]]:
 
 @pytest.fixture
 def workdir(completed, tmp_path) -> Path:
-    return Path(shutil.copytree(completed[0], tmp_path / "workdir", symlinks=True))
+    return private_copy(completed[0], tmp_path)
 
 
 @pytest.mark.slow
 def test_first_run_builds_every_step(completed):
     workdir, jobs = completed
-    assert jobs == {"tokenize", "select_vocab", "specforge_vocab_mapping", "manifest", "validate"} | (
+    assert jobs == {"tokenize", "select_vocab", "plan", "specforge_vocab_mapping", "manifest", "validate"} | (
         every_specforge_shard()
     )
     assert_complete_specforge_cache(workdir)
@@ -91,12 +94,28 @@ def test_1_second_run_does_nothing(workdir):
 def test_2_format_reruns_shards_manifest_and_report_only(workdir, tiny_chat_target):
     write_config(workdir, run_config(tiny_chat_target, format="automodel"))
     jobs = jobs_run(snakemake(workdir).stdout)
-    assert jobs == {"target_embeddings", "manifest", "validate"} | every_shard()
+    # The plan sizes the format's files, so it is made again.
+    assert jobs == {"plan", "target_embeddings", "manifest", "validate"} | every_shard()
     assert check_cache(cache_dir(workdir)) == []
     write_config(workdir, run_config(tiny_chat_target, format="specforge"))
     jobs = jobs_run(snakemake(workdir).stdout)
-    assert jobs == {"specforge_vocab_mapping", "manifest", "validate"} | every_specforge_shard()
+    assert jobs == {"plan", "specforge_vocab_mapping", "manifest", "validate"} | every_specforge_shard()
     assert_complete_specforge_cache(workdir)
+
+
+@pytest.mark.slow
+def test_the_plan_sizes_the_specforge_files_and_comes_before_every_shard(workdir):
+    plan = json.loads((workdir / "results" / "tiny" / "plan.json").read_text())
+    files = [cache_dir(workdir) / f["file"] for f in plan["files"]]
+    sample_files = [p for path in files for p in ([*path.iterdir()] if path.is_dir() else [path])]
+    assert plan["format"] == "specforge" and plan["apparent_bytes"] == sum(p.stat().st_size for p in sample_files)
+    allocated = sum(p.stat().st_blocks * 512 for p in sample_files)
+    assert abs(allocated / plan["allocated_bytes"] - 1) <= 0.01, (allocated, plan["allocated_bytes"])
+    result = snakemake_static(workdir, "--rulegraph")
+    assert result.returncode == 0, result.stdout
+    ids = dict(re.findall(r"^\s*(\d+)\[label = \"(\w+)\"", result.stdout, re.MULTILINE))
+    edges = {(ids[a], ids[b]) for a, b in re.findall(r"^\s*(\d+) -> (\d+)$", result.stdout, re.MULTILINE)}
+    assert ("plan", "compute_specforge_shard") in edges
 
 
 @pytest.mark.slow

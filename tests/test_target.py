@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import save_file
 
 from eagle3_cache.errors import CacheConfigError
+from eagle3_cache.preflight import default_aux_layer_ids
 from eagle3_cache.target import (
     decoder_layers,
-    default_aux_layer_ids,
     local_checkpoint_fingerprint,
     model_identity,
     resolve_aux_layer_ids,

@@ -119,6 +119,13 @@ def test_select_vocab_rule_script(tmp_path):
     assert "cover 2 of 4 supervised tokens" in (tmp_path / "select_vocab.log").read_text()
 
 
+def test_a_draft_vocabulary_larger_than_the_target_is_refused_not_clamped(tmp_path):
+    store = token_store(tmp_path / "tokenized.h5", [([5, 6], [1, 1])], vocab_size=10)
+    with pytest.raises(CacheConfigError, match="draft_vocab_size 11 is larger than the target's vocabulary of 10"):
+        vocab.build_vocab_selection(store, 11, tmp_path / "selection.pt")
+    assert not (tmp_path / "selection.pt").exists()
+
+
 def test_counts_file(tmp_path):
     path = tmp_path / "vocab_counts.npy"
     write_vocab_counts(path, np.array([1, 0, 3], dtype=np.int64))

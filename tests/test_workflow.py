@@ -1,8 +1,9 @@
 """The workflow end to end, through the `snakemake` command line, on a tiny random model.
 
-One completed run is built per session; each test that changes something works on its own
-copy of it (mtimes and Snakemake's metadata included), so the tests do not depend on each
-other. What reran is read from the job headers Snakemake prints for every job it executes.
+One completed run is built per session (conftest's `completed`); each test that changes something
+works on its own copy of it (`workdir`: mtimes and Snakemake's metadata included), so the tests do
+not depend on each other. What reran is read from the job headers Snakemake prints for every job it
+executes.
 """
 
 import hashlib
@@ -17,9 +18,13 @@ import pytest
 
 from helpers import (
     HUB_MODEL,
+    LOCAL_RUN,
     NUM_CONVERSATIONS,
     NUM_SHARDS,
     REPO,
+    RUN,
+    RUN_TIMEOUT_S,
+    SNAKEMAKE,
     assert_complete_cache,
     cache_dir,
     digest,
@@ -34,29 +39,13 @@ from helpers import (
     write_config,
 )
 
-# --- Setup ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def completed(tmp_path_factory, tiny_chat_target) -> tuple[Path, set[str]]:
-    """A workdir where the whole workflow ran once, and the jobs that first run executed."""
-    workdir = new_workdir(tmp_path_factory.mktemp("completed"), run_config(tiny_chat_target))
-    return workdir, jobs_run(snakemake(workdir).stdout)
-
-
-@pytest.fixture
-def workdir(completed, tmp_path) -> Path:
-    """A private copy of the completed workdir (timestamps and Snakemake metadata kept)."""
-    return Path(shutil.copytree(completed[0], tmp_path / "workdir", symlinks=True))
-
-
 # --- End to end -----------------------------------------------------------------------------
 
 
 @pytest.mark.slow
 def test_first_run_builds_every_step(completed):
     workdir, jobs = completed
-    assert jobs == {"tokenize", "select_vocab", "target_embeddings", "manifest", "validate"} | every_shard()
+    assert jobs == {"tokenize", "select_vocab", "plan", "target_embeddings", "manifest", "validate"} | every_shard()
     assert_complete_cache(workdir, NUM_SHARDS)
 
 
@@ -68,8 +57,13 @@ def test_1_second_run_does_nothing(workdir):
 
 
 @pytest.mark.slow
-def test_2_batch_size_changes_nothing(workdir, tiny_chat_target):
-    write_config(workdir, run_config(tiny_chat_target, batch_size=3))
+@pytest.mark.parametrize(
+    ("run_settings", "global_settings"),
+    [({"batch_size": 3}, {}), ({}, {"plan": {"margin": 0.5, "check_free_space": False}})],
+    ids=["batch_size", "plan"],
+)
+def test_2_batch_size_and_the_plan_check_change_nothing(workdir, tiny_chat_target, run_settings, global_settings):
+    write_config(workdir, {**run_config(tiny_chat_target, **run_settings), **global_settings})
     assert jobs_run(snakemake(workdir).stdout) == set()
 
 
@@ -77,7 +71,7 @@ def test_2_batch_size_changes_nothing(workdir, tiny_chat_target):
 def test_3_draft_vocab_size_reruns_vocab_and_everything_after(workdir, tiny_chat_target):
     write_config(workdir, run_config(tiny_chat_target, draft_vocab_size=48))
     jobs = jobs_run(snakemake(workdir).stdout)
-    assert jobs == {"select_vocab", "manifest", "validate"} | every_shard()
+    assert jobs == {"select_vocab", "plan", "manifest", "validate"} | every_shard()
     manifest = json.loads((cache_dir(workdir) / "manifest.json").read_text())
     assert manifest["draft_vocab_size"] == 48
 
@@ -86,7 +80,7 @@ def test_3_draft_vocab_size_reruns_vocab_and_everything_after(workdir, tiny_chat
 def test_4_seq_length_reruns_from_tokenization(workdir, tiny_chat_target):
     write_config(workdir, run_config(tiny_chat_target, seq_length=24))
     jobs = jobs_run(snakemake(workdir).stdout)
-    assert jobs == {"tokenize", "select_vocab", "manifest", "validate"} | every_shard()
+    assert jobs == {"tokenize", "select_vocab", "plan", "manifest", "validate"} | every_shard()
 
 
 @pytest.mark.slow
@@ -113,7 +107,7 @@ def test_7_new_shard_size_leaves_exactly_the_new_shard_set(workdir, tiny_chat_ta
         num_shards = -(-NUM_CONVERSATIONS // shard_size)
         write_config(workdir, run_config(tiny_chat_target, shard_size=shard_size))
         jobs = jobs_run(snakemake(workdir).stdout)
-        assert jobs == {"manifest", "validate"} | every_shard(num_shards)
+        assert jobs == {"plan", "manifest", "validate"} | every_shard(num_shards)
         assert_complete_cache(workdir, num_shards)
         assert_automodel_reads(cache_dir(workdir), shard_size)
 
@@ -142,6 +136,85 @@ def test_8_killed_shard_job_leaves_no_shard_and_the_next_run_completes(workdir, 
     assert jobs_run(result.stdout) == {"compute_shard-000001", "manifest", "validate"}
     assert_complete_cache(workdir, NUM_SHARDS)
     assert digest(shard_path(workdir, 1)) == digest(shard_path(completed[0], 1))
+
+
+@pytest.mark.slow
+def test_the_disk_plan_predicts_the_cache_it_precedes(completed):
+    workdir, _ = completed
+    run_dir = workdir / "results" / RUN
+    plan = json.loads((run_dir / "plan.json").read_text())
+    files = [cache_dir(workdir) / f["file"] for f in plan["files"]]
+    apparent = sum(path.stat().st_size for path in files)
+    allocated = sum(path.stat().st_blocks * 512 for path in files)
+    assert plan["apparent_bytes"] == apparent
+    assert abs(allocated / plan["allocated_bytes"] - 1) <= 0.01, (allocated, plan["allocated_bytes"])
+    assert (cache_dir(workdir) / "manifest.json").stat().st_size <= plan["manifest_bytes_bound"]
+    disk = next(c for c in json.loads((run_dir / "validation.json").read_text())["checks"] if c["key"] == "disk")
+    assert disk["figures"]["planned_bytes"] == plan["apparent_bytes"]
+    assert disk["figures"]["planned_bytes_error_share"] == 0
+
+
+@pytest.mark.slow
+def test_the_plan_comes_before_every_shard(workdir):
+    result = snakemake_static(workdir, "--rulegraph")
+    assert result.returncode == 0, result.stdout
+    ids = dict(re.findall(r"^\s*(\d+)\[label = \"(\w+)\"", result.stdout, re.MULTILINE))
+    edges = {(ids[a], ids[b]) for a, b in re.findall(r"^\s*(\d+) -> (\d+)$", result.stdout, re.MULTILINE)}
+    assert {("tokenize", "plan"), ("plan", "compute_shard")} <= edges
+
+
+def private_tmpfs_prefix(probe: Path) -> list[str] | None:
+    """An `unshare` command line under which `mount -t tmpfs` works, in a mount namespace of its own (the
+    mount vanishes with the process): as root, or through an unprivileged user namespace; None if neither."""
+    if shutil.which("unshare") is None:
+        return None
+    probe.mkdir()
+    for prefix in (["unshare", "--mount"], ["unshare", "--user", "--map-root-user", "--mount"]):
+        mount = subprocess.run(
+            [*prefix, "mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(probe)], capture_output=True
+        )
+        if mount.returncode == 0:
+            return prefix
+    return None
+
+
+# Inside the private mount namespace: a 1 MiB results/, a full run, then the plan alone with the check off.
+SMALL_DISK_SCRIPT = """
+mount -t tmpfs -o size=1m tmpfs results || exit 90
+"$0" "$@" > refused.out 2>&1; echo $? > refused.rc
+cp logs/tiny/plan.log refused-plan.log
+"$0" "$@" results/tiny/plan.json --configfile config/anyway.yaml > anyway.out 2>&1; echo $? > anyway.rc
+cp results/tiny/plan.json anyway-plan.json
+find results -name 'shard-*' > shards.txt
+"""
+
+
+@pytest.mark.slow
+def test_a_cache_bigger_than_the_disk_stops_before_the_first_shard(tmp_path, tiny_chat_target):
+    prefix = private_tmpfs_prefix(tmp_path / "probe")
+    if prefix is None:
+        pytest.skip("cannot mount a tmpfs: needs root or unprivileged user namespaces (unshare --user --mount)")
+    # Full fp32 distributions over the whole vocabulary: about 1.3 MB of shards for 1 MiB of disk.
+    (tmp_path / "workdir").mkdir()
+    workdir = new_workdir(tmp_path / "workdir", run_config(tiny_chat_target, draft_vocab_size=None, dtype="fp32"))
+    (workdir / "config" / "anyway.yaml").write_text("plan:\n  check_free_space: false\n")
+    (workdir / "results").mkdir()
+    command = [*prefix, "sh", "-c", SMALL_DISK_SCRIPT, SNAKEMAKE, *LOCAL_RUN]
+    subprocess.run(command, cwd=workdir, timeout=RUN_TIMEOUT_S, check=True)
+
+    refused = (workdir / "refused.out").read_text()
+    assert (workdir / "refused.rc").read_text().strip() != "0", refused[-6000:]
+    jobs = jobs_run(refused)
+    assert {"tokenize", "plan"} <= jobs and not jobs & every_shard(), jobs
+    message = next(line for line in refused.splitlines() if "the cache needs" in line)
+    assert "runs.tiny.target_probs_topk: 64" in message and "plan.check_free_space: false" in message
+    assert message in (workdir / "refused-plan.log").read_text()
+    assert (workdir / "shards.txt").read_text() == ""
+
+    assert (workdir / "anyway.rc").read_text().strip() == "0", (workdir / "anyway.out").read_text()[-6000:]
+    plan = json.loads((workdir / "anyway-plan.json").read_text())
+    assert not plan["fits"] and plan["required_bytes"] > plan["filesystem"]["free_bytes"]
+    assert "the cache does not fit" in (workdir / "anyway.out").read_text()
 
 
 @pytest.mark.slow
@@ -183,6 +256,7 @@ def test_dry_run_before_tokenization_plans_up_to_the_checkpoint(tmp_path, profil
     assert jobs_run(result.stdout) == {
         "tokenize",
         "select_vocab",
+        "plan",
         "target_embeddings",
         "manifest",
         "validate",
@@ -195,23 +269,6 @@ def test_demo_dry_run_converts_the_model_first(tmp_path):
     result = snakemake_static(workdir, "-n")
     assert result.returncode == 0, result.stdout
     assert "convert_demo_model" in jobs_run(result.stdout)
-
-
-@pytest.mark.parametrize(
-    ("config", "named"),
-    [
-        (run_config(HUB_MODEL, sequence_length=512), "sequence_length"),
-        (run_config(HUB_MODEL, seq_length="long"), "seq_length"),
-        ({**run_config(HUB_MODEL), "gpus_per_job": 0}, "gpus_per_job"),
-        ({**run_config(HUB_MODEL), "validation": {"samples": 3}}, "samples"),
-    ],
-)
-def test_config_errors_name_the_key(tmp_path, config, named):
-    workdir = new_workdir(tmp_path, config)
-    result = snakemake_static(workdir, "-n")
-    assert result.returncode != 0
-    assert "Error validating config file" in result.stdout
-    assert named in result.stdout
 
 
 def test_conda_env_records_the_requirements_it_installs():

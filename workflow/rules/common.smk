@@ -1,21 +1,29 @@
+import contextlib
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+
+import jsonschema
+from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
+from snakemake.utils import validate
 
 # Makes the rule scripts' package importable; appended so that it never shadows
 # an installed module.
 sys.path.append(str(Path(workflow.basedir, "workflow", "scripts")))
 
 from eagle3_cache import CACHE_SEMANTICS_VERSION
+from eagle3_cache.errors import CacheConfigError, error_line
+from eagle3_cache.hub import check_run_sources
 from eagle3_cache.layout import (
     DEMO_GGUF,
     DEMO_MODEL,
     DEMO_PACKAGE,
     EMBEDDINGS_FILE,
-    LOCAL_DATA_SUFFIXES,
     MANIFEST_FILE,
     MANIFEST_SETTINGS,
+    PLAN_SETTINGS,
     SELECT_VOCAB_SETTINGS,
     SHARD_DIR,
     SHARD_FILE,
@@ -24,11 +32,84 @@ from eagle3_cache.layout import (
     TARGET_SETTINGS,
     TOKENIZE_SETTINGS,
     VOCAB_MAPPING_FILE,
+    applied_settings,
+    is_local_data,
     num_shards,
     shard_id,
 )
+from eagle3_cache.preflight import check_device, check_run, ignored_settings_note
 
 CACHE_DIR = "results/{run}/shards"
+# Relative to this file, as snakemake.utils.validate reads it.
+CONFIG_SCHEMA = "../schemas/config.schema.yaml"
+
+
+@contextlib.contextmanager
+def stopping_on_config_errors(prefix: str = "") -> Iterator[None]:
+    """End Snakemake on a CacheConfigError with its message as the one line it prints, and no traceback."""
+    try:
+        yield
+    except CacheConfigError as error:
+        sys.exit(error_line(f"{prefix}{error}"))
+
+
+def schema_violation(error: WorkflowError) -> str:
+    """What the config's schema refused, as one line naming the key."""
+    cause = error.__context__
+    if not isinstance(cause, jsonschema.ValidationError):
+        return str(error)
+    key = ".".join(str(part) for part in cause.absolute_path) or "(top level)"
+    notes = ["config/README.md explains every key"]
+    if cause.validator == "additionalProperties":
+        known = sorted(cause.schema.get("properties", {}))
+        unknown = sorted(set(cause.instance) - set(known))
+        problem = f"unknown key {', '.join(map(repr, unknown))}; the known keys are {', '.join(known)}"
+    else:
+        problem = cause.message
+        if isinstance(cause.schema, dict) and cause.schema.get("description"):
+            notes.insert(0, cause.schema["description"].rstrip("."))
+    return f"config {key}: {problem} ({'; '.join(notes)})"
+
+
+def check_config() -> None:
+    """Validate the config against its schema (which fills in the defaults), then check every run before
+    anything is planned: a bad setting stops Snakemake with one line naming it."""
+    try:
+        validate(config, CONFIG_SCHEMA)
+    except WorkflowError as error:
+        sys.exit(error_line(schema_violation(error)))
+    for run, settings in config["runs"].items():
+        with stopping_on_config_errors(f"runs.{run}: "):
+            check_run(settings)
+        note = ignored_settings_note(settings)
+        if note:
+            logger.warning(f"runs.{run}: {note}")
+
+
+def runs_with_jobs() -> set[str]:
+    """The runs that have a job to run (the `all` job has no run)."""
+    return {job.wildcards.get("run") for job in workflow.dag.needrun_jobs()} - {None}
+
+
+def check_before_local_jobs() -> None:
+    """Before the first job of a local run: `device: cuda` needs a GPU here, and the hub ids of the runs
+    with work must be reachable (or cached, offline). Not at DAG build, where the executor is not yet
+    known: a cluster's login node may have no GPU, or another network, than the nodes its jobs run on;
+    there each job checks as it starts."""
+    if not workflow.local_exec:
+        return
+    with stopping_on_config_errors():
+        check_device(config["device"])
+    for run in sorted(runs_with_jobs()):
+        with stopping_on_config_errors(f"runs.{run}: "):
+            check_run_sources(run_settings(run))
+
+
+check_config()
+
+
+onstart:
+    check_before_local_jobs()
 
 
 wildcard_constraints:
@@ -41,20 +122,22 @@ def run_settings(run: str) -> dict:
     return config["runs"][run]
 
 
-def setting(name: str):
-    """A params function giving the run's value of `name`."""
-    return lambda wildcards: run_settings(wildcards.run)[name]
+def applied_run_settings(run: str) -> dict:
+    """The run's settings as loading its data applies them: None for what a local JSON file ignores, so
+    that changing those reruns nothing that reads the data."""
+    return applied_settings(run_settings(run))
 
 
-def run_params(names: Sequence[str]) -> dict:
+def setting(name: str, settings: Callable[[str], dict] = run_settings):
+    """A params function giving the run's value of `name` in `settings(run)`."""
+    return lambda wildcards: settings(wildcards.run)[name]
+
+
+def run_params(
+    names: Sequence[str], settings: Callable[[str], dict] = run_settings
+) -> dict:
     """A rule's params for the run settings `names`, as keyword arguments: `params: **run_params(...)`."""
-    return {name: setting(name) for name in names}
-
-
-def is_local_data(input_data: str) -> bool:
-    """Whether input_data names a local file or folder rather than a hub dataset."""
-    path = Path(input_data)
-    return path.exists() or path.suffix.lower() in LOCAL_DATA_SUFFIXES
+    return {name: setting(name, settings) for name in names}
 
 
 def data_input(wildcards) -> list[str]:

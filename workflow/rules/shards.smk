@@ -3,6 +3,8 @@ rule compute_shard:
         tokenized=rules.tokenize.output.tokenized,
         selection=rules.select_vocab.output.selection,
         model=model_input,
+        # Waits for the disk plan, which stops a run whose cache would not fit.
+        plan=rules.plan.output.plan,
     output:
         shard=f"{CACHE_DIR}/{SHARD_FILE}",
         stats="results/{run}/shard_stats/shard-{shard}.json",

@@ -8,6 +8,8 @@ rule compute_specforge_shard:
         tokenized=rules.tokenize.output.tokenized,
         selection=rules.select_vocab.output.selection,
         model=model_input,
+        # Waits for the disk plan, which stops a run whose cache would not fit.
+        plan=rules.plan.output.plan,
     output:
         shard=directory(f"{CACHE_DIR}/{SHARD_DIR}"),
         stats="results/{run}/shard_stats/shard-{shard}.specforge.json",

@@ -4,6 +4,7 @@ rule validate:
         tokenized=rules.tokenize.output.tokenized,
         selection=rules.select_vocab.output.selection,
         counts=rules.select_vocab.output.counts,
+        plan=rules.plan.output.plan,
         stats=every_shard(lambda rule: rule.output.stats),
     output:
         report=report(

@@ -4,6 +4,7 @@ import os
 
 import torch
 
+from eagle3_cache.errors import reported_errors
 from eagle3_cache.gpu_lease import lease_gpus
 from eagle3_cache.logs import logged_wall_split, setup_logging
 from eagle3_cache.pipeline import compute_shard, run_shard_job
@@ -20,7 +21,7 @@ run = snakemake.config["runs"][snakemake.wildcards.run]
 # Snakemake budgets cores by `threads`; on the CPU, torch would otherwise take them all.
 torch.set_num_threads(snakemake.threads)
 
-with logged_wall_split(log):
+with reported_errors(), logged_wall_split(log):
     with lease_gpus(snakemake.config["gpus_per_job"], device=snakemake.config["device"]) as gpus:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         log.info("shard %06d: GPUs %s (CUDA_VISIBLE_DEVICES=%s)", shard_index, gpus, visible)

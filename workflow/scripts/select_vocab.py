@@ -1,5 +1,6 @@
 """Rule `select_vocab`: tokenized.h5 -> vocab_selection.pt (draft vocabulary) + vocab_counts.npy."""
 
+from eagle3_cache.errors import reported_errors
 from eagle3_cache.logs import setup_logging
 from eagle3_cache.vocab import build_vocab_selection
 
@@ -24,4 +25,5 @@ def main(snakemake) -> None:
     )
 
 
-main(snakemake)  # noqa: F821 (Snakemake's `script:` directive defines it)
+with reported_errors():
+    main(snakemake)  # noqa: F821 (Snakemake's `script:` directive defines it)

@@ -1,5 +1,6 @@
 """Rule script: SpecForge's vocab_mapping.pt ({"d2t", "t2d"}) from our vocab_selection.pt."""
 
+from eagle3_cache.errors import reported_errors
 from eagle3_cache.logs import setup_logging
 from eagle3_cache.specforge_format import write_vocab_mapping
 from eagle3_cache.vocab import read_vocab_selection
@@ -7,6 +8,9 @@ from eagle3_cache.vocab import read_vocab_selection
 snakemake = snakemake  # noqa: F821 (injected by Snakemake's script directive)
 log = setup_logging(snakemake.log[0])
 
-selected, target_vocab_size = read_vocab_selection(snakemake.input.selection)
-write_vocab_mapping(snakemake.output.mapping, selected, target_vocab_size)
-log.info("wrote %s: %d of %d ids, in ascending id order", snakemake.output.mapping, len(selected), target_vocab_size)
+with reported_errors():
+    selected, target_vocab_size = read_vocab_selection(snakemake.input.selection)
+    write_vocab_mapping(snakemake.output.mapping, selected, target_vocab_size)
+    log.info(
+        "wrote %s: %d of %d ids, in ascending id order", snakemake.output.mapping, len(selected), target_vocab_size
+    )

@@ -1,8 +1,21 @@
 """Rule `tokenize`: conversations -> results/{run}/tokenized.h5 (see eagle3_cache.token_store)."""
 
+from eagle3_cache.data import checked_rows
+from eagle3_cache.errors import reported_errors
 from eagle3_cache.logs import setup_logging
-from eagle3_cache.tokenization import tokenize_dataset
 
 snakemake = snakemake  # noqa: F821 (injected by Snakemake's script directive)
 setup_logging(snakemake.log[0])
-tokenize_dataset(snakemake.output.tokenized, **dict(snakemake.params.items()))
+params = dict(snakemake.params.items())
+
+with reported_errors():
+    rows = checked_rows(params["input_data"], params["split"], params["shuffle_seed"])
+    # Imported once the data is known good: transformers and torch take seconds to import.
+    from eagle3_cache.tokenization import tokenize_dataset
+
+    tokenize_dataset(
+        snakemake.output.tokenized,
+        rows=rows,
+        run_settings=snakemake.config["runs"][snakemake.wildcards.run],
+        **params,
+    )

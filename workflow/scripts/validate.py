@@ -5,13 +5,13 @@ With `validation.strict` (the default) a failed check fails the job; the report 
 """
 
 import contextlib
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from eagle3_cache.errors import CacheConfigError, reported_errors
 from eagle3_cache.gpu_lease import lease_gpus
 from eagle3_cache.logs import setup_logging
 from eagle3_cache.specforge_cache import manifest_format
@@ -47,20 +47,22 @@ def leased_target() -> Iterator[nn.Module]:
         )
 
 
-inputs = ValidationInputs(
-    run=run,
-    cache_dir=Path(params.cache_dir),
-    tokenized=Path(snakemake.input.tokenized),
-    selection=Path(snakemake.input.selection),
-    counts=Path(snakemake.input.counts),
-    stats=[Path(p) for p in snakemake.input.stats],
-    benchmarks=[Path(p) for p in params.benchmarks],
-    num_samples=params.num_samples,
-    seed=params.seed,
-)
-format_checks = specforge_checks if manifest_format(inputs.cache_dir) == "specforge" else automodel_checks
-report = validate_cache(inputs, leased_target, format_checks)
-kept = write_report(report, Path(snakemake.output.report), Path(snakemake.output.json), strict=params.strict)
-if kept is not None:
-    sys.exit(failure_message(report, kept))
-log.info("validation of %s: %s in %.1fs", run, "PASS" if report.passed else "FAIL (not strict)", report.seconds)
+with reported_errors():
+    inputs = ValidationInputs(
+        run=run,
+        cache_dir=Path(params.cache_dir),
+        tokenized=Path(snakemake.input.tokenized),
+        selection=Path(snakemake.input.selection),
+        counts=Path(snakemake.input.counts),
+        stats=[Path(p) for p in snakemake.input.stats],
+        benchmarks=[Path(p) for p in params.benchmarks],
+        num_samples=params.num_samples,
+        seed=params.seed,
+        plan=Path(snakemake.input.plan),
+    )
+    format_checks = specforge_checks if manifest_format(inputs.cache_dir) == "specforge" else automodel_checks
+    report = validate_cache(inputs, leased_target, format_checks)
+    kept = write_report(report, Path(snakemake.output.report), Path(snakemake.output.json), strict=params.strict)
+    if kept is not None:
+        raise CacheConfigError(failure_message(report, kept))
+    log.info("validation of %s: %s in %.1fs", run, "PASS" if report.passed else "FAIL (not strict)", report.seconds)

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from eagle3_cache.atomic import write_json_atomic
+from eagle3_cache.errors import reported_errors
 from eagle3_cache.logs import setup_logging
 from eagle3_cache.manifest import checked_manifest, read_shard_stats
 from eagle3_cache.specforge_cache import remove_specforge_files, specforge_manifest
@@ -13,20 +14,21 @@ snakemake = snakemake  # noqa: F821 (injected by Snakemake's script directive)
 log = setup_logging(snakemake.log[0])
 settings = dict(snakemake.params.items())
 
-cache_dir = Path(snakemake.params.cache_dir)
-selected, _ = read_vocab_selection(snakemake.input.selection)
-stats = read_shard_stats(snakemake.input.stats)
-info = read_tokenized_info(snakemake.input.tokenized)
-manifest = checked_manifest(cache_dir, settings, stats, selected.tolist(), info)
-if settings["format"] == "specforge":
-    manifest = specforge_manifest(cache_dir, stats, manifest)
-else:
-    remove_specforge_files(cache_dir)
-write_json_atomic(snakemake.output.manifest, manifest)
-log.info(
-    "cache complete: %d samples in %d shards, %.2f GB in %s",
-    manifest["num_samples"],
-    len(manifest["shards"]),
-    sum(s["bytes"] for s in manifest["shards"]) / 1e9,
-    snakemake.params.cache_dir,
-)
+with reported_errors():
+    cache_dir = Path(snakemake.params.cache_dir)
+    selected, _ = read_vocab_selection(snakemake.input.selection)
+    stats = read_shard_stats(snakemake.input.stats)
+    info = read_tokenized_info(snakemake.input.tokenized)
+    manifest = checked_manifest(cache_dir, settings, stats, selected.tolist(), info)
+    if settings["format"] == "specforge":
+        manifest = specforge_manifest(cache_dir, stats, manifest)
+    else:
+        remove_specforge_files(cache_dir)
+    write_json_atomic(snakemake.output.manifest, manifest)
+    log.info(
+        "cache complete: %d samples in %d shards, %.2f GB in %s",
+        manifest["num_samples"],
+        len(manifest["shards"]),
+        sum(s["bytes"] for s in manifest["shards"]) / 1e9,
+        snakemake.params.cache_dir,
+    )

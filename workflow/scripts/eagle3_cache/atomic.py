@@ -10,8 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 
 def temp_path_for(path: str | os.PathLike) -> Path:
     """The temporary name `path` is written under before it is moved into place."""
@@ -81,5 +79,8 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 
 def torch_save_atomic(path: str | os.PathLike, obj: Any) -> None:
     """`torch.save` through a temp file."""
+    # Imported here: the steps that need no torch (the disk plan) write through this module too.
+    import torch
+
     with atomic_output(path) as tmp:
         torch.save(obj, tmp)

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .shard_format import DTYPES, compress_target_probs, is_topk
+from .shard_format import DTYPES, compress_target_probs
+from .shard_layout import TOKEN_FIELDS, is_topk
 from .target import decoder_layers
 from .timing import NO_TIMER, NullTimer, PhaseTimer
 from .token_store import TokenBlock
@@ -94,7 +95,7 @@ class CacheBatch:
 
     @property
     def full_width_fields(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "loss_mask": self.loss_mask}
+        return {name: getattr(self, name) for name in TOKEN_FIELDS}
 
     def cpu(self) -> CacheBatch:
         """The same rows with every tensor on the CPU."""

@@ -191,7 +191,7 @@ class ChatTokenizer:
         for index in renders.assistant_indices():
             if index == 0:
                 raise CacheConfigError(
-                    f"sample {renders.sample}: starts with an assistant turn, and this chat template has no "
+                    f"{renders.where}: starts with an assistant turn, and this chat template has no "
                     "{% generation %} tags, so its span is found by rendering the messages before it, of "
                     "which there are none; put a system or user message first, or drop the sample"
                 )
@@ -209,7 +209,7 @@ class ChatTokenizer:
         kept = self.seq_length
         if not is_render_prefix(prefix[:kept], renders.full[:kept], self.eos_token_id):
             raise CacheConfigError(
-                f"sample {renders.sample}: rendering its first {count} message(s) alone is not a prefix of "
+                f"{renders.where}: rendering its first {count} message(s) alone is not a prefix of "
                 "rendering the whole conversation, so assistant spans cannot be located (the chat template "
                 "rewrites earlier turns depending on later ones); use a chat template that wraps assistant "
                 "turns in {% generation %}...{% endgeneration %}"
@@ -223,7 +223,7 @@ class ChatTokenizer:
         for index in renders.assistant_indices():
             if index == 0:
                 self.warn_once(
-                    renders.sample,
+                    renders.where,
                     "its leading assistant turn has no prefix to render a generation "
                     "prompt after, so the turn's opening tokens stay supervised",
                 )
@@ -231,7 +231,7 @@ class ChatTokenizer:
             prefix = renders.prefix(index)
             if not is_render_prefix(prefix, full):
                 self.warn_once(
-                    renders.sample,
+                    renders.where,
                     "a conversation prefix does not render as a prefix of the whole "
                     "conversation, so that assistant turn's opening tokens stay supervised",
                 )
@@ -254,7 +254,7 @@ class ChatTokenizer:
             span = differing_span(full, renders.without_reasoning(index))
             if span is None:
                 self.warn_once(
-                    renders.sample,
+                    renders.where,
                     "emptying reasoning_content does not change the render, so there is nothing to mask",
                 )
                 continue
@@ -265,17 +265,17 @@ class ChatTokenizer:
         present = any(m["role"] == "assistant" and m.get("reasoning_content") for m in conversation.messages)
         if present and not self.template_mentions_reasoning:
             self.warn_once(
-                conversation.index,
+                conversation.where,
                 "it has reasoning_content, which the chat template never mentions, "
                 "so the reasoning is probably not rendered",
             )
         return present
 
-    def warn_once(self, sample: int, problem: str) -> None:
-        """Log the first sample with each kind of problem; the rest would repeat it."""
+    def warn_once(self, where: str, problem: str) -> None:
+        """Log the first sample with each kind of problem (`where` names it); the rest would repeat it."""
         if problem not in self._warned:
             self._warned.add(problem)
-            log.warning("sample %d: %s (logged once, for the first such sample)", sample, problem)
+            log.warning("%s: %s (logged once, for the first such sample)", where, problem)
 
 
 class _Renders:
@@ -285,7 +285,7 @@ class _Renders:
         self, tokenizer: PreTrainedTokenizerBase, conversation: Conversation, with_assistant_mask: bool
     ) -> None:
         self.tokenizer = tokenizer
-        self.sample = conversation.index
+        self.where = conversation.where
         self.messages = conversation.messages
         self.tools = conversation.tools
         encoding = self.encode(self.messages, return_assistant_tokens_mask=with_assistant_mask)

@@ -3,22 +3,29 @@
 Sources: a Hugging Face dataset id, a local JSON/JSONL file, or a local Parquet file or directory.
 Hub and Parquet data are shuffled with `shuffle_seed` over the whole base split before any
 `[a:b]` slice is taken; JSON/JSONL keep file order.
+
+Messages name a row as its input does: `chats.jsonl, line 12` (1-based, blank lines counted),
+`chats.json, item 3` (1-based), or `org/chats, row 7` (0-based, after shuffling and slicing, as
+`dataset[7]` would give it). `datasets` is imported only for hub and Parquet data, so a JSON file's
+rows are read and checked before the tokenize job pays for its heavy imports.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from datasets import Dataset, VerificationMode, load_dataset
+from typing import TYPE_CHECKING, Any
 
 from .errors import CacheConfigError
-from .layout import JSON_LINES_SUFFIXES, JSON_SUFFIXES, LOCAL_DATA_SUFFIXES, PARQUET_SUFFIX
+from .hub import check_hub_access
+from .layout import JSON_LINES_SUFFIXES, PARQUET_SUFFIX, is_json_file
+from .preflight import check_input_data, parse_split
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -34,33 +41,60 @@ SHAREGPT_ROLES = {
     "bot": "assistant",
 }
 
-_SLICED_SPLIT = re.compile(r"^(\w+)\[(\d*):(\d*)\]$")
-_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
-
 
 @dataclass(frozen=True)
 class Conversation:
-    """One sample: its position in the dataset, its OpenAI-style messages and its tool schemas."""
+    """One sample: its position in the cache, its OpenAI-style messages, its tool schemas, and how
+    messages name it (`chats.jsonl, line 12`)."""
 
     index: int
     messages: list[dict[str, Any]]
+    where: str
     tools: list[dict[str, Any]] | None = None
 
 
-def load_rows(input_data: str, split: str | None, shuffle_seed: int | None) -> Sequence[Mapping[str, Any]]:
+@dataclass(frozen=True)
+class Rows(Sequence):
+    """A dataset's rows in cache order, and `where(i)`: how messages name row i."""
+
+    items: Sequence[Mapping[str, Any]]
+    where: Callable[[int], str]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int | slice) -> Any:
+        return self.items[index]
+
+    def __iter__(self) -> Iterator[Mapping[str, Any]]:
+        return iter(self.items)
+
+
+def checked_rows(input_data: str, split: str | None, shuffle_seed: int | None) -> Rows:
+    """The rows, every one checked to make a conversation, so that a bad row stops the job before any work."""
+    rows = load_rows(input_data, split, shuffle_seed)
+    if not rows:
+        raise CacheConfigError(f"input_data {input_data!r} holds no rows; check the file (or split)")
+    for _ in iter_conversations(rows):
+        pass
+    return rows
+
+
+def load_rows(input_data: str, split: str | None, shuffle_seed: int | None) -> Rows:
     """The dataset rows in cache order (see the module docstring for each source's order)."""
-    path = Path(input_data)
-    if path.is_file() and path.suffix.lower() in JSON_SUFFIXES:
+    check_input_data(input_data, split)
+    if is_json_file(input_data):
         if split is not None or shuffle_seed is not None:
-            log.info("%s is a local JSON file: split and shuffle_seed are recorded but not applied", path)
-        return read_json_rows(path)
+            log.info("%s is a local JSON file: split and shuffle_seed are recorded but not applied", input_data)
+        return read_json_rows(Path(input_data))
     base_split, window = parse_split(split)
     dataset = load_base_split(input_data, base_split)
     if shuffle_seed is not None:
         dataset = dataset.shuffle(seed=shuffle_seed)
     if window is not None:
         dataset = dataset.select(range(*window.indices(len(dataset))))
-    return dataset
+    order = "after shuffling and slicing" if shuffle_seed is not None or window is not None else "in dataset order"
+    return Rows(dataset, lambda index: f"{input_data}, row {index} (0-based, {order})")
 
 
 def load_base_split(input_data: str, base_split: str | None) -> Dataset:
@@ -69,32 +103,15 @@ def load_base_split(input_data: str, base_split: str | None) -> Dataset:
     if path.is_file() and path.suffix.lower() == PARQUET_SUFFIX:
         return load_hf_dataset("parquet", base_split or "train", data_files=str(path))
     if path.is_dir():
-        if not any(path.rglob(f"*{PARQUET_SUFFIX}")):
-            raise CacheConfigError(f"input_data {input_data!r} is a directory without .parquet files")
         return load_hf_dataset(str(path), base_split or "train")
-    if path.exists():
-        raise CacheConfigError(f"input_data {input_data!r} is neither JSON ({', '.join(JSON_SUFFIXES)}) nor Parquet")
-    if not _HUB_ID.match(input_data) or path.suffix.lower() in LOCAL_DATA_SUFFIXES:
-        raise CacheConfigError(f"input_data {input_data!r}: no such file or directory")
-    if base_split is None:
-        raise CacheConfigError(f"input_data {input_data!r} is a hub dataset: set `split` (e.g. train)")
+    check_hub_access("input_data", input_data, repo_type="dataset")
     return load_hf_dataset(input_data, base_split)
-
-
-def parse_split(split: str | None) -> tuple[str | None, slice | None]:
-    """`"train[10:20]"` -> `("train", slice(10, 20))`; `"train"` -> `("train", None)`."""
-    if split is None or "[" not in split:
-        return split, None
-    match = _SLICED_SPLIT.match(split)
-    if match is None:
-        # datasets would take e.g. "train[:10%]" itself, slicing before our shuffle.
-        raise CacheConfigError(f"split {split!r}: only `name[start:stop]` with non-negative row numbers is supported")
-    start, stop = (int(bound) if bound else None for bound in match.group(2, 3))
-    return match.group(1), slice(start, stop)
 
 
 def load_hf_dataset(path: str, split: str, data_files: str | None = None) -> Dataset:
     """`datasets.load_dataset` with its failures turned into a message naming the input."""
+    from datasets import VerificationMode, load_dataset
+
     try:
         return load_dataset(path, split=split, data_files=data_files, verification_mode=VerificationMode.NO_CHECKS)
     except (FileNotFoundError, ValueError, ConnectionError) as error:
@@ -104,104 +121,152 @@ def load_hf_dataset(path: str, split: str, data_files: str | None = None) -> Dat
         ) from error
 
 
-def read_json_rows(path: Path) -> list[Mapping[str, Any]]:
+def read_json_rows(path: Path) -> Rows:
     """Rows of a JSON Lines file, a JSON list, or a single JSON object, in file order."""
-    text = path.read_text(encoding="utf-8")
     if path.suffix.lower() in JSON_LINES_SUFFIXES:
-        return [
-            parse_json(line, f"{path}, line {number}")
-            for number, line in enumerate(text.splitlines(), start=1)
-            if line.strip()
-        ]
-    document = parse_json(text, str(path))
-    return document if isinstance(document, list) else [document]
+        return read_json_lines(path)
+    raw = path.read_bytes()
+    document = parse_json(utf8_text(raw, path), str(path))
+    if not isinstance(document, list):
+        return Rows([document], lambda index: str(path))
+    return Rows(document, lambda index: f"{path}, item {index + 1}")
+
+
+def read_json_lines(path: Path) -> Rows:
+    """Rows of a JSON Lines file, one a non-blank line, each named by its 1-based line number."""
+    items, line_numbers = [], []
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}, line {number}"
+            # A byte order mark may open the file; json.loads refuses it.
+            text = utf8_text(raw.removeprefix(b"\xef\xbb\xbf") if number == 1 else raw, path, number).rstrip("\r\n")
+            if text.strip():
+                items.append(parse_json(text, where))
+                line_numbers.append(number)
+    return Rows(items, lambda index: f"{path}, line {line_numbers[index]}")
+
+
+def utf8_text(raw: bytes, path: Path, line: int | None = None) -> str:
+    """`raw` (line `line` of `path`, or the whole file) decoded as UTF-8, or an error naming the line of the
+    first bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = line or raw.count(b"\n", 0, error.start) + 1
+        raise CacheConfigError(
+            f"{path}, line {line}: not valid UTF-8 (byte {raw[error.start]:#04x}); save the file as UTF-8, "
+            "e.g. iconv -f latin1 -t utf-8 <file> > <new file>"
+        ) from error
 
 
 def parse_json(text: str, where: str) -> Any:
+    """`text` parsed, or an error naming `where` and the place in it (a line within a whole document)."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
-        raise CacheConfigError(f"{where}: invalid JSON ({error}); fix or remove it") from error
+        at = f"line {error.lineno}, column {error.colno}" if "\n" in text else f"column {error.colno}"
+        raise CacheConfigError(f"{where}: invalid JSON ({error.msg} at {at}); fix or remove it") from error
 
 
-def iter_conversations(rows: Iterable[Mapping[str, Any]]) -> Iterator[Conversation]:
+def iter_conversations(rows: Rows) -> Iterator[Conversation]:
     """Each row as a normalised Conversation, in row order."""
     for index, row in enumerate(rows):
-        yield conversation_from_row(row, index)
+        yield conversation_from_row(row, index, rows.where(index))
 
 
-def conversation_from_row(row: Mapping[str, Any], index: int) -> Conversation:
-    """A row's OpenAI `messages` or ShareGPT `conversations`, normalised and checked."""
+def conversation_from_row(row: Mapping[str, Any], index: int, where: str) -> Conversation:
+    """A row's OpenAI `messages` or ShareGPT `conversations`, normalised and checked; `where` names it in errors."""
     if not isinstance(row, Mapping):
-        raise CacheConfigError(f"sample {index}: expected an object with `messages`, got {type(row).__name__}")
+        raise CacheConfigError(f"{where}: expected an object with `messages`, got {type(row).__name__}")
     if row.get("messages") is not None:
-        messages = [normalize_message(message, index) for message in turns(row, "messages", index)]
+        messages = [
+            normalize_message(message, f"{where}: messages[{i}]")
+            for i, message in enumerate(turns(row, "messages", where))
+        ]
     elif row.get("conversations") is not None:
-        messages = [sharegpt_message(turn, index) for turn in turns(row, "conversations", index)]
+        messages = [
+            sharegpt_message(turn, f"{where}: conversations[{i}]")
+            for i, turn in enumerate(turns(row, "conversations", where))
+        ]
     else:
         raise CacheConfigError(
-            f"sample {index}: no `messages` (OpenAI) or `conversations` (ShareGPT) list; its keys are {sorted(row)}"
+            f"{where}: no `messages` (OpenAI) or `conversations` (ShareGPT) list; its keys are {sorted(row)}"
         )
     if not any(message["role"] == "assistant" for message in messages):
         raise CacheConfigError(
-            f"sample {index} has no assistant turn, so no token of it would be supervised; "
+            f"{where} has no assistant turn, so no token of it would be supervised; "
             "remove it from the data or fix its roles"
         )
-    return Conversation(index=index, messages=messages, tools=row_tools(row, index))
+    return Conversation(index=index, messages=messages, where=where, tools=row_tools(row, where))
 
 
-def turns(row: Mapping[str, Any], key: str, index: int) -> list[Mapping[str, Any]]:
+def turns(row: Mapping[str, Any], key: str, where: str) -> list[Mapping[str, Any]]:
     value = row[key]
     if not isinstance(value, list) or not all(isinstance(turn, Mapping) for turn in value):
-        raise CacheConfigError(f"sample {index}: `{key}` must be a list of objects")
+        raise CacheConfigError(f"{where}: `{key}` must be a list of objects")
     return value
 
 
-def normalize_message(message: Mapping[str, Any], index: int) -> dict[str, Any]:
-    """The message with its role checked and its content flattened to text; other keys are kept."""
+def normalize_message(message: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The message with its role checked and its content flattened to text; other keys are kept.
+
+    `where` names the message (`chats.jsonl, line 3: messages[1]`)."""
     role = message.get("role")
     if role not in ACCEPTED_ROLES:
-        raise CacheConfigError(f"sample {index}: unknown role {role!r}; accepted roles are {', '.join(ACCEPTED_ROLES)}")
+        raise CacheConfigError(f"{where}: unknown role {role!r}; accepted roles are {', '.join(ACCEPTED_ROLES)}")
     normalized = dict(message)
-    normalized["content"] = content_text(message.get("content"))
+    normalized["content"] = content_text(message.get("content"), f"{where}.content")
     if role == "assistant" and "reasoning_content" in message:
-        normalized["reasoning_content"] = reasoning_text(message["reasoning_content"], index)
+        normalized["reasoning_content"] = reasoning_text(message["reasoning_content"], f"{where}.reasoning_content")
     return normalized
 
 
-def sharegpt_message(turn: Mapping[str, Any], index: int) -> dict[str, Any]:
+def sharegpt_message(turn: Mapping[str, Any], where: str) -> dict[str, Any]:
     """A ShareGPT `{from, value}` turn as an OpenAI message."""
     source_role = turn.get("from", turn.get("role"))
     role = SHAREGPT_ROLES.get(source_role)
     if role is None:
         raise CacheConfigError(
-            f"sample {index}: unknown ShareGPT role {source_role!r}; accepted roles are {', '.join(SHAREGPT_ROLES)}"
+            f"{where}: unknown ShareGPT role {source_role!r}; accepted roles are {', '.join(SHAREGPT_ROLES)}"
         )
-    return {"role": role, "content": content_text(turn.get("value", turn.get("content", "")))}
+    key = "value" if "value" in turn else "content"
+    if key not in turn:
+        raise CacheConfigError(f"{where}: a ShareGPT turn needs `value` (its text); its keys are {sorted(turn)}")
+    return {"role": role, "content": content_text(turn[key], f"{where}.{key}")}
 
 
-def content_text(content: Any) -> str:
-    """Message content as text: list-of-parts content keeps its text parts, joined with spaces."""
-    if isinstance(content, list):
-        return " ".join(
-            part["text"] for part in content if isinstance(part, Mapping) and isinstance(part.get("text"), str)
-        )
-    return "" if content is None else str(content)
+def content_text(content: Any, where: str) -> str:
+    """Message content as text: a string, None (empty), or a list of parts whose text parts are kept, joined
+    with spaces; anything else is refused rather than stringified into the training text."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list) and all(isinstance(part, Mapping) for part in content):
+        return " ".join(part["text"] for part in content if isinstance(part.get("text"), str))
+    raise CacheConfigError(
+        f'{where} is {shown(content)}; give a string, or a list of parts like {{"type": "text", "text": "..."}}'
+    )
 
 
-def reasoning_text(reasoning: Any, index: int) -> str:
+def shown(value: Any) -> str:
+    """`a dict ({'text': 'hello'})`: a value's type and the start of its repr, for a message."""
+    name, text = type(value).__name__, repr(value)
+    article = "an" if name[0] in "aeiou" else "a"
+    return f"{article} {name} ({text if len(text) <= 60 else text[:57] + '...'})"
+
+
+def reasoning_text(reasoning: Any, where: str) -> str:
     if reasoning is None:
         return ""
     if not isinstance(reasoning, str):
-        raise CacheConfigError(f"sample {index}: `reasoning_content` must be a string, got {type(reasoning).__name__}")
+        raise CacheConfigError(f"{where} must be a string, got {shown(reasoning)}")
     return reasoning
 
 
-def row_tools(row: Mapping[str, Any], index: int) -> list[dict[str, Any]] | None:
+def row_tools(row: Mapping[str, Any], where: str) -> list[dict[str, Any]] | None:
     """The row's tool schemas for the chat template (JSON Lines often store them as a JSON string)."""
     tools = row.get("tools")
     if isinstance(tools, str):
-        tools = parse_json(tools, f"sample {index}, `tools`")
+        tools = parse_json(tools, f"{where}: tools")
     if tools is not None and not isinstance(tools, list):
-        raise CacheConfigError(f"sample {index}: `tools` must be a list, got {type(tools).__name__}")
+        raise CacheConfigError(f"{where}: `tools` must be a list, got {shown(tools)}")
     return tools or None

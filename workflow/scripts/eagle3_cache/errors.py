@@ -1,5 +1,32 @@
-"""The one exception type for input a user must fix."""
+"""The one exception type for input a user must fix, and how a job reports it."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
 
 
 class CacheConfigError(ValueError):
     """A setting, file or sample the user must change; the message says which and how."""
+
+
+def error_line(message: object) -> str:
+    """What a run stopped by a user's error prints: `Error: ` and the message, on one line."""
+    return "Error: " + " ".join(str(message).split())
+
+
+@contextlib.contextmanager
+def reported_errors() -> Iterator[None]:
+    """Around a rule script's work: a CacheConfigError ends the job (exit status 1) with its message as one
+    line on stderr, the first the user reads about it, and its traceback only in the job's log file."""
+    try:
+        yield
+    except CacheConfigError as error:
+        logger = logging.getLogger(__name__)
+        record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, str(error), (), sys.exc_info())
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+        sys.exit(error_line(error))

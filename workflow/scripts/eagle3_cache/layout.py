@@ -8,10 +8,14 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 # --- A cache directory: the names NeMo Automodel's reader expects ----------------------------
 
+# A run's `format` for it.
+AUTOMODEL_FORMAT = "automodel"
 MANIFEST_FILE = "manifest.json"
 EMBEDDINGS_FILE = "target_embeddings.safetensors"
 SHARD_FILE = "shard-{shard}.safetensors"
@@ -56,8 +60,15 @@ def samples_in_shard(index: int, num_samples: int, shard_size: int) -> int:
     return min(shard_size, num_samples - index * shard_size)
 
 
+def draft_vocab_width(draft_vocab_size: int | None, target_vocab_size: int) -> int:
+    """Ids in the draft vocabulary: `draft_vocab_size`, or the whole target vocabulary for null or a larger size."""
+    return target_vocab_size if draft_vocab_size is None else min(draft_vocab_size, target_vocab_size)
+
+
 # --- A cache directory in the specforge format (see eagle3_cache.specforge_format) -------------
 
+# A run's `format` for it.
+SPECFORGE_FORMAT = "specforge"
 # A shard is a directory of per-sample files; SpecForge's `model.vocab_mapping_path` names the mapping.
 SHARD_DIR = "shard-{shard}"
 SHARD_DIR_NAME = shard_name_pattern(SHARD_DIR)
@@ -78,12 +89,57 @@ DEMO_GGUF = f"{DEMO_NAME}.Q4_1.gguf"
 # Where the workflow converts it to a regular checkpoint, relative to the working directory.
 DEMO_MODEL = f"resources/models/{DEMO_NAME}"
 
+# --- Local paths and hub ids: what a target_model or input_data string names -----------------
+
+# `name` or `namespace/name`, each part starting and ending with a word character (huggingface_hub's rule).
+_HUB_NAME = r"\w(?:[\w.-]*\w)?"
+HUB_ID = re.compile(rf"^(?:{_HUB_NAME}/)?{_HUB_NAME}$")
+
+# A local target_model directory holds these (transformers reads them).
+MODEL_CONFIG_FILE = "config.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` is spelled like a Hugging Face hub id (`org/name` or `name`)."""
+    return HUB_ID.match(name) is not None and "--" not in name and ".." not in name
+
+
+def names_local_path(name: str) -> bool:
+    """Whether `name` means a local path: it exists, it cannot be a hub id, or its first folder exists here
+    (`data/chats` beside a `data/` folder is a mistyped local path, not the hub id `data/chats`)."""
+    path = Path(name)
+    return path.exists() or not is_hub_id(name) or (len(path.parts) > 1 and Path(path.parts[0]).is_dir())
+
+
 # --- Local input data: anything else is a hub dataset id --------------------------------------
 
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
 JSON_SUFFIXES = (".json", *JSON_LINES_SUFFIXES)
 PARQUET_SUFFIX = ".parquet"
 LOCAL_DATA_SUFFIXES = (*JSON_SUFFIXES, PARQUET_SUFFIX)
+# They choose and order a dataset's rows; a local JSON file is read whole, in file order.
+ROW_ORDER_SETTINGS = ("split", "shuffle_seed")
+
+
+def is_local_data(input_data: str) -> bool:
+    """Whether input_data names a local file or folder rather than a hub dataset."""
+    return names_local_path(input_data) or Path(input_data).suffix.lower() in LOCAL_DATA_SUFFIXES
+
+
+def is_json_file(input_data: str) -> bool:
+    """Whether input_data names a local JSON or JSON Lines file."""
+    return Path(input_data).suffix.lower() in JSON_SUFFIXES
+
+
+def applied_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """`settings` as loading the data applies them: split and shuffle_seed are None for a local JSON file,
+    so that changing them reruns nothing that reads the data (the manifest still records them)."""
+    if not is_json_file(settings["input_data"]):
+        return dict(settings)
+    return {**settings, **dict.fromkeys(ROW_ORDER_SETTINGS)}
+
 
 # --- The run settings (config/README.md) each rule hands its script as params -----------------
 
@@ -103,6 +159,17 @@ SELECT_VOCAB_SETTINGS = ("draft_vocab_size",)
 SHARD_SETTINGS = (
     *TARGET_SETTINGS,
     "aux_layer_ids",
+    "dtype",
+    "target_probs_topk",
+    "seq_length",
+    "shard_size",
+    "format",
+)
+# Given the tokenized data, these decide the cache's size on disk: the target's width, the draft
+# vocabulary's, and the shard layout (the plan rule also receives the global `plan` keys).
+PLAN_SETTINGS = (
+    *TARGET_SETTINGS,
+    "draft_vocab_size",
     "dtype",
     "target_probs_topk",
     "seq_length",

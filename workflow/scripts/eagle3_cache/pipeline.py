@@ -370,7 +370,7 @@ def shard_spec_and_layout(
     selected, target_vocab_size = read_vocab_selection(selection_path)
     check_vocab_matches(model, target_vocab_size, selection_path)
     spec = CacheSpec(resolve_aux_layer_ids(model, aux_layer_ids), selected, target_vocab_size, dtype, target_probs_topk)
-    layout = ShardLayout(seq_length, 3 * hidden_size(model), spec.draft_vocab_size, dtype, target_probs_topk)
+    layout = ShardLayout.for_target(seq_length, hidden_size(model), spec.draft_vocab_size, dtype, target_probs_topk)
     return spec, layout
 
 

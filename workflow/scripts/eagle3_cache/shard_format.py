@@ -1,5 +1,7 @@
 """The on-disk cache format (NeMo Automodel 0.7.0, `format_version` 2), written and checked here only.
 
+The layout of a shard (fields, sizes, header) is plain arithmetic in `shard_layout`.
+
 A cache directory holds `shard-NNNNNN.safetensors` files (contiguous blocks of samples, each
 field stacked on dim 0; every shard holds `shard_size` samples except the last),
 `target_embeddings.safetensors` and `manifest.json`. Positions where `attention_mask` is 0 hold
@@ -14,9 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +27,16 @@ from safetensors import safe_open
 
 from .atomic import atomic_output, temp_path_for
 from .layout import EMBEDDINGS_FILE, MANIFEST_FILE, SHARD_NAME, num_shards, samples_in_shard, shard_file_name
+from .shard_layout import (
+    CACHE_DTYPES,
+    EMBEDDINGS_DTYPE,
+    EMBEDDINGS_TENSOR,
+    ShardLayout,
+    safetensors_header,
+    stored_safetensors_header,
+)
 
 FORMAT_VERSION = 2
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SAFETENSORS_DTYPES = {
     torch.int64: "I64",
     torch.int32: "I32",
@@ -38,6 +45,9 @@ SAFETENSORS_DTYPES = {
     torch.float16: "F16",
     torch.float32: "F32",
 }
+TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+# The config's `dtype` as a torch dtype.
+DTYPES = {name: TORCH_DTYPES[stored] for name, stored in CACHE_DTYPES.items()}
 # The fields NeMo Automodel's manifest carries; ours adds provenance and integrity on top.
 AUTOMODEL_MANIFEST_KEYS = (
     "format_version",
@@ -61,11 +71,6 @@ AUTOMODEL_MANIFEST_KEYS = (
 HASH_CHUNK_BYTES = 16 << 20
 
 
-def is_topk(target_probs_topk: int | None, draft_vocab_size: int) -> bool:
-    """True when top-k actually compresses: a positive k below the draft vocab width."""
-    return target_probs_topk is not None and 0 < int(target_probs_topk) < draft_vocab_size
-
-
 def compress_target_probs(probs: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The top-k `(values, int32 indices)` of a distribution, values renormalized to sum to 1."""
     values, indices = torch.topk(probs, topk, dim=-1)
@@ -77,78 +82,6 @@ def reconstruct_target_probs(values: torch.Tensor, indices: torch.Tensor, draft_
     """Scatter stored top-k pairs back to a full `[..., draft_vocab_size]` distribution."""
     full = torch.zeros((*values.shape[:-1], draft_vocab_size), dtype=values.dtype)
     return full.scatter_(-1, indices.to(torch.long), values)
-
-
-@dataclass(frozen=True)
-class FieldSpec:
-    """One shard field: its per-sample shape and dtype."""
-
-    name: str
-    sample_shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def sample_bytes(self) -> int:
-        return math.prod(self.sample_shape) * torch.empty((), dtype=self.dtype).element_size()
-
-
-@dataclass(frozen=True)
-class ShardLayout:
-    """The fields of every shard of one cache."""
-
-    seq_length: int
-    aux_hidden_dim: int
-    draft_vocab_size: int
-    dtype: str
-    target_probs_topk: int
-
-    def fields(self) -> list[FieldSpec]:
-        s, cache_dtype = self.seq_length, DTYPES[self.dtype]
-        fields = [
-            FieldSpec("input_ids", (s,), torch.int64),
-            FieldSpec("attention_mask", (s,), torch.int64),
-            FieldSpec("loss_mask", (s,), torch.int64),
-            FieldSpec("aux_hidden_states", (s, self.aux_hidden_dim), cache_dtype),
-            FieldSpec("position_mask", (s, 1), torch.bool),
-        ]
-        if is_topk(self.target_probs_topk, self.draft_vocab_size):
-            k = self.target_probs_topk
-            fields += [
-                FieldSpec("target_probs_values", (s, k), cache_dtype),
-                FieldSpec("target_probs_indices", (s, k), torch.int32),
-            ]
-        else:
-            fields.append(FieldSpec("target_probs", (s, self.draft_vocab_size), cache_dtype))
-        return fields
-
-    @classmethod
-    def from_manifest(cls, manifest: Mapping[str, Any]) -> ShardLayout:
-        return cls(
-            seq_length=int(manifest["seq_length"]),
-            aux_hidden_dim=int(manifest["aux_hidden_dim"]),
-            draft_vocab_size=int(manifest["draft_vocab_size"]),
-            dtype=manifest["dtype"],
-            target_probs_topk=int(manifest["target_probs_topk"] or 0),
-        )
-
-
-def safetensors_header(layout: ShardLayout, num_samples: int) -> tuple[bytes, dict[str, int]]:
-    """The length-prefixed safetensors header for a shard, and each field's data offset."""
-    entries: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offsets: dict[str, int] = {}
-    cursor = 0
-    for field in layout.fields():
-        size = field.sample_bytes * num_samples
-        entries[field.name] = {
-            "dtype": SAFETENSORS_DTYPES[field.dtype],
-            "shape": [num_samples, *field.sample_shape],
-            "data_offsets": [cursor, cursor + size],
-        }
-        offsets[field.name] = cursor
-        cursor += size
-    header = json.dumps(entries, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)
-    return struct.pack("<Q", len(header)) + header, offsets
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -172,7 +105,7 @@ class ShardWriter:
         self.fields = {field.name: field for field in layout.fields()}
         header, self.offsets = safetensors_header(layout, num_samples)
         self.data_start = len(header)
-        self.size = self.data_start + sum(f.sample_bytes for f in self.fields.values()) * num_samples
+        self.size = layout.shard_bytes(num_samples)
         self._output = atomic_output(self.path)
         self.tmp = self._output.__enter__()
         self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
@@ -182,7 +115,7 @@ class ShardWriter:
     def write_row(self, sample: int, field: str, values: torch.Tensor) -> None:
         """Write the leading positions of one sample's field; positions after them stay zero."""
         spec = self.fields[field]
-        if values.dtype != spec.dtype or tuple(values.shape[1:]) != spec.sample_shape[1:]:
+        if values.dtype != TORCH_DTYPES[spec.dtype] or tuple(values.shape[1:]) != spec.sample_shape[1:]:
             raise ValueError(f"{field}: got {values.dtype} {tuple(values.shape)}, layout wants {spec}")
         offset = self.data_start + self.offsets[field] + sample * spec.sample_bytes
         os.pwrite(self.fd, tensor_bytes(values), offset)
@@ -245,7 +178,7 @@ def write_target_embeddings(path: str | os.PathLike, weight: torch.Tensor) -> No
     from safetensors.torch import save_file
 
     with atomic_output(path) as tmp:
-        save_file({"weight": weight.to(torch.float32).contiguous()}, str(tmp))
+        save_file({EMBEDDINGS_TENSOR: weight.to(TORCH_DTYPES[EMBEDDINGS_DTYPE]).contiguous()}, str(tmp))
 
 
 @dataclass(frozen=True)
@@ -286,7 +219,7 @@ def shard_set_problems(cache_dir: Path, manifest: Mapping[str, Any]) -> list[Cac
 
 def shard_layout_problems(path: Path, layout: ShardLayout, num_samples: int) -> list[CacheProblem]:
     """Keys, shapes and dtypes of one shard against the layout."""
-    want = {f.name: ([num_samples, *f.sample_shape], SAFETENSORS_DTYPES[f.dtype]) for f in layout.fields()}
+    want = {f.name: ([num_samples, *f.sample_shape], f.dtype) for f in layout.fields()}
     try:
         got = {name: (entry["shape"], entry["dtype"]) for name, entry in safetensors_entries(path).items()}
     except (OSError, ValueError) as error:
@@ -304,13 +237,6 @@ def safetensors_entries(path: Path) -> dict[str, Any]:
     entries = json.loads(stored_safetensors_header(path))
     entries.pop("__metadata__", None)
     return entries
-
-
-def stored_safetensors_header(path: str | os.PathLike) -> bytes:
-    """The JSON header bytes of a safetensors file (names, dtypes, shapes, offsets), without reading the data."""
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        return handle.read(length)
 
 
 def shard_record_problems(cache_dir: Path, manifest: Mapping[str, Any], verify_hashes: bool) -> list[CacheProblem]:

@@ -19,6 +19,7 @@ from .layout import (
     EMBEDDINGS_FILE,
     MANIFEST_FILE,
     SHARD_DIR_NAME,
+    SPECFORGE_FORMAT,
     VOCAB_MAPPING_FILE,
     num_shards,
     samples_in_shard,
@@ -27,7 +28,6 @@ from .layout import (
 )
 from .shard_format import CacheProblem, file_sha256, read_manifest, readable_manifest, shard_indices_in
 from .specforge_format import (
-    FORMAT,
     SPECFORGE_VERSION,
     read_sample_file,
     sample_file_name,
@@ -141,8 +141,8 @@ def manifest_format(cache_dir: str | os.PathLike) -> str:
 
 def manifest_record_problems(manifest: Mapping[str, Any]) -> list[CacheProblem]:
     """The manifest must be ours, of the specforge format, and its records must cover every sample in order."""
-    if manifest.get("format") != FORMAT:
-        return [CacheProblem(MANIFEST_FILE, f"format {manifest.get('format')!r}, expected {FORMAT!r}")]
+    if manifest.get("format") != SPECFORGE_FORMAT:
+        return [CacheProblem(MANIFEST_FILE, f"format {manifest.get('format')!r}, expected {SPECFORGE_FORMAT!r}")]
     missing = [key for key in REQUIRED_MANIFEST_KEYS if key not in manifest]
     if missing:
         return [CacheProblem(MANIFEST_FILE, f"missing field {key!r}") for key in missing]

@@ -33,8 +33,8 @@ from torch import nn
 from .atomic import torch_save_atomic, write_json_atomic
 from .errors import CacheConfigError
 from .shard_format import safetensors_entries
+from .specforge_sizes import sample_shapes
 
-FORMAT = "specforge"
 SPECFORGE_VERSION = "0.2.0"
 WEIGHT_INDEX_FILE = "model.safetensors.index.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
@@ -92,25 +92,6 @@ def serialized(sample: Mapping[str, torch.Tensor]) -> bytes:
     return buffer.getvalue()
 
 
-def bytes_per_token(hidden_size: int) -> dict[str, int]:
-    """What each key of a sample file takes per token (int64 ids and mask, bf16 hidden states)."""
-    return {"input_ids": 8, "loss_mask": 8, "hidden_state": 2 * hidden_size, "aux_hidden_state": 6 * hidden_size}
-
-
-def specforge_files_bytes(lengths: Sequence[int], hidden_size: int) -> int:
-    """What the sample files of samples of these lengths take, to a few hundred bytes a file: their tensors
-    plus one zip container each, the container measured once on a one-token sample of the same width."""
-    per_token = sum(bytes_per_token(hidden_size).values())
-    one = sample_tensors(
-        torch.zeros(1, dtype=torch.int64),
-        torch.zeros(1, dtype=torch.int64),
-        torch.zeros(1, hidden_size, dtype=torch.bfloat16),
-        torch.zeros(1, 3 * hidden_size, dtype=torch.bfloat16),
-    )
-    container = len(serialized(one)) - per_token
-    return len(lengths) * container + sum(lengths) * per_token
-
-
 # --- Reading and checking sample files ---------------------------------------------------------
 
 
@@ -129,12 +110,9 @@ def read_sample_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def sample_problems(sample: Mapping[str, Any], *, num_tokens: int, hidden_size: int) -> list[str]:
     """How a loaded sample differs from what SpecForge reads: keys, dtypes, shapes, a 0/1 loss mask."""
-    expected = {
-        "input_ids": (torch.int64, (num_tokens,)),
-        "loss_mask": (torch.int64, (num_tokens,)),
-        "hidden_state": (STORED_DTYPE, (1, num_tokens, hidden_size)),
-        "aux_hidden_state": (STORED_DTYPE, (1, num_tokens, 3 * hidden_size)),
-    }
+    dtypes = {"input_ids": torch.int64, "loss_mask": torch.int64, "hidden_state": STORED_DTYPE}
+    shapes = sample_shapes(num_tokens, hidden_size)
+    expected = {key: (dtypes.get(key, STORED_DTYPE), shape) for key, shape in shapes.items()}
     problems = [f"missing key {key!r}" for key in expected if key not in sample]
     problems += [f"unexpected key {key!r}" for key in sample if key not in expected]
     for key, (dtype, shape) in expected.items():

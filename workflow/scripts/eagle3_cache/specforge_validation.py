@@ -6,7 +6,8 @@
 - live parity: stored hidden states against a fresh forward through `compute_cache_batch`, and
   lm_head(hidden_state) against the target's own logits;
 - numerically sane: no NaN or Inf in either hidden state; tokens and loss masks as tokenized;
-- disk: bytes per real token, beside what the Automodel format costs at the same settings;
+- disk: bytes per real token, beside what the Automodel format costs at the same settings, and the disk
+  plan's predictions against the measured sizes;
 - vocabulary, cost and provenance: `validation`'s shared checks, which read nothing format-specific.
 """
 
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from .cache_rows import CacheSpec, compute_cache_batch
+from .disk_plan import planned_figures, planned_summary, read_plan
 from .layout import MANIFEST_FILE, VOCAB_MAPPING_FILE, samples_in_shard
 from .parity import TOLERANCE_RULE, FieldErrors, parity_eps, parity_sample_indices, tolerance_problems, tolerance_row
 from .report_html import format_bytes
@@ -31,11 +33,11 @@ from .specforge_cache import check_specforge_cache, sample_paths
 from .specforge_format import (
     HIDDEN_KEYS,
     TARGET_REPR,
-    bytes_per_token,
     nonfinite_values,
     read_sample_file,
     target_dir_problems,
 )
+from .specforge_sizes import bytes_per_token
 from .token_store import TokenBlock, TokenizedInfo, read_token_block, read_token_rows
 from .validation import CacheReads, Check, allocated_bytes, cache_spec, shard_compute_dtypes
 
@@ -54,7 +56,7 @@ def specforge_checks(reads: CacheReads) -> dict[str, Check]:
         "integrity": lambda: integrity_check(inputs.cache_dir),
         "parity": lambda: parity_check(reads),
         "sanity": lambda: sanity_check(inputs.cache_dir, reads.manifest, inputs.tokenized),
-        "disk": lambda: disk_check(inputs.cache_dir, reads.manifest, reads.info),
+        "disk": lambda: disk_check(inputs.cache_dir, reads.manifest, reads.info, read_plan(inputs.plan)),
     }
 
 
@@ -225,8 +227,11 @@ def automodel_written_bytes(layout: ShardLayout, lengths: Sequence[int]) -> int:
     return len(lengths) * sum(full_width) + sum(lengths) * sum(per_position)
 
 
-def disk_check(cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo) -> CheckResult:
-    """Bytes per real token, split by field, beside what the Automodel format takes at the same settings."""
+def disk_check(
+    cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo, plan: Mapping[str, Any] | None = None
+) -> CheckResult:
+    """Bytes per real token, split by field, beside what the Automodel format takes at the same settings, and
+    the disk plan's predictions against the measured sizes."""
     hidden = int(manifest["hidden_size"])
     paths = [path for path, _ in sample_paths(cache_dir, manifest)]
     file_bytes = sum(int(s["bytes"]) for s in manifest["shards"])
@@ -253,6 +258,8 @@ def disk_check(cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo
         "automodel_format_written_bytes_per_real_token": automodel_written / real_tokens,
         "of_the_automodel_format_written_share": allocated / automodel_written,
     }
+    if plan is not None:
+        figures.update(planned_figures(plan, figures["total_bytes"], allocated + allocated_bytes([mapping])))
     rows = [{"field": key, "per_sample_bytes": size * real_tokens / len(paths)} for key, size in per_token.items()]
     rows.append({"field": "zip container", "per_sample_bytes": container / len(paths)})
     summary = (
@@ -261,4 +268,6 @@ def disk_check(cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo
         f"{figures['of_the_automodel_format_written_share']:.0%} of the Automodel format's "
         f"{figures['automodel_format_written_bytes_per_real_token']:,.0f} B at these settings"
     )
+    if plan is not None:
+        summary += f"; {planned_summary(plan)}"
     return CheckResult("disk", True, summary, figures, {"fields": rows})

@@ -7,13 +7,21 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .checkpoint_tensors import NotReadableDirectly, read_input_embeddings
 from .errors import CacheConfigError
-from .shard_format import file_sha256, stored_safetensors_header
+from .hub import loading
+from .layout import WEIGHT_SUFFIXES
+from .preflight import check_device, resolved_aux_layer_ids
+from .shard_format import file_sha256
+from .shard_layout import stored_safetensors_header
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +42,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name not in ("cuda", "cpu"):
         raise CacheConfigError(f"device must be one of auto, cuda, cpu; got {name!r}. Fix `device` in the config.")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CacheConfigError("device is 'cuda' but no CUDA device is visible. Use `device: auto` or `cpu`.")
+    check_device(name, torch.cuda.device_count)
     return torch.device(name)
 
 
@@ -65,13 +72,14 @@ def load_target(
         device_map = "auto"
     else:
         device_map = {"": str(device)}  # straight to the GPU, never a full copy in host RAM
-    model = AutoModelForCausalLM.from_pretrained(
-        model_id,
-        revision=revision,
-        trust_remote_code=trust_remote_code,
-        dtype=compute_dtype(device),
-        device_map=device_map,
-    )
+    with loading("target_model", model_id, revision=revision):
+        model = AutoModelForCausalLM.from_pretrained(
+            model_id,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            dtype=compute_dtype(device),
+            device_map=device_map,
+        )
     return model.eval()
 
 
@@ -85,34 +93,18 @@ def num_hidden_layers(model: nn.Module) -> int:
 
 def hidden_size(model: nn.Module) -> int:
     """Width of one decoder layer's output."""
-    text_config = getattr(model.config, "text_config", None)
-    return int((text_config or model.config).hidden_size)
+    return config_hidden_size(model.config)
 
 
-def default_aux_layer_ids(num_layers: int) -> list[int]:
-    """EAGLE-3's low / middle / high layer recipe."""
-    return [1, num_layers // 2 - 1, num_layers - 4]
-
-
-def validate_aux_layer_ids(aux_layer_ids: Sequence[int], num_layers: int) -> list[int]:
-    """Exactly three distinct in-range layer ids, or an error that says what to set."""
-    ids = list(aux_layer_ids)
-    in_range = all(0 <= i < num_layers for i in ids)
-    if len(ids) != 3 or len(set(ids)) != 3 or not in_range:
-        raise CacheConfigError(
-            f"aux_layer_ids must be 3 distinct layer ids in [0, {num_layers - 1}] for this "
-            f"{num_layers}-layer target; got {ids}. Set `aux_layer_ids` in the run's config "
-            "(it must match the draft's num_aux_hidden_states)."
-        )
-    return ids
+def config_hidden_size(config: PretrainedConfig) -> int:
+    """Width of one decoder layer's output, from the model's config; multimodal wrappers keep it on `text_config`."""
+    text_config = getattr(config, "text_config", None)
+    return int((text_config or config).hidden_size)
 
 
 def resolve_aux_layer_ids(model: nn.Module, aux_layer_ids: Sequence[int] | None) -> list[int]:
     """The configured ids, or the default recipe for this model's depth, validated."""
-    num_layers = num_hidden_layers(model)
-    return validate_aux_layer_ids(
-        default_aux_layer_ids(num_layers) if aux_layer_ids is None else aux_layer_ids, num_layers
-    )
+    return resolved_aux_layer_ids(aux_layer_ids, num_hidden_layers(model))
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -167,7 +159,7 @@ def local_checkpoint_fingerprint(model_dir: Path) -> str:
 
 def checkpoint_weight_files(model_dir: Path) -> list[Path]:
     """A checkpoint directory's weight files and weight indexes, by name."""
-    weight_suffixes = (".safetensors", ".bin", ".pt", ".gguf")
+    weight_suffixes = (*WEIGHT_SUFFIXES, ".pt", ".gguf")
     files = [p for p in model_dir.iterdir() if p.suffix in weight_suffixes or p.name.endswith(".index.json")]
     return sorted(files, key=lambda p: p.name)
 
@@ -192,11 +184,12 @@ def input_embeddings(model_id: str, *, revision: str | None, trust_remote_code: 
     """
     from transformers import AutoModelForCausalLM
 
-    try:
-        return read_input_embeddings(model_id, revision=revision, trust_remote_code=trust_remote_code)
-    except NotReadableDirectly as reason:
-        log.info("building %s to read its input embeddings: %s", model_id, reason)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_id, revision=revision, trust_remote_code=trust_remote_code, dtype="auto"
-    )
+    with loading("target_model", model_id, revision=revision):
+        try:
+            return read_input_embeddings(model_id, revision=revision, trust_remote_code=trust_remote_code)
+        except NotReadableDirectly as reason:
+            log.info("building %s to read its input embeddings: %s", model_id, reason)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_id, revision=revision, trust_remote_code=trust_remote_code, dtype="auto"
+        )
     return model.get_input_embeddings().weight.detach().to(torch.float32).contiguous()

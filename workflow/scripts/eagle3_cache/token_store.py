@@ -8,6 +8,9 @@ Layout (N samples, S = seq_length):
   num_supervised  int32 [N]     loss_mask sum
   truncated       bool  [N]     whether the render was longer than S
   attrs           the TokenizedHeader fields; special_token_ids and source as JSON text
+
+Only the row blocks are torch tensors, and only their readers import torch, so that reading the
+header and statistics (as the disk plan does) stays light.
 """
 
 from __future__ import annotations
@@ -16,14 +19,16 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
-import torch
 
 from .atomic import atomic_output
 from .errors import CacheConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_VERSION = 1
 # Rows per HDF5 chunk: small enough that reading a few scattered rows stays cheap.
@@ -191,6 +196,8 @@ def read_token_block(path: str | os.PathLike, start: int, stop: int) -> TokenBlo
 
 def read_token_rows(path: str | os.PathLike, indices: Sequence[int]) -> TokenBlock:
     """The rows at `indices`, in that order (repeats allowed)."""
+    import torch
+
     wanted = np.asarray(indices, dtype=np.int64)
     # HDF5 reads a selection only in increasing order, without repeats.
     distinct, positions = np.unique(wanted, return_inverse=True)
@@ -212,6 +219,8 @@ def iter_token_blocks(path: str | os.PathLike, block_rows: int) -> Iterator[Toke
 
 
 def block_from_store(store: h5py.File, rows: slice | np.ndarray) -> TokenBlock:
+    import torch
+
     input_ids = torch.from_numpy(store["input_ids"][rows].astype(np.int64))
     lengths = torch.from_numpy(store["lengths"][rows].astype(np.int64))
     positions = torch.arange(input_ids.shape[1])

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from .chat import ChatTokenizer, chat_template_hash, special_token_ids, tokenizer_hash
-from .data import iter_conversations, load_rows
+from .data import Conversation, Rows, checked_rows, iter_conversations
 from .errors import CacheConfigError
+from .hub import loading
+from .layout import applied_settings
+from .preflight import check_model_config
 from .token_store import TokenizedHeader, TokenizedSample, read_tokenized_info, write_tokenized
 
 PROGRESS_EVERY = 1000
+# Samples without supervision named in the warning; the rest are counted.
+NAMED_UNSUPERVISED = 10
 log = logging.getLogger(__name__)
 
 
@@ -24,11 +29,19 @@ def tokenize_dataset(
     target_model: str,
     revision: str | None,
     trust_remote_code: bool,
+    run_settings: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> None:
-    """Load the target's tokenizer and config, then `write_tokenized_store` (the `tokenize` rule)."""
-    tokenizer = AutoTokenizer.from_pretrained(target_model, revision=revision, trust_remote_code=trust_remote_code)
-    config = AutoConfig.from_pretrained(target_model, revision=revision, trust_remote_code=trust_remote_code)
+    """Load the target's tokenizer and config, then `write_tokenized_store` (the `tokenize` rule).
+
+    With `run_settings` (the run's whole settings), its aux_layer_ids and draft_vocab_size are first
+    checked against the config: for a hub model this is the first place they can be.
+    """
+    with loading("target_model", target_model, revision=revision):
+        config = AutoConfig.from_pretrained(target_model, revision=revision, trust_remote_code=trust_remote_code)
+        if run_settings is not None:
+            check_model_config(config.to_dict(), run_settings)
+        tokenizer = AutoTokenizer.from_pretrained(target_model, revision=revision, trust_remote_code=trust_remote_code)
     write_tokenized_store(output, tokenizer, target_vocab_size(config, target_model), **options)
 
 
@@ -43,8 +56,10 @@ def write_tokenized_store(
     seq_length: int,
     mask_reasoning_content: bool = False,
     mask_generation_prompt: bool = False,
+    rows: Rows | None = None,
 ) -> None:
-    """Load `input_data`, render it with the tokenizer's chat template and write the store at `output`."""
+    """Load `input_data` (unless its `rows` are given), render it with the tokenizer's chat template and
+    write the store at `output`."""
     chat = ChatTokenizer(
         tokenizer,
         seq_length,
@@ -58,18 +73,20 @@ def write_tokenized_store(
         pad_token_id=chat.pad_token_id,
         tokenizer_hash=tokenizer_hash(tokenizer),
         chat_template_hash=chat_template_hash(tokenizer),
-        source={"input_data": input_data, "split": split, "shuffle_seed": shuffle_seed},
+        # As applied: a JSON file's split and shuffle_seed are None, whatever the run set.
+        source=applied_settings({"input_data": input_data, "split": split, "shuffle_seed": shuffle_seed}),
         mask_reasoning_content=mask_reasoning_content,
         mask_generation_prompt=mask_generation_prompt,
     )
-    rows = load_rows(input_data, split, shuffle_seed)
+    if rows is None:
+        rows = checked_rows(input_data, split, shuffle_seed)
     log.info("Tokenizing %d samples from %s at seq_length %d", len(rows), input_data, seq_length)
-    samples = (chat(conversation) for conversation in iter_conversations(rows))
-    try:
-        write_tokenized(output, header, with_progress(samples, len(rows)), len(rows))
-    except CacheConfigError as error:
-        raise CacheConfigError(f"input_data {input_data!r}: {error}") from error
+    unsupervised: list[str] = []
+    samples = watched(iter_conversations(rows), chat, unsupervised)
+    write_tokenized(output, header, with_progress(samples, len(rows)), len(rows))
     log_summary(output)
+    if unsupervised:
+        log.warning(unsupervised_warning(unsupervised, seq_length))
 
 
 def target_vocab_size(config: PretrainedConfig, target_model: str) -> int:
@@ -78,6 +95,29 @@ def target_vocab_size(config: PretrainedConfig, target_model: str) -> int:
     if vocab_size is None:
         raise CacheConfigError(f"target_model {target_model!r}: its config has no vocab_size")
     return int(vocab_size)
+
+
+def watched(
+    conversations: Iterable[Conversation], chat: ChatTokenizer, unsupervised: list[str]
+) -> Iterator[TokenizedSample]:
+    """Each conversation tokenized; each left without a supervised token is named in `unsupervised`, with why."""
+    for conversation in conversations:
+        sample = chat(conversation)
+        if sample.num_supervised == 0:
+            why = "cut at seq_length before its first assistant token" if sample.truncated else "nothing supervised"
+            unsupervised.append(f"{conversation.where} ({why})")
+        yield sample
+
+
+def unsupervised_warning(unsupervised: list[str], seq_length: int) -> str:
+    """One line naming the first samples without supervision."""
+    named = "; ".join(unsupervised[:NAMED_UNSUPERVISED])
+    more = f"; and {len(unsupervised) - NAMED_UNSUPERVISED} more" if len(unsupervised) > NAMED_UNSUPERVISED else ""
+    return (
+        f"{len(unsupervised)} samples have no supervised token, so nothing trains on them (kept, as Automodel "
+        f"does): {named}{more}. Raise seq_length (now {seq_length}), shorten what precedes their assistant "
+        "turns, or remove them"
+    )
 
 
 def with_progress(samples: Iterable[TokenizedSample], total: int) -> Iterator[TokenizedSample]:
@@ -96,6 +136,3 @@ def log_summary(path: str | Path) -> None:
         int(info.num_supervised.sum()),
         int(info.lengths.sum()),
     )
-    unsupervised = int((info.num_supervised == 0).sum())
-    if unsupervised:
-        log.warning("%d samples have no supervised token (kept, as Automodel does)", unsupervised)

@@ -29,7 +29,8 @@ from . import CACHE_SEMANTICS_VERSION
 from .atomic import atomic_output, write_json_atomic
 from .cache_rows import CacheSpec, compute_cache_batch
 from .cost import cost_check
-from .layout import EMBEDDINGS_FILE, shard_file_name
+from .disk_plan import planned_figures, planned_summary, read_plan
+from .layout import EMBEDDINGS_FILE, ROW_ORDER_SETTINGS, applied_settings, shard_file_name
 from .manifest import read_shard_stats
 from .parity import parity_outcome, parity_result, parity_sample_indices
 from .report_html import format_bytes, render_html
@@ -41,10 +42,9 @@ from .shard_format import (
     check_cache,
     read_manifest,
     read_shard_rows,
-    safetensors_header,
     shard_indices_in,
 )
-from .specforge_format import specforge_files_bytes
+from .specforge_sizes import specforge_files_bytes
 from .target import compute_dtype
 from .token_store import TokenizedInfo, read_token_rows, read_tokenized_info
 from .vocab import read_vocab_selection
@@ -67,6 +67,7 @@ class ValidationInputs:
     benchmarks: Sequence[Path]
     num_samples: int  # samples recomputed by the parity check
     seed: int
+    plan: Path | None = None  # the disk plan, whose predictions the disk check compares with the cache
 
 
 # --- 1. Complete and intact ------------------------------------------------------------------
@@ -207,23 +208,18 @@ def vocabulary_check(counts: np.ndarray, manifest: Mapping[str, Any], selection:
 # --- 6. Disk -----------------------------------------------------------------------------------
 
 
-def shard_bytes_by_layout(layout: ShardLayout, num_samples: int) -> int:
-    """A shard's size as its layout predicts it: header plus every field's bytes."""
-    header, _ = safetensors_header(layout, num_samples)
-    return len(header) + num_samples * sum(f.sample_bytes for f in layout.fields())
-
-
-def disk_check(cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo) -> CheckResult:
-    """Bytes per sample and per field, padding's share, the size of a larger dataset of the same shape, and
-    what the same samples would take in the specforge format."""
+def disk_check(
+    cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo, plan: Mapping[str, Any] | None = None
+) -> CheckResult:
+    """Bytes per sample and per field, padding's share, the size of a larger dataset of the same shape, what
+    the same samples would take in the specforge format, and the disk plan's predictions against the
+    measured sizes."""
     layout = ShardLayout.from_manifest(manifest)
     n = int(manifest["num_samples"])
     field_bytes = {f.name: f.sample_bytes for f in layout.fields()}
     per_sample = sum(field_bytes.values())
     records = manifest["shards"]
-    unexplained = [
-        r["file"] for r in records if shard_bytes_by_layout(layout, int(r["num_samples"])) != int(r["bytes"])
-    ]
+    unexplained = [r["file"] for r in records if layout.shard_bytes(int(r["num_samples"])) != int(r["bytes"])]
     shard_bytes = sum(int(r["bytes"]) for r in records)
     embeddings = cache_dir / EMBEDDINGS_FILE
     embeddings_bytes = embeddings.stat().st_size if embeddings.exists() else 0
@@ -248,6 +244,8 @@ def disk_check(cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo
         "specforge_format_bytes": specforge_bytes,
         "specforge_format_of_allocated_shards_share": specforge_bytes / shards_allocated if shards_allocated else 0.0,
     }
+    if plan is not None:
+        figures.update(planned_figures(plan, figures["total_bytes"], figures["allocated_bytes"]))
     series = {
         "fields": [
             {"field": name, "per_sample_bytes": size, "total_bytes": size * n, "of_the_cache_share": size / per_sample}
@@ -265,6 +263,8 @@ def disk_check(cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo
         f"{format_bytes(per_sample)} per sample, {padding_share:.1%} of positions are padding; "
         f"the specforge format would take {format_bytes(specforge_bytes)}"
     )
+    if plan is not None:
+        summary += f"; {planned_summary(plan)}"
     return CheckResult("disk", True, summary, figures, series)
 
 
@@ -324,9 +324,13 @@ def provenance_disagreements(
         )
     if manifest.get("chat_template_sha256") != info.chat_template_hash:
         problems.append("chat_template_sha256 differs from the tokenized store's")
-    for key in ("input_data", "split", "shuffle_seed"):
-        if manifest.get(key) != info.source.get(key):
-            problems.append(f"{key} is {manifest.get(key)!r}, the tokenized store says {info.source.get(key)!r}")
+    # The store holds the data settings as applied: a JSON file's split and shuffle_seed are None there.
+    recorded = {key: manifest.get(key) for key in ("input_data", *ROW_ORDER_SETTINGS)}
+    if isinstance(recorded["input_data"], str):
+        recorded = applied_settings(recorded)
+    for key, value in recorded.items():
+        if value != info.source.get(key):
+            problems.append(f"{key} is {value!r}, the tokenized store says {info.source.get(key)!r}")
     for s in stats:
         if s["model_identity"] != manifest.get("target_model_identity"):
             problems.append(f"{shard_file_name(s['shard'])} was computed by another target: {s['model_identity']}")
@@ -431,7 +435,7 @@ def automodel_checks(reads: CacheReads) -> dict[str, Check]:
         "parity": lambda: parity_check(reads.open_target, reads.manifest, inputs, reads.stats),
         "sanity": lambda: sanity_check(scan(), int(reads.manifest["num_samples"])),
         "supervision": lambda: supervision_check(scan(), reads.info),
-        "disk": lambda: disk_check(inputs.cache_dir, reads.manifest, reads.info),
+        "disk": lambda: disk_check(inputs.cache_dir, reads.manifest, reads.info, read_plan(inputs.plan)),
     }
 
 

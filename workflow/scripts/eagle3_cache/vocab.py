@@ -11,6 +11,8 @@ import torch
 
 from .atomic import atomic_output, torch_save_atomic
 from .errors import CacheConfigError
+from .layout import draft_vocab_width
+from .preflight import check_draft_vocab_size
 from .token_store import iter_token_blocks, read_tokenized_info
 
 # Rows per read while counting; bounds RAM to a few such blocks of int64 [rows, seq_length].
@@ -44,7 +46,8 @@ def select_draft_vocab(
     """
     if draft_vocab_size is not None and draft_vocab_size < 1:
         raise CacheConfigError(f"draft_vocab_size must be >= 1 or null (whole vocabulary), got {draft_vocab_size}")
-    if draft_vocab_size is None or draft_vocab_size >= vocab_size:
+    width = draft_vocab_width(draft_vocab_size, vocab_size)
+    if width == vocab_size:
         return torch.arange(vocab_size, dtype=torch.long)
     if len(counts) != vocab_size:
         raise ValueError(f"counts cover {len(counts)} ids, the vocabulary has {vocab_size}")
@@ -56,7 +59,7 @@ def select_draft_vocab(
     taken[frequent] = True
     unused = np.flatnonzero(~taken)
     selected = np.concatenate([np.asarray(specials, dtype=np.int64), frequent, unused])
-    return torch.from_numpy(selected[:draft_vocab_size].astype(np.int64))
+    return torch.from_numpy(selected[:width].astype(np.int64))
 
 
 def write_vocab_selection(path: str | os.PathLike, selected: torch.Tensor, target_vocab_size: int) -> None:
@@ -96,8 +99,13 @@ class VocabSelection:
 
 
 def store_vocab_selection(tokenized: str | os.PathLike, draft_vocab_size: int | None) -> VocabSelection:
-    """The draft vocabulary of a tokenized store, with its specials, as the select_vocab rule picks it."""
+    """The draft vocabulary of a tokenized store, with its specials, as the select_vocab rule picks it.
+
+    A draft_vocab_size above the target's vocabulary is refused, where Automodel would take the whole
+    vocabulary: more ids than exist is a mistake to fix, not a size to round down.
+    """
     info = read_tokenized_info(tokenized)
+    check_draft_vocab_size(draft_vocab_size, info.target_vocab_size)
     counts = count_supervised_tokens(tokenized, info.target_vocab_size)
     selected = select_draft_vocab(counts, info.special_token_ids, draft_vocab_size, info.target_vocab_size)
     return VocabSelection(selected, counts)

@@ -1,0 +1,354 @@
+"""Bad inputs through the `snakemake` command line: each stops the run with one actionable line, the first
+error line it prints, and leaves what was already built as it was.
+
+Every case starts from a copy of the session's finished run (conftest's `completed`), breaks one
+thing, runs snakemake and checks the first error line against the case's message, that no traceback
+reached the terminal, and that the cache's files hash as before. The cases stop before any heavy
+work (at DAG build, before the first job, or as the tokenize job reads its data), so the table
+takes seconds per case.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from helpers import HUB_MODEL, RUN, cache_dir, digest, jobs_run, snakemake, write_config
+
+# The first line of an error, ours ("Error: ...") or Snakemake's ("RuleException:", "Error in rule ...").
+ERROR_LINE = re.compile(r"^(Error\b|Traceback|\w*(Error|Exception)\b)")
+DATA = Path("data") / "conversations.jsonl"
+# No case may reach the network: the hub is an address nothing listens on.
+UNREACHABLE_HUB = "http://127.0.0.1:9"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input: what to change, and the message (a regex) the first error line must match."""
+
+    id: str
+    message: str
+    run: dict = field(default_factory=dict)  # run settings to set; None removes one
+    config: dict = field(default_factory=dict)  # top-level config keys to set
+    prepare: Callable[[Path, Path], dict] | None = None  # (workdir, target) -> more run settings
+    env: dict = field(default_factory=dict)
+    args: tuple[str, ...] = ()
+    fails: bool = True  # False: the run succeeds, and `message` is a warning it prints
+
+
+def data_line(number: int, text: str | bytes) -> Callable[[Path, Path], dict]:
+    """A `prepare` that replaces line `number` (1-based) of the run's conversations."""
+
+    def prepare(workdir: Path, target: Path) -> dict:
+        path = workdir / DATA
+        lines = path.read_bytes().split(b"\n")
+        lines[number - 1] = text if isinstance(text, bytes) else text.encode()
+        path.write_bytes(b"\n".join(lines))
+        return {}
+
+    return prepare
+
+
+def data_file(name: str, content: str) -> Callable[[Path, Path], dict]:
+    """A `prepare` that makes the run read `data/<name>`, holding `content`."""
+
+    def prepare(workdir: Path, target: Path) -> dict:
+        (workdir / "data" / name).write_text(content)
+        return {"input_data": f"data/{name}"}
+
+    return prepare
+
+
+def model_copy(edit: Callable[[Path], None]) -> Callable[[Path, Path], dict]:
+    """A `prepare` that points the run at an edited copy of the target model."""
+
+    def prepare(workdir: Path, target: Path) -> dict:
+        copy = Path(shutil.copytree(target, workdir / "models" / "target"))
+        edit(copy)
+        return {"target_model": str(copy)}
+
+    return prepare
+
+
+def without(*patterns: str) -> Callable[[Path], None]:
+    """An edit of a model copy that deletes its files matching `patterns`."""
+
+    def edit(model: Path) -> None:
+        for pattern in patterns:
+            for path in model.glob(pattern):
+                path.unlink()
+
+    return edit
+
+
+def shallow_text_config(model: Path) -> None:
+    """A multimodal-style config: the decoder's depth (4) on text_config, another at the top level."""
+    config = json.loads((model / "config.json").read_text())
+    config["text_config"] = {"num_hidden_layers": 4}
+    (model / "config.json").write_text(json.dumps(config))
+
+
+def messages(*turns: tuple[str, object]) -> str:
+    return json.dumps({"messages": [{"role": role, "content": content} for role, content in turns]}, ensure_ascii=False)
+
+
+LONG_SYSTEM = messages(("system", "the model reads every token " * 40), ("user", "hi"), ("assistant", "yes"))
+
+CASES = [
+    # The config's schema, at DAG build.
+    Case(
+        "unknown_key",
+        r"config runs\.tiny: unknown key 'sequence_length'; the known keys .*seq_length",
+        run={"sequence_length": 512},
+    ),
+    Case("wrong_type", r"config runs\.tiny\.seq_length: 'long' is not of type 'integer'", run={"seq_length": "long"}),
+    Case(
+        "seq_length_too_small", r"config runs\.tiny\.seq_length: 1 is less than the minimum of 2", run={"seq_length": 1}
+    ),
+    Case(
+        "bad_dtype", r"config runs\.tiny\.dtype: 'bf32' is not one of \['bf16', 'fp16', 'fp32'\]", run={"dtype": "bf32"}
+    ),
+    Case("two_aux_layers", r"config runs\.tiny\.aux_layer_ids: \[1, 2\] is too short", run={"aux_layer_ids": [1, 2]}),
+    Case("no_input_data", r"config runs\.tiny: 'input_data' is a required property", run={"input_data": None}),
+    Case("zero_gpus_per_job", r"config gpus_per_job: 0 is less than the minimum of 1", config={"gpus_per_job": 0}),
+    Case(
+        "unknown_validation_key",
+        r"config validation: unknown key 'samples'; the known keys are num_samples",
+        config={"validation": {"samples": 3}},
+    ),
+    Case("bad_device", r"config device: 'gpu' is not one of \['auto', 'cuda', 'cpu'\]", config={"device": "gpu"}),
+    # The target model, at DAG build.
+    Case(
+        "model_dir_missing",
+        r"target_model '/nonexistent/model': no such directory",
+        run={"target_model": "/nonexistent/model"},
+    ),
+    Case(
+        "not_a_model_dir",
+        r"target_model 'data' is not a model directory: it has no config\.json",
+        run={"target_model": "data"},
+    ),
+    Case(
+        "model_without_weights",
+        r"target_model '.*/target' has no weights \(no \*\.safetensors or \*\.bin",
+        prepare=model_copy(without("*.safetensors")),
+    ),
+    Case(
+        "model_without_tokenizer",
+        r"target_model '.*/target' has no tokenizer",
+        prepare=model_copy(without("tokenizer*")),
+    ),
+    Case(
+        "revision_of_a_local_dir",
+        r"is a local directory, which has no revisions: remove `revision: main`",
+        run={"revision": "main"},
+    ),
+    Case(
+        "aux_layer_beyond_depth",
+        r"runs\.tiny: aux_layer_ids must be 3 distinct layer ids in \[0, 7\] for this 8-layer target; got \[1, 2, 99\]",
+        run={"aux_layer_ids": [1, 2, 99]},
+    ),
+    Case(
+        "aux_layer_beyond_text_config_depth",
+        r"layer ids in \[0, 3\] for this 4-layer target; got \[1, 3, 6\]",
+        run={"aux_layer_ids": [1, 3, 6]},
+        prepare=model_copy(shallow_text_config),
+    ),
+    Case(
+        "draft_vocab_above_vocab",
+        r"draft_vocab_size 100000 is larger than the target's vocabulary of \d+ tokens: set it to at most \d+",
+        run={"draft_vocab_size": 100000},
+    ),
+    # The input data's path, at DAG build.
+    Case(
+        "data_missing",
+        r"input_data 'data/missing\.jsonl': no such file or directory",
+        run={"input_data": "data/missing.jsonl"},
+    ),
+    Case(
+        "data_without_suffix",
+        r"'data/conversations': no such file or directory \(did you mean data/conversations\.jsonl\?\)",
+        run={"input_data": "data/conversations"},
+    ),
+    Case(
+        "data_csv",
+        r"input_data 'data/conversations\.csv' is neither JSON",
+        prepare=data_file("conversations.csv", "a,b\n"),
+    ),
+    Case(
+        "data_dir_without_parquet",
+        r"input_data 'data' is a directory without \.parquet files",
+        run={"input_data": "data"},
+    ),
+    Case(
+        "hub_dataset_without_split",
+        r"input_data 'org/chats' is no local file, so it names a hub dataset, which needs `split`",
+        run={"input_data": "org/chats"},
+    ),
+    Case(
+        "unsupported_split",
+        r"split 'train\[:10%\]': only `name\[start:stop\]`",
+        run={"input_data": "org/chats", "split": "train[:10%]"},
+    ),
+    # The device, before the first job (a dtype change would recompute every shard).
+    pytest.param(
+        Case(
+            "cuda_without_gpu",
+            r"device is 'cuda' but no CUDA device is visible here; set `device: auto`",
+            run={"dtype": "fp16"},
+            config={"device": "cuda"},
+        ),
+        marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device"),
+    ),
+    # The hub, before the first job (a new target would recompute everything).
+    Case(
+        "hub_model_offline",
+        rf"target_model '{HUB_MODEL}' is not in the Hugging Face cache .* HF_HUB_OFFLINE is set",
+        run={"target_model": HUB_MODEL},
+        env={"HF_HUB_OFFLINE": "1"},
+    ),
+    Case(
+        "hub_model_unreachable",
+        rf"could not reach the Hugging Face hub \({UNREACHABLE_HUB}\) for target_model '{HUB_MODEL}': download it "
+        r"first \(hf download .*\) .* or set HF_HUB_OFFLINE=1",
+        run={"target_model": HUB_MODEL},
+    ),
+    Case(
+        "hub_dataset_unreachable",
+        r"could not reach the Hugging Face hub .* for input_data 'org/chats'",
+        run={"input_data": "org/chats", "split": "train"},
+    ),
+    # The data's rows, as the tokenize job reads them (numbered by their line in the file).
+    Case(
+        "not_utf8",
+        r"data/conversations\.jsonl, line 4: not valid UTF-8 \(byte 0xe9\); save the file as UTF-8",
+        prepare=data_line(4, messages(("user", "café"), ("assistant", "oui")).encode("latin-1")),
+    ),
+    Case(
+        "invalid_json",
+        r"data/conversations\.jsonl, line 3: invalid JSON \(Expecting value at column 15\); fix or remove it",
+        prepare=data_line(3, '{"messages": ['),
+    ),
+    Case(
+        "content_is_a_dict",
+        r"line 3: messages\[0\]\.content is a dict \(\{'text': 'hello'\}\); give a string",
+        prepare=data_line(3, messages(("user", {"text": "hello"}), ("assistant", "hi"))),
+    ),
+    Case(
+        "unknown_role",
+        r"line 5: messages\[0\]: unknown role 'narrator'; accepted roles are",
+        prepare=data_line(5, messages(("narrator", "once"), ("assistant", "upon"))),
+    ),
+    Case(
+        "no_assistant_turn",
+        r"data/conversations\.jsonl, line 6 has no assistant turn",
+        prepare=data_line(6, messages(("user", "hello"))),
+    ),
+    Case(
+        "no_messages",
+        r"line 2: no `messages` \(OpenAI\) or `conversations` \(ShareGPT\) list; its keys are \['text'\]",
+        prepare=data_line(2, json.dumps({"text": "hello"})),
+    ),
+    Case(
+        "reasoning_not_a_string",
+        r"line 7: messages\[1\]\.reasoning_content must be a string, got a list",
+        prepare=data_line(
+            7,
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": "a"},
+                        {"role": "assistant", "content": "b", "reasoning_content": ["c"]},
+                    ]
+                }
+            ),
+        ),
+    ),
+    Case("empty_data_file", r"input_data 'data/empty\.jsonl' holds no rows", prepare=data_file("empty.jsonl", "\n")),
+    Case(
+        "leading_assistant_turn",
+        r"data/conversations\.jsonl, line 8: starts with an assistant turn",
+        prepare=data_line(8, messages(("assistant", "hello"), ("user", "hi"), ("assistant", "yes"))),
+    ),
+    # Kept, with a warning naming it: a sample that truncation leaves without supervision.
+    Case(
+        "sample_without_supervision",
+        r"\d+ samples have no supervised token.*data/conversations\.jsonl, line 5 \(cut at seq_length before its first",
+        prepare=data_line(5, LONG_SYSTEM),
+        args=(f"results/{RUN}/tokenized.h5",),
+        fails=False,
+    ),
+]
+
+
+def case_id(case: Case) -> str:
+    return case.id
+
+
+@pytest.fixture(scope="module")
+def built_cache(completed) -> dict[str, str]:
+    """sha256 of every file of the finished run's cache (shards, embeddings, manifest)."""
+    return {path.name: digest(path) for path in sorted(cache_dir(completed[0]).iterdir())}
+
+
+def first_error_line(output: str) -> str | None:
+    return next((line for line in output.splitlines() if ERROR_LINE.match(line)), None)
+
+
+def with_case_settings(workdir: Path, case: Case, target: Path) -> None:
+    """The finished run's config with the case's settings, and its files prepared."""
+    path = workdir / "config" / "config.yaml"
+    config = yaml.safe_load(path.read_text())
+    settings = {**case.run, **(case.prepare(workdir, target) if case.prepare else {})}
+    run = config["runs"][RUN]
+    for key, value in settings.items():
+        if value is None:
+            del run[key]
+        else:
+            run[key] = value
+    write_config(workdir, {**config, **case.config})
+
+
+def case_env(tmp_path: Path, case: Case) -> dict[str, str]:
+    """This environment with an empty Hugging Face cache and an unreachable hub, then the case's variables."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("HF_") and "proxy" not in key.lower()}
+    return {**env, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": UNREACHABLE_HUB, **case.env}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_bad_input_stops_with_one_line_and_changes_nothing(case, completed, built_cache, tiny_chat_target, tmp_path):
+    workdir = Path(shutil.copytree(completed[0], tmp_path / "workdir", symlinks=True))
+    with_case_settings(workdir, case, tiny_chat_target)
+    result = snakemake(workdir, *case.args, check=False, env=case_env(tmp_path, case))
+    output = result.stdout
+    if case.fails:
+        assert result.returncode != 0, output[-4000:]
+        first = first_error_line(output)
+        assert first is not None and first.startswith("Error: "), output[-4000:]
+        assert re.search(case.message, first), first
+    else:
+        assert result.returncode == 0, output[-4000:]
+        assert any(re.search(case.message, line) for line in output.splitlines()), output[-4000:]
+    assert "Traceback" not in output, output[-4000:]
+    assert {path.name: digest(path) for path in sorted(cache_dir(workdir).iterdir())} == built_cache
+
+
+@pytest.mark.slow
+def test_split_and_shuffle_seed_of_a_json_file_rerun_no_shard(workdir):
+    config = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
+    config["runs"][RUN].update(split="train[:3]", shuffle_seed=7)
+    write_config(workdir, config)
+    result = snakemake(workdir, "-n")
+    # The manifest records them (as Automodel's does), and the report shows the manifest.
+    assert jobs_run(result.stdout) == {"manifest", "validate"}
+    assert "split 'train[:3]' does not apply to the local JSON file" in result.stdout

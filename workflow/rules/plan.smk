@@ -1,0 +1,16 @@
+rule plan:
+    input:
+        tokenized=rules.tokenize.output.tokenized,
+        model=model_input,
+    output:
+        plan="results/{run}/plan.json",
+    log:
+        "logs/{run}/plan.log",
+    localrule: True
+    conda:
+        "../../envs/eagle3-cache.yaml"
+    params:
+        **run_params(PLAN_SETTINGS),
+        cache_dir=CACHE_DIR,
+    script:
+        "../scripts/plan_disk.py"
