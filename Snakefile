@@ -14,13 +14,21 @@ include: "workflow/rules/demo.smk"
 include: "workflow/rules/tokenize.smk"
 include: "workflow/rules/vocab.smk"
 include: "workflow/rules/shards.smk"
+include: "workflow/rules/verify.smk"
 include: "workflow/rules/manifest.smk"
+include: "workflow/rules/parity.smk"
 include: "workflow/rules/validate.smk"
 
 
 rule all:
     default_target: True
+    # Every file of every cache, not only the report: Snakemake remakes a missing file only for a
+    # job that needs it.
     input:
         expand(rules.validate.output.report, run=config["runs"]),
-        every_run_shard,
+        expand(rules.parity.output.parity, run=config["runs"]),
+        expand(rules.manifest.output.manifest, run=config["runs"]),
+        expand(rules.target_embeddings.output.embeddings, run=config["runs"]),
+        every_run_shard(rules.compute_shard.output.shard),
+        every_run_shard(rules.verify_shard.output.verified),
     localrule: True

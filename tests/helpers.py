@@ -163,9 +163,14 @@ def tokenize_to_store(
 
 @dataclass(frozen=True)
 class TinyCache:
-    """A finished run laid out as `results/{run}/`: tokenized store, vocabulary files, shards, shard stats."""
+    """A finished run laid out as `results/{run}/`: tokenized store, vocabulary files, shards, shard stats,
+    verification records, and the settings it was built under."""
 
     run_dir: Path
+
+    @property
+    def settings(self) -> dict:
+        return json.loads((self.run_dir / "settings.json").read_text())
 
     @property
     def tokenized(self) -> Path:
@@ -187,6 +192,48 @@ class TinyCache:
     def stats(self) -> list[Path]:
         return sorted((self.run_dir / "shard_stats").glob("shard-*.json"))
 
+    @property
+    def verified(self) -> list[Path]:
+        return [self.run_dir / "verified" / path.name for path in self.stats]
+
+    @property
+    def parity(self) -> Path:
+        return self.run_dir / "parity.json"
+
+
+def verify_tiny_cache(cache: TinyCache) -> None:
+    """What the verify_shard jobs do, for every shard present; a record is written even for a shard that
+    fails (the jobs write none and delete the shard instead), so that the report can be tested on it."""
+    from eagle3_cache.atomic import write_json_atomic
+    from eagle3_cache.layout import shard_index
+    from eagle3_cache.verification import verify_committed_shard
+
+    for stats, record in zip(cache.stats, cache.verified, strict=True):
+        shard = cache.cache_dir / shard_file_name(shard_index(stats))
+        record.unlink(missing_ok=True)
+        if shard.exists():
+            verification = verify_committed_shard(
+                shard,
+                stats_path=stats,
+                selection_path=cache.selection,
+                tokenized_path=cache.tokenized,
+                settings=cache.settings,
+            )
+            write_json_atomic(record, verification.to_json())
+
+
+def check_tiny_parity(cache: TinyCache, model, num_samples: int, seed: int = 0) -> None:
+    """What the parity job does once it holds the target: `parity.json`."""
+    from eagle3_cache.atomic import write_json_atomic
+    from eagle3_cache.live_parity import ParityInputs, live_parity
+    from eagle3_cache.results import json_safe
+
+    inputs = ParityInputs(
+        cache.cache_dir, cache.tokenized, cache.selection, cache.stats, cache.settings, num_samples, seed
+    )
+    result = live_parity(model, inputs, inputs.samples(), load_seconds=0.0)
+    write_json_atomic(cache.parity, json_safe(result.to_json()))
+
 
 def build_tiny_cache(
     run_dir: Path,
@@ -201,7 +248,7 @@ def build_tiny_cache(
     target_probs_topk: int = 0,
 ) -> TinyCache:
     """What the workflow's rules do, in-process on the CPU: tokenize `rows`, select the draft
-    vocabulary, compute every shard, store the embeddings and write the manifest."""
+    vocabulary, compute and verify every shard, store the embeddings and write the manifest."""
     from transformers import AutoTokenizer
 
     from eagle3_cache import CACHE_SEMANTICS_VERSION
@@ -240,6 +287,7 @@ def build_tiny_cache(
         "mask_reasoning_content": False,
         "mask_generation_prompt": False,
     }
+    write_json_atomic(cache.run_dir / "settings.json", settings)
     shard_count = num_shards(info.num_samples, shard_size)
     stats_paths = [cache.run_dir / "shard_stats" / f"shard-{shard_id(i)}.json" for i in range(shard_count)]
     for index, stats_path in enumerate(stats_paths):
@@ -254,6 +302,7 @@ def build_tiny_cache(
             shard_path=cache.cache_dir / shard_file_name(index),
             stats_path=stats_path,
         )
+    verify_tiny_cache(cache)
     embeddings = input_embeddings(str(target_dir), revision=None, trust_remote_code=False)
     write_target_embeddings(cache.cache_dir / EMBEDDINGS_FILE, embeddings)
     stats = read_shard_stats(stats_paths)

@@ -41,8 +41,22 @@ JOB_HEADER = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):$")
 SHARD_WILDCARD = re.compile(r"^\s+wildcards: .*\bshard=(\d{6})")
 
 
-def every_shard(count: int = NUM_SHARDS) -> set[str]:
-    return {f"compute_shard-{index:06d}" for index in range(count)}
+# Rules with one job per shard; jobs_run names their jobs "<rule>-<shard>".
+SHARD_RULES = ("compute_shard", "verify_shard")
+
+
+def every_shard(count: int = NUM_SHARDS, rules: tuple[str, ...] = SHARD_RULES) -> set[str]:
+    """The per-shard jobs of `count` shards (computed and verified, by default)."""
+    return {f"{rule}-{index:06d}" for rule in rules for index in range(count)}
+
+
+def shard_jobs(*indices: int) -> set[str]:
+    """The jobs that rebuild the shards at `indices`."""
+    return {f"{rule}-{index:06d}" for rule in SHARD_RULES for index in indices}
+
+
+# What every rebuilt shard reruns after it: the commit, live parity and the report.
+AFTER_SHARDS = {"manifest", "parity", "validate"}
 
 
 # --- Setup ----------------------------------------------------------------------------------
@@ -71,8 +85,8 @@ def jobs_run(output: str) -> set[str]:
         shard = SHARD_WILDCARD.match(line)
         if header:
             jobs.append(header.group(1))
-        elif shard and jobs and jobs[-1] == "compute_shard":
-            jobs[-1] = f"compute_shard-{shard.group(1)}"
+        elif shard and jobs and jobs[-1] in SHARD_RULES:
+            jobs[-1] = f"{jobs[-1]}-{shard.group(1)}"
     assert len(jobs) == len(set(jobs)), f"a job ran twice: {jobs}"
     return set(jobs) - {"all"}
 
@@ -96,7 +110,7 @@ def workdir(completed, tmp_path) -> Path:
 @pytest.mark.slow
 def test_first_run_builds_every_step(completed):
     workdir, jobs = completed
-    assert jobs == {"tokenize", "select_vocab", "target_embeddings", "manifest", "validate"} | every_shard()
+    assert jobs == {"tokenize", "select_vocab", "target_embeddings"} | AFTER_SHARDS | every_shard()
     assert_complete_cache(workdir, NUM_SHARDS)
 
 
@@ -117,7 +131,7 @@ def test_2_batch_size_changes_nothing(workdir, tiny_chat_target):
 def test_3_draft_vocab_size_reruns_vocab_and_everything_after(workdir, tiny_chat_target):
     write_config(workdir, run_config(tiny_chat_target, draft_vocab_size=48))
     jobs = jobs_run(snakemake(workdir).stdout)
-    assert jobs == {"select_vocab", "manifest", "validate"} | every_shard()
+    assert jobs == {"select_vocab"} | AFTER_SHARDS | every_shard()
     manifest = json.loads((cache_dir(workdir) / "manifest.json").read_text())
     assert manifest["draft_vocab_size"] == 48
 
@@ -126,14 +140,14 @@ def test_3_draft_vocab_size_reruns_vocab_and_everything_after(workdir, tiny_chat
 def test_4_seq_length_reruns_from_tokenization(workdir, tiny_chat_target):
     write_config(workdir, run_config(tiny_chat_target, seq_length=24))
     jobs = jobs_run(snakemake(workdir).stdout)
-    assert jobs == {"tokenize", "select_vocab", "manifest", "validate"} | every_shard()
+    assert jobs == {"tokenize", "select_vocab"} | AFTER_SHARDS | every_shard()
 
 
 @pytest.mark.slow
 def test_5_deleted_shard_reruns_only_that_shard(workdir):
     shard_path(workdir, 2).unlink()
     jobs = jobs_run(snakemake(workdir).stdout)
-    assert jobs == {"compute_shard-000002", "manifest", "validate"}
+    assert jobs == shard_jobs(2) | AFTER_SHARDS
     assert_complete_cache(workdir, NUM_SHARDS)
 
 
@@ -153,7 +167,7 @@ def test_7_new_shard_size_leaves_exactly_the_new_shard_set(workdir, tiny_chat_ta
         num_shards = -(-NUM_CONVERSATIONS // shard_size)
         write_config(workdir, run_config(tiny_chat_target, shard_size=shard_size))
         jobs = jobs_run(snakemake(workdir).stdout)
-        assert jobs == {"manifest", "validate"} | every_shard(num_shards)
+        assert jobs == AFTER_SHARDS | every_shard(num_shards)
         assert_complete_cache(workdir, num_shards)
         assert_automodel_reads(cache_dir(workdir), shard_size)
 
@@ -206,7 +220,7 @@ def test_8_killed_shard_job_leaves_no_shard_and_the_next_run_completes(workdir, 
     if "--rerun-incomplete" in result.stdout:
         result = snakemake(workdir, "--rerun-incomplete")
     assert result.returncode == 0, result.stdout[-6000:]
-    assert jobs_run(result.stdout) == {"compute_shard-000001", "manifest", "validate"}
+    assert jobs_run(result.stdout) == shard_jobs(1) | AFTER_SHARDS
     assert_complete_cache(workdir, NUM_SHARDS)
     assert digest(shard_path(workdir, 1)) == digest(shard_path(completed[0], 1))
 
@@ -265,6 +279,7 @@ def test_dry_run_before_tokenization_plans_up_to_the_checkpoint(tmp_path, profil
         "select_vocab",
         "target_embeddings",
         "manifest",
+        "parity",
         "validate",
     }
 

@@ -16,17 +16,34 @@ from eagle3_cache.layout import (
     LOCAL_DATA_SUFFIXES,
     MANIFEST_FILE,
     MANIFEST_SETTINGS,
+    PARITY_SETTINGS,
     SELECT_VOCAB_SETTINGS,
     SHARD_FILE,
     SHARD_ID,
     SHARD_SETTINGS,
     TARGET_SETTINGS,
     TOKENIZE_SETTINGS,
+    VALIDATION_JSON,
+    VALIDATION_REPORT,
+    VERIFY_SETTINGS,
     num_shards,
     shard_id,
 )
 
 CACHE_DIR = "results/{run}/shards"
+
+
+def make_cache_dirs() -> None:
+    """Create every run's cache directory, an input of the manifest rule (see manifest.smk).
+
+    No rule makes it, and Snakemake looks for inputs before any job runs, so it is made when the
+    workflow is loaded.
+    """
+    for run in config["runs"]:
+        Path(CACHE_DIR.format(run=run)).mkdir(parents=True, exist_ok=True)
+
+
+make_cache_dirs()
 
 
 wildcard_constraints:
@@ -96,7 +113,13 @@ def every_shard(pattern: str):
     return lambda wildcards: expand_shards(pattern, wildcards.run)
 
 
-def every_run_shard(wildcards) -> list[str]:
-    """Every shard of every run, so that a deleted shard is rebuilt."""
-    shard = rules.compute_shard.output.shard
-    return [path for run in config["runs"] for path in expand_shards(shard, run)]
+def every_run_shard(pattern: str):
+    """An input function giving `pattern` for every shard of every run, so that a deleted one is rebuilt."""
+    return lambda wildcards: [
+        path for run in config["runs"] for path in expand_shards(pattern, run)
+    ]
+
+
+def parity_gpus(wildcards) -> int:
+    """GPUs the live parity job holds: none when it recomputes no sample."""
+    return gpus_per_job(wildcards) if config["validation"]["num_samples"] else 0

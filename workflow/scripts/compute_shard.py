@@ -1,11 +1,13 @@
 """Rule script: compute one shard of a run's cache on a leased GPU (or the CPU)."""
 
 import os
+from pathlib import Path
 
 import torch
 
 from eagle3_cache.gpu_lease import lease_gpus
 from eagle3_cache.logs import setup_logging
+from eagle3_cache.manifest import retire_commit
 from eagle3_cache.pipeline import run_shard_job
 from eagle3_cache.target import resolve_device
 
@@ -14,6 +16,7 @@ log = setup_logging(snakemake.log[0])
 shard_index = int(snakemake.wildcards.shard)
 # Snakemake budgets cores by `threads`; on the CPU, torch would otherwise take them all.
 torch.set_num_threads(snakemake.threads)
+retire_commit(Path(snakemake.output.shard).parent, f"shard {shard_index:06d} is being computed")
 
 with lease_gpus(snakemake.config["gpus_per_job"], device=snakemake.config["device"]) as gpus:
     log.info("shard %06d: GPUs %s (CUDA_VISIBLE_DEVICES=%s)", shard_index, gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))

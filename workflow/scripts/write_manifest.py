@@ -2,9 +2,8 @@
 
 from pathlib import Path
 
-from eagle3_cache.atomic import write_json_atomic
 from eagle3_cache.logs import setup_logging
-from eagle3_cache.manifest import checked_manifest, read_shard_stats
+from eagle3_cache.manifest import checked_manifest, commit_manifest, read_shard_stats
 from eagle3_cache.token_store import read_tokenized_info
 from eagle3_cache.vocab import read_vocab_selection
 
@@ -20,7 +19,7 @@ manifest = checked_manifest(
     selected.tolist(),
     read_tokenized_info(snakemake.input.tokenized),
 )
-write_json_atomic(snakemake.output.manifest, manifest)
+commit_manifest(snakemake.output.manifest, manifest)
 log.info(
     "cache complete: %d samples in %d shards, %.2f GB in %s",
     manifest["num_samples"],

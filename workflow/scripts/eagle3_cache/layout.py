@@ -19,6 +19,10 @@ SHARD_DIGITS = 6
 # The {shard} wildcard: the shard's index, zero-padded to SHARD_DIGITS digits.
 SHARD_ID = rf"\d{{{SHARD_DIGITS}}}"
 SHARD_NAME = re.compile("^" + re.escape(SHARD_FILE).replace(re.escape("{shard}"), f"({SHARD_ID})") + "$")
+# The validation report, in the run's folder beside the cache directory: it vouches for the
+# committed cache, so it is retired with the manifest.
+VALIDATION_REPORT = "validation_report.html"
+VALIDATION_JSON = "validation.json"
 
 
 def shard_id(index: int) -> str:
@@ -83,3 +87,7 @@ SELECT_VOCAB_SETTINGS = ("draft_vocab_size",)
 SHARD_SETTINGS = (*TARGET_SETTINGS, "aux_layer_ids", "dtype", "target_probs_topk", "seq_length", "shard_size")
 # The manifest records every setting that shaped the cache.
 MANIFEST_SETTINGS = tuple(dict.fromkeys((*TOKENIZE_SETTINGS, *SELECT_VOCAB_SETTINGS, *SHARD_SETTINGS)))
+# What a committed shard's layout follows from, besides the target's width and the draft vocabulary.
+VERIFY_SETTINGS = ("seq_length", "dtype", "target_probs_topk", "shard_size")
+# What recomputing stored samples with the live target takes.
+PARITY_SETTINGS = (*TARGET_SETTINGS, "dtype", "target_probs_topk", "shard_size")

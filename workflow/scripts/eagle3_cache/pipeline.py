@@ -1,8 +1,9 @@
 """Compute one shard: length-bucketed batches through the target, rows streamed to disk by a writer thread.
 
 The main thread only feeds the target. A bounded queue hands each finished batch to a writer
-thread that copies it to the host and writes its rows, so disk I/O overlaps the next forward and
-at most a few batches are ever in memory, whatever the shard size.
+thread that scans it (`scan.ShardScan`, on the device it was computed on), copies it to the host
+and writes its rows, so the checks and disk I/O overlap the next forward and at most a few batches
+are ever in memory, whatever the shard size. A shard whose scan finds a problem is never committed.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from torch import nn
 
 from .atomic import write_json_atomic
 from .cache_rows import CacheBatch, CacheSpec, compute_cache_batch
-from .errors import CacheConfigError
+from .errors import CacheConfigError, ShardScanError
 from .layout import samples_in_shard
 from .provenance import ids_fingerprint, settings_fingerprint
+from .scan import ShardScan
 from .shard_format import ShardLayout, ShardWriter
 from .target import hidden_size, load_target, model_identity, resolve_aux_layer_ids
 from .timing import PhaseTimer
@@ -80,11 +82,22 @@ def write_batch_rows(writer: ShardWriter, batch: CacheBatch, rows: list[int]) ->
             writer.write_row(row, name, values[i, :length])
 
 
-class RowWriterThread:
-    """Consumes finished batches from a bounded queue: host copy, then row writes."""
+def on_stream(stream: torch.cuda.Stream | None, ready: torch.cuda.Event | None, work, *args) -> None:
+    """`work(*args)` on `stream` once `ready` has fired, off the compute stream (directly on the CPU)."""
+    if stream is None:
+        work(*args)
+        return
+    with torch.cuda.stream(stream):
+        stream.wait_event(ready)
+        work(*args)
 
-    def __init__(self, writer: ShardWriter, device: torch.device):
+
+class RowWriterThread:
+    """Consumes finished batches from a bounded queue: scan, host copy, then row writes."""
+
+    def __init__(self, writer: ShardWriter, scan: ShardScan, device: torch.device):
         self.writer = writer
+        self.scan = scan
         self.timer = PhaseTimer(torch.device("cpu"))
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
@@ -122,6 +135,8 @@ class RowWriterThread:
         try:
             while (item := self.queue.get()) is not None:
                 batch, rows, ready = item
+                with self.timer.phase("scan"):
+                    on_stream(self.stream, ready, self.scan.add_batch, batch, rows)
                 with self.timer.phase("copy"):
                     batch = host_batch(batch, ready, self.stream)
                 with self.timer.phase("write"):
@@ -141,6 +156,7 @@ class ShardResult:
     real_tokens: int
     computed_tokens: int
     padded_tokens: int
+    scan: dict[str, Any]
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -165,10 +181,11 @@ def compute_shard(
         block = read_token_block(tokenized_path, first, first + count)
     lengths = block.attention_mask.sum(dim=1)
     buckets = length_buckets(lengths, batch_size)
+    scan = ShardScan(first, block, layout.draft_vocab_size, spec.cache_dtype)
     computed_tokens = 0
     started = time.perf_counter()
     with ShardWriter(shard_path, layout, count) as writer:
-        writer_thread = RowWriterThread(writer, device)
+        writer_thread = RowWriterThread(writer, scan, device)
         for done, rows in enumerate(buckets, start=1):
             batch = compute_cache_batch(model, spec, token_rows(block, rows), timer=timer)
             computed_tokens += len(rows) * batch.computed["aux_hidden_states"].shape[1]
@@ -176,6 +193,13 @@ def compute_shard(
             log_progress(done, len(buckets), started)
         with timer.phase("drain"):
             writer_thread.finish()
+        if problems := scan.summary.problems():
+            raise ShardScanError(
+                f"{Path(shard_path).name}: the computed rows fail the scan, so the shard was not written: "
+                + "; ".join(problems)
+                + ". NaN or Inf come from the target itself or from values beyond dtype fp16's range: "
+                "try dtype bf16 or fp32, and run the target on the samples named."
+            )
         with timer.phase("commit"):
             sha256 = writer.commit()
     seconds = {**timer.seconds, **writer_thread.timer.seconds}
@@ -187,6 +211,7 @@ def compute_shard(
         real_tokens=int(lengths.sum()),
         computed_tokens=computed_tokens,
         padded_tokens=count * layout.seq_length,
+        scan=scan.summary.to_json(),
         seconds=dict(seconds),
     )
 

@@ -223,12 +223,6 @@ def read_shard_rows(path: str | os.PathLike, rows: Sequence[int]) -> dict[str, t
         return {key: torch.stack([handle.get_slice(key)[row] for row in rows]) for key in handle.keys()}
 
 
-def read_shard_block(path: str | os.PathLike, start: int, stop: int) -> dict[str, torch.Tensor]:
-    """Samples `start..stop-1` of one shard, every stored field, in one read per field."""
-    with safe_open(str(path), framework="pt") as handle:
-        return {key: handle.get_slice(key)[start:stop] for key in handle.keys()}
-
-
 def shard_indices_in(cache_dir: str | os.PathLike) -> list[int]:
     """The shard indices present in a directory, sorted."""
     return sorted(int(m.group(1)) for name in os.listdir(cache_dir) if (m := SHARD_NAME.match(name)))
@@ -313,16 +307,24 @@ def stored_safetensors_header(path: str | os.PathLike) -> bytes:
         return handle.read(length)
 
 
-def shard_record_problems(cache_dir: Path, manifest: Mapping[str, Any], verify_hashes: bool) -> list[CacheProblem]:
-    """Each shard's sample count, byte size and sha256 against the manifest's record of it."""
+def shard_size_problems(cache_dir: Path, manifest: Mapping[str, Any]) -> list[CacheProblem]:
+    """Each present shard's byte size against the manifest's record of it (from the directory, opening no shard)."""
+    problems = []
+    for record in manifest.get("shards", []):
+        path = cache_dir / record["file"]
+        if path.exists() and path.stat().st_size != record["bytes"]:
+            problems.append(CacheProblem(path.name, f"{path.stat().st_size} bytes, manifest says {record['bytes']}"))
+    return problems
+
+
+def shard_content_problems(cache_dir: Path, manifest: Mapping[str, Any], verify_hashes: bool) -> list[CacheProblem]:
+    """Each present shard's keys, shapes, dtypes and sha256 against its layout and the manifest's record."""
     problems = []
     layout = ShardLayout.from_manifest(manifest)
     for record in manifest.get("shards", []):
         path = cache_dir / record["file"]
         if not path.exists():
             continue
-        if path.stat().st_size != record["bytes"]:
-            problems.append(CacheProblem(path.name, f"{path.stat().st_size} bytes, manifest says {record['bytes']}"))
         problems += shard_layout_problems(path, layout, int(record["num_samples"]))
         if verify_hashes and file_sha256(path) != record["sha256"]:
             problems.append(CacheProblem(path.name, "sha256 differs from the manifest (corrupted or replaced)"))
@@ -341,23 +343,34 @@ def shard_records_problems(manifest: Mapping[str, Any]) -> list[CacheProblem]:
     return []
 
 
-def check_cache(cache_dir: str | os.PathLike, verify_hashes: bool = True) -> list[CacheProblem]:
-    """Everything wrong with a cache directory; empty when it is complete and intact."""
-    cache_dir = Path(cache_dir)
+def committed_manifest(cache_dir: Path) -> tuple[dict[str, Any] | None, list[CacheProblem]]:
+    """The manifest of a cache directory and, when it is missing or unusable, why."""
     if not (cache_dir / MANIFEST_FILE).exists():
-        return [CacheProblem(MANIFEST_FILE, "missing: the cache is incomplete (the manifest is written last)")]
+        return None, [CacheProblem(MANIFEST_FILE, "missing: the cache is incomplete or retired (written last)")]
     try:
         manifest = read_manifest(cache_dir)
     except json.JSONDecodeError as error:
-        return [CacheProblem(MANIFEST_FILE, f"not valid JSON: {error}")]
+        return None, [CacheProblem(MANIFEST_FILE, f"not valid JSON: {error}")]
     problems = manifest_problems(manifest)
-    if problems:
-        return problems
+    return (None if problems else manifest), problems
+
+
+def directory_problems(cache_dir: Path, manifest: Mapping[str, Any]) -> list[CacheProblem]:
+    """What the directory listing shows against the manifest: records, the shard set, sizes (no shard is opened)."""
     return (
         shard_records_problems(manifest)
         + shard_set_problems(cache_dir, manifest)
-        + shard_record_problems(cache_dir, manifest, verify_hashes)
+        + shard_size_problems(cache_dir, manifest)
     )
+
+
+def check_cache(cache_dir: str | os.PathLike, verify_hashes: bool = True) -> list[CacheProblem]:
+    """Everything wrong with a cache directory, each shard read; empty when it is complete and intact."""
+    cache_dir = Path(cache_dir)
+    manifest, problems = committed_manifest(cache_dir)
+    if manifest is None:
+        return problems
+    return directory_problems(cache_dir, manifest) + shard_content_problems(cache_dir, manifest, verify_hashes)
 
 
 def leftover_temp_files(cache_dir: str | os.PathLike) -> list[Path]:

@@ -1,50 +1,42 @@
-"""Validation of a finished cache: the eight checks, run one after another, and the report they write.
+"""Validation of a finished cache: the eight checks, and the report they write.
+
+The report job aggregates what other jobs found where the data was: each shard's verification
+record (`verified/*.json`: size, header, sha256 and the numeric scan, read back from disk), the
+live parity job's `parity.json`, the shard stats and the tokenized store's statistics. It opens
+no shard and needs no GPU.
 
 Each check is a function returning a `CheckResult` (passed or not, a one-line summary, figures,
 series for tables and charts, details). `validate_cache` runs them all; a check that cannot run
 (an unreadable file, a missing manifest) is a failed check, never a crash, so a report is always
-written. `write_report` writes it as HTML (`report_html`) and JSON. The checks that read every
-sample share one scan (`scan`); live parity applies the `parity` rule.
+written. `write_report` writes it as HTML (`report_html`) and JSON.
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from . import CACHE_SEMANTICS_VERSION
 from .atomic import atomic_output, write_json_atomic
-from .cache_rows import CacheSpec, compute_cache_batch
-from .layout import EMBEDDINGS_FILE, shard_file_name, shard_index
+from .layout import EMBEDDINGS_FILE, MANIFEST_FILE, shard_file_name, shard_index
 from .manifest import read_shard_stats
-from .parity import parity_outcome, parity_result, parity_sample_indices
 from .report_html import format_bytes, format_seconds, render_html
 from .results import TITLES, CheckResult, ValidationReport, listed, problems_summary
-from .scan import MIN_DRAFT_SHARE, sanity_check, scan_cache, supervision_check
-from .shard_format import (
-    DTYPES,
-    ShardLayout,
-    check_cache,
-    read_manifest,
-    read_shard_rows,
-    safetensors_header,
-    shard_indices_in,
-)
-from .target import compute_dtype
-from .token_store import TokenizedInfo, read_token_rows, read_tokenized_info
+from .scan import MIN_DRAFT_SHARE, merged_scans, sanity_check, supervision_check
+from .shard_format import ShardLayout, committed_manifest, directory_problems, read_manifest, safetensors_header
+from .token_store import TokenizedInfo, read_tokenized_info
+from .verification import verification_problems
 from .vocab import read_vocab_selection
 
 log = logging.getLogger(__name__)
@@ -54,7 +46,7 @@ PROJECTED_SAMPLES = {"100k": 100_000, "1M": 1_000_000}
 
 @dataclass(frozen=True)
 class ValidationInputs:
-    """The files of one run that validation reads, and its settings."""
+    """The files of one run that validation reads: none of them a shard."""
 
     run: str
     cache_dir: Path
@@ -62,94 +54,44 @@ class ValidationInputs:
     selection: Path
     counts: Path
     stats: Sequence[Path]
+    verified: Sequence[Path]  # the verification records, one per shard
+    parity: Path  # the live parity job's result
     benchmarks: Sequence[Path]
-    num_samples: int  # samples recomputed by the parity check
-    seed: int
 
 
 # --- 1. Complete and intact ------------------------------------------------------------------
 
 
-def integrity_check(cache_dir: Path) -> CheckResult:
-    """The cache directory against its manifest (`shard_format.check_cache`, hashes included)."""
-    problems = [str(problem) for problem in check_cache(cache_dir)]
-    shards = shard_indices_in(cache_dir)
+def integrity_check(cache_dir: Path, verified: Sequence[Mapping[str, Any]]) -> CheckResult:
+    """The directory against its manifest, and each shard's verification against the manifest's record of it."""
+    manifest, problems = committed_manifest(cache_dir)
+    if manifest is not None:
+        problems = directory_problems(cache_dir, manifest) + verification_problems(manifest, verified)
+    problems = [str(problem) for problem in problems]
     figures = {
-        "shard_files": len(shards),
-        "verified_bytes": sum((cache_dir / shard_file_name(i)).stat().st_size for i in shards),
+        "shard_files": len(manifest["shards"]) if manifest else 0,
+        "verified_shards": len(verified),
+        "verified_bytes": sum(record["bytes"] for record in verified),
         "problems": len(problems),
     }
     if problems:
         return CheckResult("integrity", False, problems_summary(problems), figures, details=problems)
-    summary = f"all {len(shards)} shards present; sample counts, sizes, sha256, keys, shapes and dtypes as recorded"
+    summary = (
+        f"all {len(verified)} shards present and verified on disk: sizes, headers, keys, shapes, dtypes "
+        "and sha256 as recorded"
+    )
     return CheckResult("integrity", True, summary, figures)
 
 
-# --- 2. Live parity --------------------------------------------------------------------------
+# --- 2. Live parity: its own job (`live_parity`), which holds the GPUs -------------------------
 
 
-def cache_spec(manifest: Mapping[str, Any]) -> CacheSpec:
-    """The CacheSpec the manifest says the shards were computed under."""
-    return CacheSpec(
-        aux_layer_ids=list(manifest["aux_layer_ids"]),
-        selected_token_ids=torch.tensor(manifest["selected_token_ids"], dtype=torch.long),
-        target_vocab_size=int(manifest["target_vocab_size"]),
-        dtype=manifest["dtype"],
-        target_probs_topk=int(manifest["target_probs_topk"] or 0),
-    )
+def parity_from_job(path: Path) -> CheckResult:
+    """The live parity job's result."""
+    return CheckResult.from_json(json.loads(path.read_text()))
 
 
-def shard_compute_dtypes(stats: Sequence[Mapping[str, Any]]) -> set[torch.dtype]:
-    """The dtypes the shard jobs computed in (from the device each one recorded)."""
-    return {compute_dtype(torch.device(s["device"])) for s in stats}
-
-
-def stored_sample(cache_dir: Path, shard_size: int, sample: int) -> dict[str, torch.Tensor]:
-    """One sample's stored fields, read from its shard."""
-    shard, row = divmod(sample, shard_size)
-    return {name: values[0] for name, values in read_shard_rows(cache_dir / shard_file_name(shard), [row]).items()}
-
-
-def recomputed_samples(
-    model: nn.Module, spec: CacheSpec, inputs: ValidationInputs, shard_size: int, samples: list[int]
-) -> Iterator[tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
-    """Each of `samples` run through the target by the shards' own function, beside its stored rows.
-
-    One sample per forward: the target runs on no padding, and each row is recomputed in another
-    batch than the shard job's, as a row's content must not depend on its batch.
-    """
-    for sample in samples:
-        live = compute_cache_batch(model, spec, read_token_rows(inputs.tokenized, [sample])).cpu().padded()
-        live_sample = {name: values[0] for name, values in live.items()}
-        yield sample, live_sample, stored_sample(inputs.cache_dir, shard_size, sample)
-
-
-def parity_check(
-    open_target: Callable[[], AbstractContextManager[nn.Module]],
-    manifest: Mapping[str, Any],
-    inputs: ValidationInputs,
-    stats: Sequence[Mapping[str, Any]],
-) -> CheckResult:
-    """Recompute `inputs.num_samples` samples with the live target and compare them with the cache."""
-    shard_size = int(manifest["shard_size"])
-    samples = parity_sample_indices(int(manifest["num_samples"]), shard_size, inputs.num_samples, inputs.seed)
-    if not samples:
-        return CheckResult("parity", True, "not run: validation.num_samples is 0", {"samples_checked": 0})
-    started = time.perf_counter()
-    with open_target() as model:
-        load_seconds = time.perf_counter() - started
-        spec = cache_spec(manifest)
-        outcome = parity_outcome(
-            recomputed_samples(model, spec, inputs, shard_size, samples),
-            shard_size=shard_size,
-            draft_vocab_size=spec.draft_vocab_size,
-            cache_dtype=DTYPES[manifest["dtype"]],
-            compute_dtypes=shard_compute_dtypes(stats) | {next(model.parameters()).dtype},
-        )
-    return parity_result(outcome, load_seconds)
-
-
-# --- 3. Numerically sane and 4. Supervision: in `scan`, as they read the whole cache ----------------
+# --- 3. Numerically sane and 4. Supervision: in `scan`, from the shards' verification records --
 
 
 # --- 5. Draft vocabulary -----------------------------------------------------------------------
@@ -300,8 +242,15 @@ def shard_cost_row(stats: Mapping[str, Any], benchmark: Mapping[str, float | Non
     }
 
 
-def cost_check(stats: Sequence[Mapping[str, Any]], benchmarks: Sequence[Path], shard_count: int) -> CheckResult:
-    """Per shard job: wall time, model load, tokens per second, and Snakemake's benchmark when present."""
+def cost_check(
+    stats: Sequence[Mapping[str, Any]],
+    benchmarks: Sequence[Path],
+    shard_count: int,
+    verified: Sequence[Mapping[str, Any]],
+    parity: CheckResult,
+) -> CheckResult:
+    """Per shard job: wall time, model load, tokens per second, and Snakemake's benchmark when present; and
+    what validating took: the verification jobs' seconds and the GPU seconds of live parity, its only GPU step."""
     by_shard = {shard_index(path): read_benchmark(path) for path in benchmarks if path.exists()}
     rows = [shard_cost_row(s, by_shard.get(s["shard"])) for s in sorted(stats, key=lambda s: s["shard"])]
     job_seconds = sum(r["job_seconds"] for r in rows)
@@ -316,6 +265,8 @@ def cost_check(stats: Sequence[Mapping[str, Any]], benchmarks: Sequence[Path], s
         "tokens_per_second": real_tokens / job_seconds if job_seconds else 0.0,
         "positions_computed_share": computed / padded if padded else 0.0,
         "max_rss_mb": max((r["max_rss_mb"] for r in rows if r["max_rss_mb"] is not None), default=None),
+        "verification_seconds": sum(record["seconds"] for record in verified),
+        "parity_gpu_seconds": parity.figures.get("gpu_seconds", 0.0),
     }
     missing = sorted(set(range(shard_count)) - {r["shard"] for r in rows})
     if missing:
@@ -435,23 +386,23 @@ def run_check(key: str, check: Callable[[], CheckResult]) -> CheckResult:
     return replace(result, seconds=seconds)
 
 
-def validate_cache(
-    inputs: ValidationInputs, open_target: Callable[[], AbstractContextManager[nn.Module]]
-) -> ValidationReport:
-    """Run every check on one run's cache. `open_target()` yields the target model for the parity check."""
+def validate_cache(inputs: ValidationInputs) -> ValidationReport:
+    """Run every check on one run's cache, from the records the other jobs wrote (no shard is read)."""
     manifest = functools.cache(lambda: read_manifest(inputs.cache_dir))
     info = functools.cache(lambda: read_tokenized_info(inputs.tokenized))
-    scan = functools.cache(lambda: scan_cache(inputs.cache_dir, manifest(), inputs.tokenized))
-    # A missing stats file is the cost check's finding, not a reason to stop.
+    parity = functools.cache(lambda: parity_from_job(inputs.parity))
+    # A missing stats file or record is the cost or integrity check's finding, not a reason to stop.
     stats = read_shard_stats([path for path in inputs.stats if path.exists()])
+    verified = read_shard_stats([path for path in inputs.verified if path.exists()])
+    scan = functools.cache(lambda: merged_scans([record["scan"] for record in verified]))
     checks = [
-        run_check("integrity", lambda: integrity_check(inputs.cache_dir)),
-        run_check("parity", lambda: parity_check(open_target, manifest(), inputs, stats)),
+        run_check("integrity", lambda: integrity_check(inputs.cache_dir, verified)),
+        run_check("parity", parity),
         run_check("sanity", lambda: sanity_check(scan(), int(manifest()["num_samples"]))),
         run_check("supervision", lambda: supervision_check(scan(), info())),
         run_check("vocabulary", lambda: vocabulary_check(np.load(inputs.counts), manifest(), inputs.selection)),
         run_check("disk", lambda: disk_check(inputs.cache_dir, manifest(), info())),
-        run_check("cost", lambda: cost_check(stats, inputs.benchmarks, len(inputs.stats))),
+        run_check("cost", lambda: cost_check(stats, inputs.benchmarks, len(inputs.stats), verified, parity())),
         run_check("provenance", lambda: provenance_check(manifest(), info(), stats)),
     ]
     generated_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -486,6 +437,7 @@ def failure_message(report: ValidationReport, kept: Path) -> str:
     """What a strict failure tells the user."""
     return (
         f"validation of run {report.run!r} failed: {', '.join(report.failed_titles)}. "
-        f"The report is kept at {kept}; fix the cache "
-        "(or set validation.strict: false to accept it with the failure marked)."
+        f"{MANIFEST_FILE} was retired, so trainers refuse {report.cache_dir}; the report is kept at {kept}. "
+        "Fix the cause and run again, or accept the cache as it is with validation.strict: false "
+        "(the next run then commits the manifest again and marks the failures in the report)."
     )
