@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from eagle3_cache.cache_rows import CacheSpec, compute_cache_batch
+from eagle3_cache.errors import ShardScanError
 from eagle3_cache.layout import shard_file_name
 from eagle3_cache.pipeline import compute_shard, length_buckets
+from eagle3_cache.scan import ScanSummary
 from eagle3_cache.shard_format import ShardLayout, file_sha256, read_shard_rows
 from eagle3_cache.target import resolve_aux_layer_ids
 from eagle3_cache.token_store import TokenBlock
@@ -106,3 +108,35 @@ def test_a_failing_forward_leaves_no_shard(tiny_llama, store, tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="out of memory"):
         shard(tiny_llama, store_path, tmp_path, 0, batch_size=1)
     assert [p.name for p in tmp_path.iterdir()] == ["tokenized.h5"]
+
+
+def test_a_nan_before_commit_fails_the_shard_job_naming_the_shard_the_sample_and_the_field(
+    tiny_llama, store, tmp_path, monkeypatch
+):
+    store_path, block = store
+    import eagle3_cache.pipeline as pipeline
+
+    def with_a_nan(*args, **kwargs):
+        batch = compute_cache_batch(*args, **kwargs)
+        batch.computed["target_probs"][0, 0, 5] = float("nan")
+        return batch
+
+    monkeypatch.setattr(pipeline, "compute_cache_batch", with_a_nan)
+    with pytest.raises(ShardScanError) as error:
+        shard(tiny_llama, store_path, tmp_path, 1, batch_size=4)
+    # Shard 1 holds samples 4..7; its one batch starts with its longest row.
+    first_row = length_buckets(block.attention_mask[4:8].sum(dim=1), 4)[0][0]
+    message = str(error.value)
+    assert shard_file_name(1) in message and "not written" in message
+    assert f"target_probs: 1 NaN or Inf values, first in sample {4 + first_row}" in message
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenized.h5"]
+
+
+def test_the_stats_record_the_scan_of_the_rows_written(tiny_llama, store, tmp_path):
+    store_path, _ = store
+    _, result = shard(tiny_llama, store_path, tmp_path, 2)
+    scan = ScanSummary.from_json(result.scan)
+    assert scan.problems() == [] and scan.samples == 3
+    # Each row supervises the second half of its content (helpers.random_token_block); the shift keeps it whole.
+    assert scan.supervised_positions == sum(length - length // 2 for length in LENGTHS[8:])
+    assert 0 < scan.max_probability_sum_error <= scan.probability_sum_tolerance

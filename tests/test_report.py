@@ -6,6 +6,8 @@ the damaged cache, then the report from their records.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import itertools
 import json
 import os
@@ -321,6 +323,62 @@ def test_lenient_mode_writes_the_marked_report_and_a_pass_clears_old_failures(ca
     shard.write_bytes(saved)
     run_rule_script(cache, target_model, strict=True)
     assert json.loads(Path(output.json).read_text())["passed"] and not kept.exists()
+
+
+class OpenedFiles:
+    """The names of the files opened in a directory while it is watched (Linux inotify, through libc)."""
+
+    IN_ACCESS, IN_OPEN = 0x1, 0x20
+    EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
+
+    def __init__(self, directory: Path):
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = libc.inotify_init1(os.O_NONBLOCK)
+        if self.fd < 0 or libc.inotify_add_watch(self.fd, str(directory).encode(), self.IN_OPEN | self.IN_ACCESS) < 0:
+            pytest.skip(f"inotify is not available here: errno {ctypes.get_errno()}")
+
+    def __enter__(self) -> OpenedFiles:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        os.close(self.fd)
+
+    def names(self) -> set[str]:
+        """The files opened since the last call."""
+        names = set()
+        with contextlib.suppress(BlockingIOError):
+            while data := os.read(self.fd, 1 << 16):
+                offset = 0
+                while offset < len(data):
+                    *_, length = self.EVENT.unpack_from(data, offset)
+                    start = offset + self.EVENT.size
+                    names.add(data[start : start + length].rstrip(b"\0").decode())
+                    offset = start + length
+        return names - {""}  # "" is the directory itself, listed
+
+
+def bytes_read_by_this_process() -> int:
+    """`rchar` of /proc/self/io: every byte this process has read through read() and its kin."""
+    line = next(line for line in Path("/proc/self/io").read_text().splitlines() if line.startswith("rchar:"))
+    return int(line.split()[1])
+
+
+def test_the_report_job_opens_no_shard_and_reads_less_than_one(cache, target_model, capsys):
+    prepare(cache, target_model, num_samples=2)
+    snakemake = validate_rule_namespace(cache, strict=True)
+    shard_bytes = sorted(path.stat().st_size for path in cache.cache_dir.glob("shard-*"))
+    with OpenedFiles(cache.cache_dir) as watch:
+        (cache.cache_dir / shard_file_name(0)).read_bytes()
+        assert watch.names() == {shard_file_name(0)}  # the watch sees a shard being read
+        before = bytes_read_by_this_process()
+        runpy.run_path(str(VALIDATE_SCRIPT), init_globals={"snakemake": snakemake})
+        read = bytes_read_by_this_process() - before
+        opened = watch.names()
+    assert json.loads(Path(snakemake.output.json).read_text())["passed"]
+    assert opened <= {MANIFEST_FILE}
+    with capsys.disabled():
+        print(f"\nreport job: {read:,} bytes read in all; the shards hold {sum(shard_bytes):,}")
+    assert read < shard_bytes[-1]
 
 
 # --- A look at it in a browser -----------------------------------------------------------------

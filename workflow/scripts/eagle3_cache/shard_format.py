@@ -283,8 +283,9 @@ def shard_layout_problems(path: Path, layout: ShardLayout, num_samples: int) -> 
     want = {f.name: ([num_samples, *f.sample_shape], SAFETENSORS_DTYPES[f.dtype]) for f in layout.fields()}
     try:
         got = {name: (entry["shape"], entry["dtype"]) for name, entry in safetensors_entries(path).items()}
-    except (OSError, ValueError) as error:
-        return [CacheProblem(path.name, f"unreadable safetensors header: {error}")]
+    # A damaged header may be cut short, not JSON, or JSON without the entries' keys.
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as error:
+        return [CacheProblem(path.name, f"unreadable safetensors header: {error!r}")]
     diffs = [
         f"{key}: stored {got.get(key)}, expected {want.get(key)}"
         for key in sorted(want.keys() | got.keys())
