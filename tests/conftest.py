@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
-from helpers import CHATML_TEMPLATE, PARITY_ROWS, tiny_llama_config
+from helpers import CHATML_TEMPLATE, PARITY_ROWS, jobs_run, new_workdir, run_config, snakemake, tiny_llama_config
 
 
 @pytest.fixture(scope="session")
@@ -145,3 +148,19 @@ def tiny_chat_target(tmp_path_factory, chat_tokenizer_json):
     config = tiny_llama_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(path)
     return path
+
+
+# --- The workflow, run once through the command line (workflow and recovery tests) ----------------
+
+
+@pytest.fixture(scope="session")
+def completed(tmp_path_factory, tiny_chat_target) -> tuple[Path, set[str]]:
+    """A workdir where the whole workflow ran once, and the jobs that first run executed."""
+    workdir = new_workdir(tmp_path_factory.mktemp("completed"), run_config(tiny_chat_target))
+    return workdir, jobs_run(snakemake(workdir).stdout)
+
+
+@pytest.fixture
+def workdir(completed, tmp_path) -> Path:
+    """A private copy of the completed workdir (timestamps and Snakemake metadata kept)."""
+    return Path(shutil.copytree(completed[0], tmp_path / "workdir", symlinks=True))

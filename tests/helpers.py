@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -395,6 +398,72 @@ def assert_complete_cache(workdir: Path, num_shards: int) -> None:
     assert {path.name for path in cache_dir(workdir).iterdir()} == expected
     assert check_cache(cache_dir(workdir)) == []
     assert (workdir / "results" / RUN / "validation_report.html").is_file()
+
+
+# --- Running Snakemake on a copy of the workflow, and what it ran -----------------------------
+
+RUN_TIMEOUT_S = 900
+# One thread per target-model job, so that two shard jobs share the 2 cores of a CI machine.
+LOCAL_RUN = [
+    "--profile",
+    "profiles/local",
+    "--set-threads",
+    "compute_shard=1",
+    "parity=1",
+    "validate=1",
+    "--cores",
+    "2",
+]
+
+JOB_HEADER = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):$")
+SHARD_WILDCARD = re.compile(r"^\s+wildcards: .*\bshard=(\d{6})")
+
+
+# Rules with one job per shard; jobs_run names their jobs "<rule>-<shard>".
+SHARD_RULES = ("compute_shard", "verify_shard")
+
+
+def every_shard(count: int = NUM_SHARDS, rules: tuple[str, ...] = SHARD_RULES) -> set[str]:
+    """The per-shard jobs of `count` shards (computed and verified, by default)."""
+    return {f"{rule}-{index:06d}" for rule in rules for index in range(count)}
+
+
+def shard_jobs(*indices: int) -> set[str]:
+    """The jobs that rebuild the shards at `indices`."""
+    return {f"{rule}-{index:06d}" for rule in SHARD_RULES for index in indices}
+
+
+# What every rebuilt shard reruns after it: the commit, live parity and the report.
+AFTER_SHARDS = {"manifest", "parity", "validate"}
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run snakemake with the local profile on 2 cores; output is stdout and stderr together."""
+    command = ["timeout", "-k", "10", str(RUN_TIMEOUT_S), SNAKEMAKE, *LOCAL_RUN, *args]
+    result = subprocess.run(
+        command,
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    if check and result.returncode != 0:
+        pytest.fail(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-6000:]}")
+    return result
+
+
+def jobs_run(output: str) -> set[str]:
+    """The jobs a snakemake run executed ("compute_shard-000003" for a shard), `all` left out."""
+    jobs = []
+    for line in output.splitlines():
+        header = JOB_HEADER.match(line)
+        shard = SHARD_WILDCARD.match(line)
+        if header:
+            jobs.append(header.group(1))
+        elif shard and jobs and jobs[-1] in SHARD_RULES:
+            jobs[-1] = f"{jobs[-1]}-{shard.group(1)}"
+    assert len(jobs) == len(set(jobs)), f"a job ran twice: {jobs}"
+    return set(jobs) - {"all"}
 
 
 # Injected into the shard job through PYTHONPATH: holds shard-000001 just before its temp

@@ -19,90 +19,26 @@ from pathlib import Path
 import pytest
 
 from helpers import (
+    AFTER_SHARDS,
     HOLD_SHARD,
+    LOCAL_RUN,
     NUM_CONVERSATIONS,
     NUM_SHARDS,
     REPO,
+    RUN_TIMEOUT_S,
     SNAKEMAKE,
     assert_complete_cache,
     cache_dir,
     digest,
+    every_shard,
+    jobs_run,
     new_workdir,
     run_config,
+    shard_jobs,
     shard_path,
+    snakemake,
     write_config,
 )
-
-RUN_TIMEOUT_S = 900
-# One thread per target-model job, so that two shard jobs share the 2 cores of a CI machine.
-LOCAL_RUN = ["--profile", "profiles/local", "--set-threads", "compute_shard=1", "validate=1", "--cores", "2"]
-
-JOB_HEADER = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):$")
-SHARD_WILDCARD = re.compile(r"^\s+wildcards: .*\bshard=(\d{6})")
-
-
-# Rules with one job per shard; jobs_run names their jobs "<rule>-<shard>".
-SHARD_RULES = ("compute_shard", "verify_shard")
-
-
-def every_shard(count: int = NUM_SHARDS, rules: tuple[str, ...] = SHARD_RULES) -> set[str]:
-    """The per-shard jobs of `count` shards (computed and verified, by default)."""
-    return {f"{rule}-{index:06d}" for rule in rules for index in range(count)}
-
-
-def shard_jobs(*indices: int) -> set[str]:
-    """The jobs that rebuild the shards at `indices`."""
-    return {f"{rule}-{index:06d}" for rule in SHARD_RULES for index in indices}
-
-
-# What every rebuilt shard reruns after it: the commit, live parity and the report.
-AFTER_SHARDS = {"manifest", "parity", "validate"}
-
-
-# --- Setup ----------------------------------------------------------------------------------
-
-
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run snakemake with the local profile on 2 cores; output is stdout and stderr together."""
-    command = ["timeout", "-k", "10", str(RUN_TIMEOUT_S), SNAKEMAKE, *LOCAL_RUN, *args]
-    result = subprocess.run(
-        command,
-        cwd=workdir,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    if check and result.returncode != 0:
-        pytest.fail(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-6000:]}")
-    return result
-
-
-def jobs_run(output: str) -> set[str]:
-    """The jobs a snakemake run executed ("compute_shard-000003" for a shard), `all` left out."""
-    jobs = []
-    for line in output.splitlines():
-        header = JOB_HEADER.match(line)
-        shard = SHARD_WILDCARD.match(line)
-        if header:
-            jobs.append(header.group(1))
-        elif shard and jobs and jobs[-1] in SHARD_RULES:
-            jobs[-1] = f"{jobs[-1]}-{shard.group(1)}"
-    assert len(jobs) == len(set(jobs)), f"a job ran twice: {jobs}"
-    return set(jobs) - {"all"}
-
-
-@pytest.fixture(scope="session")
-def completed(tmp_path_factory, tiny_chat_target) -> tuple[Path, set[str]]:
-    """A workdir where the whole workflow ran once, and the jobs that first run executed."""
-    workdir = new_workdir(tmp_path_factory.mktemp("completed"), run_config(tiny_chat_target))
-    return workdir, jobs_run(snakemake(workdir).stdout)
-
-
-@pytest.fixture
-def workdir(completed, tmp_path) -> Path:
-    """A private copy of the completed workdir (timestamps and Snakemake metadata kept)."""
-    return Path(shutil.copytree(completed[0], tmp_path / "workdir", symlinks=True))
-
 
 # --- End to end -----------------------------------------------------------------------------
 
