@@ -151,6 +151,12 @@ def safetensors_header(layout: ShardLayout, num_samples: int) -> tuple[bytes, di
     return struct.pack("<Q", len(header)) + header, offsets
 
 
+def shard_bytes_by_layout(layout: ShardLayout, num_samples: int) -> int:
+    """A shard's size as its layout predicts it: header plus every field's bytes."""
+    header, _ = safetensors_header(layout, num_samples)
+    return len(header) + num_samples * sum(f.sample_bytes for f in layout.fields())
+
+
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a CPU tensor, without a copy when it is contiguous."""
     flat = tensor.contiguous().reshape(-1)

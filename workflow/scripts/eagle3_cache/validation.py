@@ -34,7 +34,7 @@ from .manifest import read_shard_stats
 from .report_html import format_bytes, format_seconds, render_html
 from .results import TITLES, CheckResult, ValidationReport, listed, problems_summary
 from .scan import MIN_DRAFT_SHARE, merged_scans, sanity_check, supervision_check
-from .shard_format import ShardLayout, committed_manifest, directory_problems, read_manifest, safetensors_header
+from .shard_format import ShardLayout, committed_manifest, directory_problems, read_manifest, shard_bytes_by_layout
 from .token_store import TokenizedInfo, read_tokenized_info
 from .verification import verification_problems
 from .vocab import read_vocab_selection
@@ -144,12 +144,6 @@ def vocabulary_check(counts: np.ndarray, manifest: Mapping[str, Any], selection:
 
 
 # --- 6. Disk -----------------------------------------------------------------------------------
-
-
-def shard_bytes_by_layout(layout: ShardLayout, num_samples: int) -> int:
-    """A shard's size as its layout predicts it: header plus every field's bytes."""
-    header, _ = safetensors_header(layout, num_samples)
-    return len(header) + num_samples * sum(f.sample_bytes for f in layout.fields())
 
 
 def disk_check(cache_dir: Path, manifest: Mapping[str, Any], info: TokenizedInfo) -> CheckResult:

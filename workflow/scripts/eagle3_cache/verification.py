@@ -23,7 +23,15 @@ import torch
 from .layout import MANIFEST_FILE, samples_in_shard, shard_index
 from .manifest import retire_commit
 from .scan import ScanSummary, ShardScan
-from .shard_format import DTYPES, CacheProblem, FieldSpec, ShardLayout, safetensors_header, shard_layout_problems
+from .shard_format import (
+    DTYPES,
+    CacheProblem,
+    FieldSpec,
+    ShardLayout,
+    safetensors_header,
+    shard_bytes_by_layout,
+    shard_layout_problems,
+)
 from .token_store import TokenBlock, read_token_block, read_tokenized_info
 from .vocab import read_vocab_selection
 
@@ -101,9 +109,7 @@ def verify_shard(
     started = time.perf_counter()
     num_samples = tokens.input_ids.shape[0]
     scan = ShardScan(first_sample, tokens, layout.draft_vocab_size, DTYPES[layout.dtype])
-    size = path.stat().st_size
-    header, _ = safetensors_header(layout, num_samples)
-    expected_size = len(header) + num_samples * sum(f.sample_bytes for f in layout.fields())
+    size, expected_size = path.stat().st_size, shard_bytes_by_layout(layout, num_samples)
     sha256, problems = "", []
     if size != expected_size:
         problems.append(f"{size} bytes, its layout takes {expected_size} (truncated or overwritten?)")
