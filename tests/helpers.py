@@ -1,5 +1,5 @@
-"""Helpers the tests share: tiny models and token stores, chat templates, a finished cache built in-process,
-and copies of the workflow to run Snakemake in."""
+"""Helpers the tests share: tiny models and token stores, chat templates, a finished cache built in-process
+(verified, with live parity on demand), and copies of the workflow to run Snakemake in and read what it ran."""
 
 from __future__ import annotations
 

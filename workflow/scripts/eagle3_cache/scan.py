@@ -77,8 +77,8 @@ class ScanSummary:
         lines = [str(finding) for finding in self.findings]
         if any(f.kind == "sum" for f in self.findings):
             lines.append(
-                f"the worst distribution is off by {self.max_probability_sum_error:.3g} "
-                f"(within {self.probability_sum_tolerance:.2g} tolerated)"
+                f"the worst distribution sums to 1 ± {self.max_probability_sum_error:.3g}, "
+                f"where ± {self.probability_sum_tolerance:.2g} is tolerated"
             )
         return lines
 
