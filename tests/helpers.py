@@ -505,3 +505,19 @@ def snakemake_static(workdir: Path, *args: str) -> subprocess.CompletedProcess:
 def private_copy(workdir: Path, tmp_path: Path) -> Path:
     """A copy of a finished workdir a test may change (timestamps and Snakemake metadata kept)."""
     return Path(shutil.copytree(workdir, tmp_path / "workdir", symlinks=True))
+
+
+def fail_second_forward(monkeypatch) -> None:
+    """Make the shard pipeline's second forward raise, as a GPU running out of memory mid-shard would."""
+    import eagle3_cache.pipeline as pipeline
+
+    forward = pipeline.compute_cache_batch
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "compute_cache_batch", failing)

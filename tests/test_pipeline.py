@@ -16,7 +16,7 @@ from eagle3_cache.pipeline import ShardJob, compute_shard, forward_batches, forw
 from eagle3_cache.shard_format import ShardLayout, file_sha256, read_shard_rows
 from eagle3_cache.target import resolve_aux_layer_ids
 from eagle3_cache.token_store import TokenBlock
-from helpers import random_token_block, write_token_store
+from helpers import fail_second_forward, random_token_block, write_token_store
 
 SEQ = 20
 # 11 samples: shards of 4, 4 and a partial 3, each with rows close enough in length to share a forward.
@@ -139,17 +139,7 @@ def test_the_same_shard_twice_is_byte_identical(tiny_llama, store, tmp_path):
 
 def test_a_failing_forward_leaves_no_shard(tiny_llama, store, tmp_path, monkeypatch):
     store_path, _ = store
-    import eagle3_cache.pipeline as pipeline
-
-    calls = []
-
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("out of memory")
-        return compute_cache_batch(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "compute_cache_batch", failing)
+    fail_second_forward(monkeypatch)
     with pytest.raises(RuntimeError, match="out of memory"):
         shard(tiny_llama, store_path, tmp_path, 0, batch_size=1)
     assert [p.name for p in tmp_path.iterdir()] == ["tokenized.h5"]

@@ -33,7 +33,14 @@ from eagle3_cache.specforge_format import (
 from eagle3_cache.specforge_shard import compute_specforge_shard
 from eagle3_cache.target import resolve_aux_layer_ids
 from eagle3_cache.token_store import TokenBlock
-from helpers import PARITY_ROWS, build_tiny_cache, random_token_block, tiny_llama_config, write_token_store
+from helpers import (
+    PARITY_ROWS,
+    build_tiny_cache,
+    fail_second_forward,
+    random_token_block,
+    tiny_llama_config,
+    write_token_store,
+)
 
 SEQ = 20
 LENGTHS = [7, SEQ, 3, 12, 12, 1, 18, 9, 5, 16, 2]  # 11 samples: shards of 4, 4 and a partial 3
@@ -132,17 +139,7 @@ def test_the_same_shard_twice_is_byte_identical(tiny_llama, store, tmp_path):
 
 def test_a_failing_forward_leaves_no_shard_directory(tiny_llama, store, tmp_path, monkeypatch):
     store_path, _ = store
-    import eagle3_cache.pipeline as pipeline
-
-    calls = []
-
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("out of memory")
-        return compute_cache_batch(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "compute_cache_batch", failing)
+    fail_second_forward(monkeypatch)
     with pytest.raises(RuntimeError, match="out of memory"):
         specforge_shard(tiny_llama, store_path, tmp_path / "shards", 0, batch_size=1)
     assert not (tmp_path / "shards" / shard_dir_name(0)).exists()
