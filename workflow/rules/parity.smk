@@ -9,6 +9,9 @@ rule parity:
         parity="results/{run}/parity.json",
     log:
         "logs/{run}/parity.log",
+    # The one job of its kind, ready as soon as the shards are: started before the verification
+    # jobs, it runs beside them instead of after them.
+    priority: 1
     conda:
         "../../envs/eagle3-cache.yaml"
     threads: 4
