@@ -14,13 +14,21 @@ include: "workflow/rules/vocab.smk"
 include: "workflow/rules/plan.smk"
 include: "workflow/rules/shards.smk"
 include: "workflow/rules/specforge.smk"
+include: "workflow/rules/verify.smk"
 include: "workflow/rules/manifest.smk"
+include: "workflow/rules/parity.smk"
 include: "workflow/rules/validate.smk"
 
 
 rule all:
     default_target: True
+    # Every file of every cache, not only the report: Snakemake remakes a missing file only for a
+    # job that needs it.
     input:
         expand(rules.validate.output.report, run=config["runs"]),
-        every_run_shard,
+        expand(rules.parity.output.parity, run=config["runs"]),
+        expand(rules.manifest.output.manifest, run=config["runs"]),
+        every_run_format_files,
+        every_run_shard(lambda rule: rule.output.shard),
+        every_run_shard(rules.verify_shard.output.verified),
     localrule: True

@@ -167,7 +167,7 @@ def target_model(tiny_chat_target):
     return load_target(str(tiny_chat_target), revision=None, trust_remote_code=False, device=torch.device("cpu"))
 
 
-# --- A finished run of the workflow (end-to-end tests) -------------------------------------------
+# --- The workflow, run once through the command line (workflow and recovery tests) ----------------
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from eagle3_cache.layout import shard_file_name, shard_id
+from eagle3_cache.layout import shard_dir_name, shard_file_name, shard_id, shard_index
 from eagle3_cache.shard_format import check_cache
 from eagle3_cache.token_store import TokenBlock, TokenizedSample, synthetic_header, write_tokenized
 
@@ -184,9 +184,14 @@ def tokenize_to_store(
 
 @dataclass(frozen=True)
 class TinyCache:
-    """A finished run laid out as `results/{run}/`: tokenized store, vocabulary files, shards, shard stats."""
+    """A finished run laid out as `results/{run}/`: tokenized store, vocabulary files, shards, shard stats,
+    verification records, and the settings it was built under."""
 
     run_dir: Path
+
+    @property
+    def settings(self) -> dict:
+        return json.loads((self.run_dir / "settings.json").read_text())
 
     @property
     def tokenized(self) -> Path:
@@ -208,6 +213,57 @@ class TinyCache:
     def stats(self) -> list[Path]:
         return sorted((self.run_dir / "shard_stats").glob("shard-*.json"))
 
+    @property
+    def verified(self) -> list[Path]:
+        return [self.run_dir / "verified" / f"shard-{shard_id(shard_index(path))}.json" for path in self.stats]
+
+    @property
+    def parity(self) -> Path:
+        return self.run_dir / "parity.json"
+
+    def shard(self, index: int) -> Path:
+        """Shard `index`: a file, or a directory in the specforge format."""
+        specforge = self.settings["format"] == "specforge"
+        return self.cache_dir / (shard_dir_name if specforge else shard_file_name)(index)
+
+
+def verify_tiny_cache(cache: TinyCache) -> None:
+    """What the verify_shard jobs do, for every shard present; a record is written even for a shard that
+    fails (the jobs write none and delete the shard instead), so that the report can be tested on it."""
+    from eagle3_cache.atomic import write_json_atomic
+    from eagle3_cache.specforge_verification import verify_committed_specforge_shard
+    from eagle3_cache.verification import verify_committed_shard
+
+    verify = verify_committed_specforge_shard if cache.settings["format"] == "specforge" else verify_committed_shard
+    for stats, record in zip(cache.stats, cache.verified, strict=True):
+        shard = cache.shard(shard_index(stats))
+        record.unlink(missing_ok=True)
+        if shard.exists():
+            verification = verify(
+                shard,
+                stats_path=stats,
+                selection_path=cache.selection,
+                tokenized_path=cache.tokenized,
+                settings=cache.settings,
+            )
+            write_json_atomic(record, verification.to_json())
+
+
+def check_tiny_parity(cache: TinyCache, model, num_samples: int, seed: int = 0) -> None:
+    """What the parity job does once it holds the target: `parity.json`."""
+    from eagle3_cache.atomic import write_json_atomic
+    from eagle3_cache.live_parity import ParityInputs, compared_samples
+    from eagle3_cache.results import json_safe
+    from eagle3_cache.specforge_parity import compared_specforge_samples
+    from eagle3_cache.validation import run_check
+
+    compare = compared_specforge_samples if cache.settings["format"] == "specforge" else compared_samples
+    inputs = ParityInputs(
+        cache.cache_dir, cache.tokenized, cache.selection, cache.stats, cache.settings, num_samples, seed
+    )
+    result = run_check("parity", lambda: compare(model, inputs, inputs.samples(), 0.0))
+    write_json_atomic(cache.parity, json_safe(result.to_json()))
+
 
 def build_tiny_cache(
     run_dir: Path,
@@ -223,8 +279,8 @@ def build_tiny_cache(
     format: str = "automodel",
 ) -> TinyCache:
     """What the workflow's rules do, in-process on the CPU: tokenize `rows`, select the draft
-    vocabulary, compute every shard, store the embeddings (automodel) or the vocabulary mapping
-    (specforge) and write the manifest."""
+    vocabulary, compute and verify every shard, store the embeddings (automodel) or the vocabulary
+    mapping (specforge) and write the manifest."""
     from transformers import AutoTokenizer
 
     from eagle3_cache import CACHE_SEMANTICS_VERSION
@@ -267,6 +323,7 @@ def build_tiny_cache(
         "mask_generation_prompt": False,
         "format": format,
     }
+    write_json_atomic(cache.run_dir / "settings.json", settings)
     specforge = format == "specforge"
     shard_count = num_shards(info.num_samples, shard_size)
     stats_paths = [cache.run_dir / "shard_stats" / f"shard-{shard_id(i)}.json" for i in range(shard_count)]
@@ -283,6 +340,7 @@ def build_tiny_cache(
             stats_path=stats_path,
             compute=compute_specforge_shard if specforge else compute_shard,
         )
+    verify_tiny_cache(cache)
     if specforge:
         write_vocab_mapping(cache.cache_dir / VOCAB_MAPPING_FILE, selected, info.target_vocab_size)
     else:
@@ -414,6 +472,7 @@ LOCAL_RUN = [
     "--set-threads",
     "compute_shard=1",
     "compute_specforge_shard=1",
+    "parity=1",
     "validate=1",
     "--cores",
     "2",
@@ -423,8 +482,23 @@ JOB_HEADER = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):$")
 SHARD_WILDCARD = re.compile(r"^\s+wildcards: .*\bshard=(\d{6})")
 
 
-def every_shard(count: int = NUM_SHARDS) -> set[str]:
-    return {f"compute_shard-{index:06d}" for index in range(count)}
+# Rules with one job per shard; jobs_run names their jobs "<rule>-<shard>".
+SHARD_RULES = ("compute_shard", "compute_specforge_shard", "verify_shard")
+AUTOMODEL_SHARD_RULES = ("compute_shard", "verify_shard")
+
+
+def every_shard(count: int = NUM_SHARDS, rules: tuple[str, ...] = AUTOMODEL_SHARD_RULES) -> set[str]:
+    """The per-shard jobs of `count` shards (computed and verified, by default)."""
+    return {f"{rule}-{index:06d}" for rule in rules for index in range(count)}
+
+
+def shard_jobs(*indices: int, rules: tuple[str, ...] = AUTOMODEL_SHARD_RULES) -> set[str]:
+    """The jobs that rebuild the shards at `indices`."""
+    return {f"{rule}-{index:06d}" for rule in rules for index in indices}
+
+
+# What every rebuilt shard reruns after it: the commit, live parity and the report.
+AFTER_SHARDS = {"manifest", "parity", "validate"}
 
 
 def snakemake(
@@ -453,7 +527,7 @@ def jobs_run(output: str) -> set[str]:
         shard = SHARD_WILDCARD.match(line)
         if header:
             jobs.append(header.group(1))
-        elif shard and jobs and jobs[-1] in ("compute_shard", "compute_specforge_shard"):
+        elif shard and jobs and jobs[-1] in SHARD_RULES:
             jobs[-1] = f"{jobs[-1]}-{shard.group(1)}"
     assert len(jobs) == len(set(jobs)), f"a job ran twice: {jobs}"
     return set(jobs) - {"all"}

@@ -10,9 +10,10 @@ import torch
 
 from eagle3_cache import CACHE_SEMANTICS_VERSION
 from eagle3_cache.cache_rows import CacheSpec, compute_cache_batch
-from eagle3_cache.errors import CacheConfigError
+from eagle3_cache.errors import CacheConfigError, ShardScanError
 from eagle3_cache.layout import shard_file_name
 from eagle3_cache.pipeline import ShardJob, compute_shard, forward_batches, forward_budget, run_shard_job
+from eagle3_cache.scan import ScanSummary
 from eagle3_cache.shard_format import ShardLayout, file_sha256, read_shard_rows
 from eagle3_cache.target import resolve_aux_layer_ids
 from eagle3_cache.token_store import TokenBlock
@@ -202,3 +203,52 @@ def test_a_shard_job_records_positions_per_forward(tiny_llama_dir, store, tmp_pa
     assert stats["positions_per_forward"] == {"budget": 60, "forwards": 2, "mean": 35.0, "max": 40}
     assert stats["cuda_peak_bytes"] is None
     assert json.loads((tmp_path / "stats.json").read_text())["positions_per_forward"]["forwards"] == 2
+
+
+def test_a_nan_before_commit_fails_the_shard_job_naming_the_shard_the_sample_and_the_field(
+    tiny_llama, store, tmp_path, monkeypatch
+):
+    store_path, block = store
+    import eagle3_cache.pipeline as pipeline
+
+    calls = []
+
+    def with_a_nan(*args, **kwargs):
+        batch = compute_cache_batch(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:
+            batch.computed["target_probs"][0, 0, 5] = float("nan")
+        return batch
+
+    monkeypatch.setattr(pipeline, "compute_cache_batch", with_a_nan)
+    with pytest.raises(ShardScanError) as error:
+        shard(tiny_llama, store_path, tmp_path, 1, batch_size=4)
+    # Shard 1 holds samples 4..7; its first forward starts with its longest row.
+    first_row = forward_batches(block.attention_mask[4:8].sum(dim=1), SEQ, 4 * SEQ)[0][0]
+    message = str(error.value)
+    assert shard_file_name(1) in message and "not written" in message
+    assert f"target_probs: 1 NaN or Inf values, first in sample {4 + first_row}" in message
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenized.h5"]
+
+
+def test_a_failed_shard_leaves_no_writer_behind_to_touch_the_next_one(tiny_llama, store, tmp_path, monkeypatch):
+    # The writer thread of a failed shard must have ended before its file is closed: left running, it would
+    # write its rows through a descriptor the next shard's file reuses.
+    store_path, _ = store
+    fresh, _ = shard(tiny_llama, store_path, tmp_path, 0, dtype="fp32", tokens_per_forward=1, name="fresh.st")
+    with monkeypatch.context() as patched:
+        fail_second_forward(patched)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            shard(tiny_llama, store_path, tmp_path, 0, batch_size=1, name="failed.safetensors")
+    after, _ = shard(tiny_llama, store_path, tmp_path, 0, dtype="fp32", tokens_per_forward=1, name="after.st")
+    assert after.read_bytes() == fresh.read_bytes()
+
+
+def test_the_stats_record_the_scan_of_the_rows_written(tiny_llama, store, tmp_path):
+    store_path, _ = store
+    _, result = shard(tiny_llama, store_path, tmp_path, 2)
+    scan = ScanSummary.from_json(result.scan)
+    assert scan.problems() == [] and scan.samples == 3
+    # Each row supervises the second half of its content (helpers.random_token_block); the shift keeps it whole.
+    assert scan.supervised_positions == sum(length - length // 2 for length in LENGTHS[8:])
+    assert 0 < scan.max_probability_sum_error <= scan.probability_sum_tolerance

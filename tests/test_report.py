@@ -1,8 +1,13 @@
-"""The validation report on a small real cache: a clean cache passes, each kind of damage fails its check."""
+"""The validation report on a small real cache: a clean cache passes, each kind of damage fails its check.
+
+Each test re-runs what the workflow's jobs do before the report (shard verification, live parity) on
+the damaged cache, then the report from their records.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import itertools
 import json
 import os
@@ -24,7 +29,7 @@ from eagle3_cache.parity import parity_sample_indices
 from eagle3_cache.report_html import render_html
 from eagle3_cache.shard_format import SAFETENSORS_DTYPES, file_sha256, read_manifest, read_shard_rows
 from eagle3_cache.validation import ValidationInputs, coverage_curve, failed_path, validate_cache
-from helpers import TinyCache, build_tiny_cache
+from helpers import TinyCache, build_tiny_cache, check_tiny_parity, verify_tiny_cache
 
 REPO = Path(__file__).resolve().parents[1]
 VALIDATE_SCRIPT = REPO / "workflow" / "scripts" / "validate.py"
@@ -70,8 +75,15 @@ def cache(built_cache, tmp_path) -> TinyCache:
     return TinyCache(run_dir)
 
 
+def prepare(cache: TinyCache, model, num_samples: int = PARITY_SAMPLES) -> None:
+    """The jobs the report reads: each shard's verification, live parity with `model` as the target."""
+    verify_tiny_cache(cache)
+    check_tiny_parity(cache, model, num_samples)
+
+
 def validate(cache: TinyCache, model, *, num_samples: int = PARITY_SAMPLES, benchmarks: list[Path] = ()):
     """Every check on `cache`, with `model` as the live target."""
+    prepare(cache, model, num_samples)
     inputs = ValidationInputs(
         run="tiny",
         cache_dir=cache.cache_dir,
@@ -79,11 +91,11 @@ def validate(cache: TinyCache, model, *, num_samples: int = PARITY_SAMPLES, benc
         selection=cache.selection,
         counts=cache.counts,
         stats=cache.stats,
+        verified=cache.verified,
+        parity=cache.parity,
         benchmarks=list(benchmarks),
-        num_samples=num_samples,
-        seed=0,
     )
-    return validate_cache(inputs, lambda: contextlib.nullcontext(model))
+    return validate_cache(inputs)
 
 
 def failed(report) -> set[str]:
@@ -113,10 +125,12 @@ def overwrite_value(shard: Path, field: str, index: tuple[int, ...], value: floa
 
 
 def rerecord_hashes(cache: TinyCache) -> None:
-    """Make the manifest agree with the shards again: damage done before hashing, as a buggy build would."""
+    """Make the stats and the manifest agree with the shards again: damage done before hashing, as a buggy build
+    would do it."""
     manifest = read_manifest(cache.cache_dir)
-    for record in manifest["shards"]:
+    for record, stats_path in zip(manifest["shards"], cache.stats, strict=True):
         record["sha256"] = file_sha256(cache.cache_dir / record["file"])
+        stats_path.write_text(json.dumps({**json.loads(stats_path.read_text()), "sha256": record["sha256"]}))
     (cache.cache_dir / MANIFEST_FILE).write_text(json.dumps(manifest))
 
 
@@ -190,10 +204,10 @@ def test_a_deleted_shard_fails_completeness_and_still_gives_a_report(cache, targ
 @pytest.mark.parametrize(
     "field, position, value, problem",
     [
-        ("target_probs", 3, float("nan"), "target_probs: 1 NaN or Inf values"),
-        ("aux_hidden_states", 39, 1.0, "1 padding positions (attention_mask 0) hold nonzero values"),
-        ("position_mask", 0, True, "position_mask set at 1 positions outside the shifted loss_mask"),
-        ("input_ids", 2, 7, "1 samples whose ids or masks are not the tokenized rows shifted: 4"),
+        ("target_probs", 3, float("nan"), "target_probs: 1 NaN or Inf values, first in sample 4"),
+        ("aux_hidden_states", 39, 1.0, "aux_hidden_states: 1 padding positions (attention_mask 0) holding nonzero"),
+        ("position_mask", 0, True, "position_mask: 1 positions set outside the shifted loss_mask, first in sample 4"),
+        ("input_ids", 2, 7, "samples whose ids or masks are not the tokenized rows: 4"),
     ],
 )
 def test_damage_outside_the_parity_samples_fails_the_sanity_check(cache, target_model, field, position, value, problem):
@@ -252,8 +266,8 @@ def test_the_html_parses_and_fetches_nothing(cache, target_model):
 # --- The rule script ---------------------------------------------------------------------------
 
 
-def run_rule_script(cache: TinyCache, target_dir: Path, strict: bool) -> SimpleNamespace:
-    """validate.py as Snakemake's `script:` directive runs it, with the rule's names."""
+def validate_rule_namespace(cache: TinyCache, strict: bool) -> SimpleNamespace:
+    """The `snakemake` object Snakemake's `script:` directive gives validate.py, with the rule's names."""
     out = cache.run_dir
     plan = cache.run_dir / "plan.json"
     manifest = read_manifest(cache.cache_dir)
@@ -262,7 +276,7 @@ def run_rule_script(cache: TinyCache, target_dir: Path, strict: bool) -> SimpleN
     check = {"margin": 0.05, "check_free_space": False}
     hidden_size = manifest["aux_hidden_dim"] // 3
     write_json_atomic(plan, plan_cache("tiny", cache.tokenized, cache.cache_dir, settings, check, hidden_size))
-    snakemake = SimpleNamespace(
+    return SimpleNamespace(
         input=SimpleNamespace(
             plan=str(plan),
             manifest=str(cache.cache_dir / MANIFEST_FILE),
@@ -270,51 +284,105 @@ def run_rule_script(cache: TinyCache, target_dir: Path, strict: bool) -> SimpleN
             selection=str(cache.selection),
             counts=str(cache.counts),
             stats=[str(p) for p in cache.stats],
+            verified=[str(p) for p in cache.verified],
+            parity=str(cache.parity),
         ),
         output=SimpleNamespace(report=str(out / "validation_report.html"), json=str(out / "validation.json")),
         log=[str(out / "validate.log")],
-        params=SimpleNamespace(
-            num_samples=2,
-            seed=0,
-            strict=strict,
-            target_model=str(target_dir),
-            revision=None,
-            trust_remote_code=False,
-            cache_dir=str(cache.cache_dir),
-            benchmarks=[],
-        ),
-        config={"device": "cpu", "gpus_per_job": 1},
+        params=SimpleNamespace(strict=strict, cache_dir=str(cache.cache_dir), benchmarks=[]),
         wildcards=SimpleNamespace(run="tiny"),
-        # The script hands it to torch, whose thread count is global to this test process.
-        threads=torch.get_num_threads(),
     )
+
+
+def run_rule_script(cache: TinyCache, model, strict: bool) -> SimpleNamespace:
+    """The jobs before the report, then validate.py as Snakemake runs it; returns its outputs."""
+    prepare(cache, model, num_samples=2)
+    snakemake = validate_rule_namespace(cache, strict)
     runpy.run_path(str(VALIDATE_SCRIPT), init_globals={"snakemake": snakemake})
     return snakemake.output
 
 
-def test_strict_mode_fails_the_job_and_keeps_the_report(cache, tiny_chat_target):
+def test_strict_mode_fails_the_job_retires_the_manifest_and_keeps_the_report(cache, target_model):
     (cache.cache_dir / shard_file_name(0)).unlink()
     with pytest.raises(SystemExit) as exit_info:
-        run_rule_script(cache, tiny_chat_target, strict=True)
+        run_rule_script(cache, target_model, strict=True)
     kept = failed_path(cache.run_dir / "validation_report.html")
     message = str(exit_info.value.code)
-    assert "Complete and intact" in message and str(kept) in message
+    assert "Complete and intact" in message and str(kept) in message and "validation.strict: false" in message
     assert kept.exists() and failed_path(cache.run_dir / "validation.json").exists()
     assert not (cache.run_dir / "validation_report.html").exists()
+    assert not (cache.cache_dir / MANIFEST_FILE).exists()
 
 
-def test_lenient_mode_writes_the_marked_report_and_a_pass_clears_old_failures(cache, tiny_chat_target):
+def test_lenient_mode_writes_the_marked_report_and_a_pass_clears_old_failures(cache, target_model):
     shard = cache.cache_dir / shard_file_name(0)
     saved = shard.read_bytes()
     shard.unlink()
-    output = run_rule_script(cache, tiny_chat_target, strict=False)
+    output = run_rule_script(cache, target_model, strict=False)
     assert "Complete and intact" in json.loads(Path(output.json).read_text())["failed_checks"]
     assert "FAIL" in Path(output.report).read_text()
+    assert (cache.cache_dir / MANIFEST_FILE).exists()
     kept = failed_path(Path(output.report))
     kept.write_text("left by an earlier failure")
     shard.write_bytes(saved)
-    run_rule_script(cache, tiny_chat_target, strict=True)
+    run_rule_script(cache, target_model, strict=True)
     assert json.loads(Path(output.json).read_text())["passed"] and not kept.exists()
+
+
+class OpenedFiles:
+    """The names of the files opened in a directory while it is watched (Linux inotify, through libc)."""
+
+    IN_ACCESS, IN_OPEN = 0x1, 0x20
+    EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
+
+    def __init__(self, directory: Path):
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = libc.inotify_init1(os.O_NONBLOCK)
+        if self.fd < 0 or libc.inotify_add_watch(self.fd, str(directory).encode(), self.IN_OPEN | self.IN_ACCESS) < 0:
+            pytest.skip(f"inotify is not available here: errno {ctypes.get_errno()}")
+
+    def __enter__(self) -> OpenedFiles:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        os.close(self.fd)
+
+    def names(self) -> set[str]:
+        """The files opened since the last call."""
+        names = set()
+        with contextlib.suppress(BlockingIOError):
+            while data := os.read(self.fd, 1 << 16):
+                offset = 0
+                while offset < len(data):
+                    *_, length = self.EVENT.unpack_from(data, offset)
+                    start = offset + self.EVENT.size
+                    names.add(data[start : start + length].rstrip(b"\0").decode())
+                    offset = start + length
+        return names - {""}  # "" is the directory itself, listed
+
+
+def bytes_read_by_this_process() -> int:
+    """`rchar` of /proc/self/io: every byte this process has read through read() and its kin."""
+    line = next(line for line in Path("/proc/self/io").read_text().splitlines() if line.startswith("rchar:"))
+    return int(line.split()[1])
+
+
+def test_the_report_job_opens_no_shard_and_reads_less_than_one(cache, target_model, capsys):
+    prepare(cache, target_model, num_samples=2)
+    snakemake = validate_rule_namespace(cache, strict=True)
+    shard_bytes = sorted(path.stat().st_size for path in cache.cache_dir.glob("shard-*"))
+    with OpenedFiles(cache.cache_dir) as watch:
+        (cache.cache_dir / shard_file_name(0)).read_bytes()
+        assert watch.names() == {shard_file_name(0)}  # the watch sees a shard being read
+        before = bytes_read_by_this_process()
+        runpy.run_path(str(VALIDATE_SCRIPT), init_globals={"snakemake": snakemake})
+        read = bytes_read_by_this_process() - before
+        opened = watch.names()
+    assert json.loads(Path(snakemake.output.json).read_text())["passed"]
+    assert opened <= {MANIFEST_FILE}
+    with capsys.disabled():
+        print(f"\nreport job: {read:,} bytes read in all; the shards hold {sum(shard_bytes):,}")
+    assert read < shard_bytes[-1]
 
 
 # --- A look at it in a browser -----------------------------------------------------------------

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from helpers import (
+    AFTER_SHARDS,
     HUB_MODEL,
     LOCAL_RUN,
     NUM_CONVERSATIONS,
@@ -33,6 +34,7 @@ from helpers import (
     kill_shard_writer_mid_write,
     new_workdir,
     run_config,
+    shard_jobs,
     shard_path,
     snakemake,
     snakemake_static,
@@ -45,7 +47,7 @@ from helpers import (
 @pytest.mark.slow
 def test_first_run_builds_every_step(completed):
     workdir, jobs = completed
-    assert jobs == {"tokenize", "select_vocab", "plan", "target_embeddings", "manifest", "validate"} | every_shard()
+    assert jobs == {"tokenize", "select_vocab", "plan", "target_embeddings"} | AFTER_SHARDS | every_shard()
     assert_complete_cache(workdir, NUM_SHARDS)
 
 
@@ -71,7 +73,7 @@ def test_2_batch_size_and_the_plan_check_change_nothing(workdir, tiny_chat_targe
 def test_3_draft_vocab_size_reruns_vocab_and_everything_after(workdir, tiny_chat_target):
     write_config(workdir, run_config(tiny_chat_target, draft_vocab_size=48))
     jobs = jobs_run(snakemake(workdir).stdout)
-    assert jobs == {"select_vocab", "plan", "manifest", "validate"} | every_shard()
+    assert jobs == {"select_vocab", "plan"} | AFTER_SHARDS | every_shard()
     manifest = json.loads((cache_dir(workdir) / "manifest.json").read_text())
     assert manifest["draft_vocab_size"] == 48
 
@@ -80,14 +82,14 @@ def test_3_draft_vocab_size_reruns_vocab_and_everything_after(workdir, tiny_chat
 def test_4_seq_length_reruns_from_tokenization(workdir, tiny_chat_target):
     write_config(workdir, run_config(tiny_chat_target, seq_length=24))
     jobs = jobs_run(snakemake(workdir).stdout)
-    assert jobs == {"tokenize", "select_vocab", "plan", "manifest", "validate"} | every_shard()
+    assert jobs == {"tokenize", "select_vocab", "plan"} | AFTER_SHARDS | every_shard()
 
 
 @pytest.mark.slow
 def test_5_deleted_shard_reruns_only_that_shard(workdir):
     shard_path(workdir, 2).unlink()
     jobs = jobs_run(snakemake(workdir).stdout)
-    assert jobs == {"compute_shard-000002", "manifest", "validate"}
+    assert jobs == shard_jobs(2) | AFTER_SHARDS
     assert_complete_cache(workdir, NUM_SHARDS)
 
 
@@ -107,7 +109,7 @@ def test_7_new_shard_size_leaves_exactly_the_new_shard_set(workdir, tiny_chat_ta
         num_shards = -(-NUM_CONVERSATIONS // shard_size)
         write_config(workdir, run_config(tiny_chat_target, shard_size=shard_size))
         jobs = jobs_run(snakemake(workdir).stdout)
-        assert jobs == {"plan", "manifest", "validate"} | every_shard(num_shards)
+        assert jobs == {"plan"} | AFTER_SHARDS | every_shard(num_shards)
         assert_complete_cache(workdir, num_shards)
         assert_automodel_reads(cache_dir(workdir), shard_size)
 
@@ -133,7 +135,7 @@ def test_8_killed_shard_job_leaves_no_shard_and_the_next_run_completes(workdir, 
     if "--rerun-incomplete" in result.stdout:
         result = snakemake(workdir, "--rerun-incomplete")
     assert result.returncode == 0, result.stdout[-6000:]
-    assert jobs_run(result.stdout) == {"compute_shard-000001", "manifest", "validate"}
+    assert jobs_run(result.stdout) == shard_jobs(1) | AFTER_SHARDS
     assert_complete_cache(workdir, NUM_SHARDS)
     assert digest(shard_path(workdir, 1)) == digest(shard_path(completed[0], 1))
 
@@ -259,6 +261,7 @@ def test_dry_run_before_tokenization_plans_up_to_the_checkpoint(tmp_path, profil
         "plan",
         "target_embeddings",
         "manifest",
+        "parity",
         "validate",
     }
 

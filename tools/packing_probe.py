@@ -38,9 +38,9 @@ from eagle3_cache.cache_rows import (
     plain_output_head,
     shifted_left,
 )
-from eagle3_cache.pipeline import forward_batches, token_rows
+from eagle3_cache.pipeline import forward_batches
 from eagle3_cache.target import load_target, resolve_aux_layer_ids, resolve_device
-from eagle3_cache.token_store import TokenBlock, read_token_block
+from eagle3_cache.token_store import TokenBlock, read_token_block, token_rows
 from eagle3_cache.vocab import read_vocab_selection
 
 

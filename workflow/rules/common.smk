@@ -23,6 +23,7 @@ from eagle3_cache.layout import (
     EMBEDDINGS_FILE,
     MANIFEST_FILE,
     MANIFEST_SETTINGS,
+    PARITY_SETTINGS,
     PLAN_SETTINGS,
     SELECT_VOCAB_SETTINGS,
     SHARD_DIR,
@@ -31,6 +32,9 @@ from eagle3_cache.layout import (
     SHARD_SETTINGS,
     TARGET_SETTINGS,
     TOKENIZE_SETTINGS,
+    VALIDATION_JSON,
+    VALIDATION_REPORT,
+    VERIFY_SETTINGS,
     VOCAB_MAPPING_FILE,
     applied_settings,
     is_local_data,
@@ -112,6 +116,19 @@ onstart:
     check_before_local_jobs()
 
 
+def make_cache_dirs() -> None:
+    """Create every run's cache directory, an input of the manifest rule (see manifest.smk).
+
+    No rule makes it, and Snakemake looks for inputs before any job runs, so it is made when the
+    workflow is loaded.
+    """
+    for run in config["runs"]:
+        Path(CACHE_DIR.format(run=run)).mkdir(parents=True, exist_ok=True)
+
+
+make_cache_dirs()
+
+
 wildcard_constraints:
     run="|".join(re.escape(run) for run in config["runs"]),
     shard=SHARD_ID,
@@ -186,26 +203,54 @@ def shard_rule(run: str):
     return rules.compute_specforge_shard if is_specforge(run) else rules.compute_shard
 
 
-def every_shard(pick: Callable):
-    """An input function: the pattern `pick(shard rule)` (with a {shard} wildcard) for every shard of
-    the job's run, taken from the shard rule of the run's format."""
+def picked_pattern(pick: Callable | str, run: str) -> str:
+    """`pick` itself, or `pick(shard rule)` for the shard rule of the run's format."""
+    return pick if isinstance(pick, str) else pick(shard_rule(run))
+
+
+def every_shard(pick: Callable | str):
+    """An input function: a pattern with a {shard} wildcard for every shard of the job's run. `pick` is
+    the pattern, or a function giving it from the shard rule of the run's format."""
     return lambda wildcards: expand_shards(
-        pick(shard_rule(wildcards.run)), wildcards.run
+        picked_pattern(pick, wildcards.run), wildcards.run
     )
 
 
-def format_files(wildcards) -> list[str]:
+def this_shard(pick: Callable):
+    """An input function: `pick(shard rule)` of the run's format, for the job's shard."""
+    return lambda wildcards: expand(
+        pick(shard_rule(wildcards.run)), run=wildcards.run, shard=wildcards.shard
+    )
+
+
+def run_format_files(run: str) -> list[str]:
     """What the run's format keeps beside the shards: Automodel's target embeddings, or SpecForge's
     vocabulary mapping."""
-    if is_specforge(wildcards.run):
-        return expand(rules.specforge_vocab_mapping.output.mapping, run=wildcards.run)
-    return expand(rules.target_embeddings.output.embeddings, run=wildcards.run)
+    if is_specforge(run):
+        return expand(rules.specforge_vocab_mapping.output.mapping, run=run)
+    return expand(rules.target_embeddings.output.embeddings, run=run)
 
 
-def every_run_shard(wildcards) -> list[str]:
-    """Every shard of every run, so that a deleted shard is rebuilt."""
-    return [
+def format_files(wildcards) -> list[str]:
+    """An input function: the files the job's run's format keeps beside the shards."""
+    return run_format_files(wildcards.run)
+
+
+def every_run_format_files(wildcards) -> list[str]:
+    """The files every run's format keeps beside its shards."""
+    return [path for run in config["runs"] for path in run_format_files(run)]
+
+
+def every_run_shard(pick: Callable | str):
+    """An input function: `pick` (as for `every_shard`) for every shard of every run, so that a deleted one
+    is rebuilt."""
+    return lambda wildcards: [
         path
         for run in config["runs"]
-        for path in expand_shards(shard_rule(run).output.shard, run)
+        for path in expand_shards(picked_pattern(pick, run), run)
     ]
+
+
+def parity_gpus(wildcards) -> int:
+    """GPUs the live parity job holds: none when it recomputes no sample."""
+    return gpus_per_job(wildcards) if config["validation"]["num_samples"] else 0

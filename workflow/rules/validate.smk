@@ -6,23 +6,22 @@ rule validate:
         counts=rules.select_vocab.output.counts,
         plan=rules.plan.output.plan,
         stats=every_shard(lambda rule: rule.output.stats),
+        verified=every_shard(rules.verify_shard.output.verified),
+        parity=rules.parity.output.parity,
     output:
         report=report(
-            "results/{run}/validation_report.html",
+            f"results/{{run}}/{VALIDATION_REPORT}",
             category="Validation",
             subcategory="{run}",
         ),
-        json="results/{run}/validation.json",
+        json=f"results/{{run}}/{VALIDATION_JSON}",
     log:
         "logs/{run}/validate.log",
     conda:
         "../../envs/eagle3-cache.yaml"
-    threads: 4
-    resources:
-        gpu=gpus_per_job,
+    threads: 1
     params:
-        **config["validation"],
-        **run_params(TARGET_SETTINGS),
+        strict=config["validation"]["strict"],
         cache_dir=subpath(input.manifest, parent=True),
         # Read when present; as inputs, a missing one would force its shard to rerun.
         benchmarks=every_shard(lambda rule: rule.benchmark),

@@ -1,12 +1,14 @@
 """Rule script: compute one shard of a run's cache on a leased GPU (or the CPU)."""
 
 import os
+from pathlib import Path
 
 import torch
 
 from eagle3_cache.errors import reported_errors
 from eagle3_cache.gpu_lease import lease_gpus
 from eagle3_cache.logs import logged_wall_split, setup_logging
+from eagle3_cache.manifest import retire_commit
 from eagle3_cache.pipeline import compute_shard, run_shard_job
 from eagle3_cache.specforge_shard import compute_specforge_shard
 from eagle3_cache.target import resolve_device
@@ -22,6 +24,7 @@ run = snakemake.config["runs"][snakemake.wildcards.run]
 torch.set_num_threads(snakemake.threads)
 
 with reported_errors(), logged_wall_split(log):
+    retire_commit(Path(snakemake.output.shard).parent, f"shard {shard_index:06d} is being computed")
     with lease_gpus(snakemake.config["gpus_per_job"], device=snakemake.config["device"]) as gpus:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         log.info("shard %06d: GPUs %s (CUDA_VISIBLE_DEVICES=%s)", shard_index, gpus, visible)

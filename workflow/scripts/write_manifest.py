@@ -2,10 +2,9 @@
 
 from pathlib import Path
 
-from eagle3_cache.atomic import write_json_atomic
 from eagle3_cache.errors import reported_errors
-from eagle3_cache.logs import setup_logging
-from eagle3_cache.manifest import checked_manifest, read_shard_stats
+from eagle3_cache.logs import logged_wall_split, setup_logging
+from eagle3_cache.manifest import checked_manifest, commit_manifest, read_shard_stats
 from eagle3_cache.specforge_cache import remove_specforge_files, specforge_manifest
 from eagle3_cache.token_store import read_tokenized_info
 from eagle3_cache.vocab import read_vocab_selection
@@ -14,7 +13,7 @@ snakemake = snakemake  # noqa: F821 (injected by Snakemake's script directive)
 log = setup_logging(snakemake.log[0])
 settings = dict(snakemake.params.items())
 
-with reported_errors():
+with reported_errors(), logged_wall_split(log):
     cache_dir = Path(snakemake.params.cache_dir)
     selected, _ = read_vocab_selection(snakemake.input.selection)
     stats = read_shard_stats(snakemake.input.stats)
@@ -24,7 +23,7 @@ with reported_errors():
         manifest = specforge_manifest(cache_dir, stats, manifest)
     else:
         remove_specforge_files(cache_dir)
-    write_json_atomic(snakemake.output.manifest, manifest)
+    commit_manifest(snakemake.output.manifest, manifest)
     log.info(
         "cache complete: %d samples in %d shards, %.2f GB in %s",
         manifest["num_samples"],

@@ -69,6 +69,15 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def fsync_directory(path: str | os.PathLike) -> None:
+    """Make the entries added to or removed from a directory durable, in the order they were made."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write `obj` as indented, key-sorted JSON (the layout Automodel's manifest uses)."""
     with atomic_output(path) as tmp:

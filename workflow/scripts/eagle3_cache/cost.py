@@ -43,8 +43,15 @@ def shard_cost_row(stats: Mapping[str, Any], benchmark: Mapping[str, float | Non
     }
 
 
-def cost_check(stats: Sequence[Mapping[str, Any]], benchmarks: Sequence[Path], shard_count: int) -> CheckResult:
-    """Per shard job: wall time, model load, tokens per second, and Snakemake's benchmark when present."""
+def cost_check(
+    stats: Sequence[Mapping[str, Any]],
+    benchmarks: Sequence[Path],
+    shard_count: int,
+    verified: Sequence[Mapping[str, Any]],
+    parity: CheckResult,
+) -> CheckResult:
+    """Per shard job: wall time, model load, tokens per second, and Snakemake's benchmark when present; and
+    what validating took: the verification jobs' seconds and the GPU seconds of live parity, its only GPU step."""
     by_shard = {shard_index(path): read_benchmark(path) for path in benchmarks if path.exists()}
     rows = [shard_cost_row(s, by_shard.get(s["shard"])) for s in sorted(stats, key=lambda s: s["shard"])]
     job_seconds = sum(r["job_seconds"] for r in rows)
@@ -59,6 +66,8 @@ def cost_check(stats: Sequence[Mapping[str, Any]], benchmarks: Sequence[Path], s
         "tokens_per_second": real_tokens / job_seconds if job_seconds else 0.0,
         "positions_computed_share": computed / padded if padded else 0.0,
         "max_rss_mb": max((r["max_rss_mb"] for r in rows if r["max_rss_mb"] is not None), default=None),
+        "verification_seconds": sum(record["seconds"] for record in verified),
+        "parity_gpu_seconds": parity.figures.get("gpu_seconds", 0.0),
     }
     missing = sorted(set(range(shard_count)) - {r["shard"] for r in rows})
     if missing:
@@ -67,6 +76,8 @@ def cost_check(stats: Sequence[Mapping[str, Any]], benchmarks: Sequence[Path], s
     summary = (
         f"{len(rows)} shard jobs, {format_seconds(job_seconds)} in all, "
         f"{figures['tokens_per_second']:,.0f} real tokens/s; "
-        f"model loading is {figures['load_share']:.0%} of job time"
+        f"model loading is {figures['load_share']:.0%} of job time; validation: "
+        f"{format_seconds(figures['verification_seconds'])} of CPU verification jobs, "
+        f"{figures['parity_gpu_seconds']:.0f} GPU·s of live parity"
     )
     return CheckResult("cost", True, summary, figures, {"shards": rows})

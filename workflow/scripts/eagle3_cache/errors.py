@@ -1,4 +1,4 @@
-"""The one exception type for input a user must fix, and how a job reports it."""
+"""The exception types for what a user must fix or rebuild, and how a job reports them."""
 
 from __future__ import annotations
 
@@ -10,6 +10,10 @@ from collections.abc import Iterator
 
 class CacheConfigError(ValueError):
     """A setting, file or sample the user must change; the message says which and how."""
+
+
+class ShardScanError(RuntimeError):
+    """A shard's rows fail the numeric scan; the message names the shard, the field and the first sample."""
 
 
 def error_line(message: object) -> str:

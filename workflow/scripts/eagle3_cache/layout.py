@@ -30,6 +30,10 @@ def shard_name_pattern(template: str) -> re.Pattern[str]:
 
 
 SHARD_NAME = shard_name_pattern(SHARD_FILE)
+# The validation report, in the run's folder beside the cache directory: it vouches for the
+# committed cache, so it is retired with the manifest.
+VALIDATION_REPORT = "validation_report.html"
+VALIDATION_JSON = "validation.json"
 
 
 def shard_id(index: int) -> str:
@@ -143,7 +147,7 @@ def applied_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 # --- The run settings (config/README.md) each rule hands its script as params -----------------
 
-# What loading the target takes; the target_embeddings and validate rules receive only these.
+# What loading the target takes; the target_embeddings rule receives only these.
 TARGET_SETTINGS = ("target_model", "revision", "trust_remote_code")
 TOKENIZE_SETTINGS = (
     *TARGET_SETTINGS,
@@ -178,3 +182,7 @@ PLAN_SETTINGS = (
 )
 # The manifest records every setting that shaped the cache.
 MANIFEST_SETTINGS = tuple(dict.fromkeys((*TOKENIZE_SETTINGS, *SELECT_VOCAB_SETTINGS, *SHARD_SETTINGS)))
+# What a committed shard's layout follows from, besides the target's width and the draft vocabulary.
+VERIFY_SETTINGS = ("seq_length", "dtype", "target_probs_topk", "shard_size", "format")
+# What recomputing stored samples with the live target takes.
+PARITY_SETTINGS = (*TARGET_SETTINGS, "dtype", "target_probs_topk", "shard_size", "format")

@@ -1,20 +1,28 @@
-"""The manifest: the commit point of a cache, written only once every shard of the run exists.
+"""The manifest: the commit point of a cache, written only once every shard of the run exists and passed verification.
 
 Before writing it we check that the shards were all built under the same settings, target and
 draft vocabulary (their stats files record these), and remove shards an older configuration left
 beyond the current count, so a cache never mixes stale and fresh shards.
+
+Every job that changes a file of the cache directory first retires the manifest
+(`retire_commit`). NeMo Automodel's reader refuses a directory without one, so a trainer never
+finds a manifest beside shards it does not describe, whichever job is killed when; the manifest
+rule writes a new one once every shard is back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .atomic import fsync_directory, write_json_atomic
 from .errors import CacheConfigError
-from .layout import num_shards, samples_in_shard, shard_file_name
+from .layout import MANIFEST_FILE, VALIDATION_JSON, VALIDATION_REPORT, num_shards, samples_in_shard, shard_file_name
 from .provenance import ids_fingerprint, package_versions, producer, settings_fingerprint
 from .shard_format import FORMAT_VERSION, leftover_temp_files, shard_indices_in
 from .token_store import TokenizedInfo
@@ -22,8 +30,36 @@ from .token_store import TokenizedInfo
 log = logging.getLogger(__name__)
 
 
+def retire_commit(cache_dir: str | os.PathLike, reason: str) -> None:
+    """Take a cache out of service before one of its files changes: remove manifest.json, then the run's report.
+
+    The removal is made durable before the caller goes on to change a shard. The report goes too:
+    it vouched for the retired manifest.
+    """
+    cache_dir = Path(cache_dir)
+    manifest = cache_dir / MANIFEST_FILE
+    with contextlib.suppress(FileNotFoundError):  # already retired, maybe by a job running beside this one
+        manifest.unlink()
+        log.info("retired %s: %s", manifest, reason)
+    if cache_dir.is_dir():
+        fsync_directory(cache_dir)
+    for name in (VALIDATION_REPORT, VALIDATION_JSON):
+        (cache_dir.parent / name).unlink(missing_ok=True)
+
+
+def commit_manifest(path: str | os.PathLike, manifest: Mapping[str, Any]) -> None:
+    """Write manifest.json, the commit point, atomically.
+
+    It is then touched: the cache directory is an input of the manifest rule (its mtime says when
+    a file was added or removed; see workflow/rules/manifest.smk), and renaming the manifest into
+    place changed that mtime once more, which must not count as a change.
+    """
+    write_json_atomic(path, manifest)
+    os.utime(path)
+
+
 def read_shard_stats(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """The stats files of a run's shards, in shard order."""
+    """Per-shard JSON records (the shard stats, the verification records), in shard order."""
     stats = [json.loads(Path(p).read_text()) for p in paths]
     return sorted(stats, key=lambda s: s["shard"])
 

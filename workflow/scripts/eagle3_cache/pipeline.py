@@ -1,12 +1,14 @@
 """Compute one shard: length-bucketed batches through the target, rows streamed to disk by a writer thread.
 
 The main thread only feeds the target. A bounded queue hands each finished batch to a writer
-thread that copies it to the host and writes its rows, so disk I/O overlaps the next forward and
-at most a few batches are ever in memory, whatever the shard size.
+thread that scans it (`scan.ShardScan`, on the device it was computed on), copies it to the host
+and writes its rows, so the checks and disk I/O overlap the next forward and at most a few batches
+are ever in memory, whatever the shard size. A shard whose scan finds a problem is never committed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -24,13 +26,14 @@ from torch import nn
 
 from .atomic import write_json_atomic
 from .cache_rows import CacheBatch, CacheSpec, compute_cache_batch, forward_width
-from .errors import CacheConfigError
+from .errors import CacheConfigError, ShardScanError
 from .layout import samples_in_shard
 from .provenance import ids_fingerprint, settings_fingerprint
+from .scan import ShardScan
 from .shard_format import ShardLayout, ShardWriter
 from .target import hidden_size, load_target, model_identity, resolve_aux_layer_ids
 from .timing import PhaseTimer
-from .token_store import TokenBlock, read_token_block, read_tokenized_info
+from .token_store import TokenBlock, read_token_block, read_tokenized_info, token_rows
 from .vocab import read_vocab_selection
 
 log = logging.getLogger(__name__)
@@ -75,16 +78,6 @@ def forward_batches(
     return batches
 
 
-def token_rows(block: TokenBlock, rows: list[int]) -> TokenBlock:
-    """The selected rows of a token block."""
-    index = torch.tensor(rows)
-    return TokenBlock(
-        input_ids=block.input_ids[index],
-        attention_mask=block.attention_mask[index],
-        loss_mask=block.loss_mask[index],
-    )
-
-
 def host_batch(batch: CacheBatch, ready: torch.cuda.Event | None, stream: torch.cuda.Stream | None) -> CacheBatch:
     """`batch` on the CPU; on CUDA copied on a side stream into pinned memory, off the compute stream."""
     if stream is None:
@@ -112,11 +105,22 @@ def write_batch_rows(writer: ShardWriter, batch: CacheBatch, rows: list[int]) ->
 BatchWrite = Callable[[CacheBatch, list[int]], None]
 
 
-class RowWriterThread:
-    """Consumes finished batches from a bounded queue: host copy, then `write(batch, rows)`."""
+def on_stream(stream: torch.cuda.Stream | None, ready: torch.cuda.Event | None, work, *args) -> None:
+    """`work(*args)` on `stream` once `ready` has fired, off the compute stream (directly on the CPU)."""
+    if stream is None:
+        work(*args)
+        return
+    with torch.cuda.stream(stream):
+        stream.wait_event(ready)
+        work(*args)
 
-    def __init__(self, write: BatchWrite, device: torch.device):
+
+class RowWriterThread:
+    """Consumes finished batches from a bounded queue: scan, host copy, then `write(batch, rows)`."""
+
+    def __init__(self, write: BatchWrite, scan: ShardScan, device: torch.device):
         self.write = write
+        self.scan = scan
         self.timer = PhaseTimer(torch.device("cpu"))
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
@@ -137,6 +141,13 @@ class RowWriterThread:
         self.thread.join()
         self._raise_if_failed()
 
+    def stop(self) -> None:
+        """End the thread once it has written what it holds, raising nothing: the caller is failing already,
+        and must not close the shard under a write still running."""
+        with contextlib.suppress(RuntimeError):  # the thread failed, and has ended
+            self._put(None)
+        self.thread.join()
+
     def _put(self, item) -> None:
         while True:
             self._raise_if_failed()
@@ -154,6 +165,8 @@ class RowWriterThread:
         try:
             while (item := self.queue.get()) is not None:
                 batch, rows, ready = item
+                with self.timer.phase("scan"):
+                    on_stream(self.stream, ready, self.scan.add_batch, batch, rows)
                 with self.timer.phase("copy"):
                     batch = host_batch(batch, ready, self.stream)
                 with self.timer.phase("write"):
@@ -189,6 +202,7 @@ class ShardResult:
     computed_tokens: int
     padded_tokens: int
     positions_per_forward: ForwardStats
+    scan: dict[str, Any]
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -241,8 +255,10 @@ def compute_shard(model: nn.Module, spec: CacheSpec, layout: ShardLayout, job: S
         block = job.read_tokens()
     count = job.shard_samples
     budget = job.budget(layout.seq_length)
+    scan = ShardScan(job.first_sample, block, layout.draft_vocab_size, spec.cache_dtype)
     with ShardWriter(job.shard_path, layout, count) as writer:
-        streamed = stream_rows(model, spec, block, functools.partial(write_batch_rows, writer), budget, timer)
+        streamed = stream_rows(model, spec, block, functools.partial(write_batch_rows, writer), budget, timer, scan)
+        refuse_failed_scan(scan, job.shard_path)
         with timer.phase("commit"):
             sha256 = writer.commit()
     return ShardResult(
@@ -254,28 +270,50 @@ def compute_shard(model: nn.Module, spec: CacheSpec, layout: ShardLayout, job: S
         computed_tokens=sum(streamed.positions),
         padded_tokens=count * layout.seq_length,
         positions_per_forward=forward_stats(streamed.positions, budget),
+        scan=scan.summary.to_json(),
         seconds={**timer.seconds, **streamed.write_seconds},
     )
 
 
 def stream_rows(
-    model: nn.Module, spec: CacheSpec, block: TokenBlock, write: BatchWrite, budget: int, timer: PhaseTimer
+    model: nn.Module,
+    spec: CacheSpec,
+    block: TokenBlock,
+    write: BatchWrite,
+    budget: int,
+    timer: PhaseTimer,
+    scan: ShardScan,
 ) -> StreamedRows:
     """Every row of `block` through the target in forwards of at most `budget` positions, each finished
-    batch handed to `write` on the writer thread."""
+    batch scanned by `scan` and handed to `write` on the writer thread."""
     seq_length = block.input_ids.shape[1]
     batches = forward_batches(block.attention_mask.sum(dim=1), seq_length, budget, spec.target_repr)
     positions: list[int] = []
     started = time.perf_counter()
-    writer_thread = RowWriterThread(write, model.get_input_embeddings().weight.device)
-    for done, rows in enumerate(batches, start=1):
-        batch = compute_cache_batch(model, spec, token_rows(block, rows), timer=timer)
-        positions.append(len(rows) * batch.computed["aux_hidden_states"].shape[1])
-        writer_thread.submit(batch, rows)
-        log_progress(done, len(batches), started)
+    writer_thread = RowWriterThread(write, scan, model.get_input_embeddings().weight.device)
+    try:
+        for done, rows in enumerate(batches, start=1):
+            batch = compute_cache_batch(model, spec, token_rows(block, rows), timer=timer)
+            positions.append(len(rows) * batch.computed["aux_hidden_states"].shape[1])
+            writer_thread.submit(batch, rows)
+            log_progress(done, len(batches), started)
+    except BaseException:
+        writer_thread.stop()
+        raise
     with timer.phase("drain"):
         writer_thread.finish()
     return StreamedRows(positions, writer_thread.timer.seconds)
+
+
+def refuse_failed_scan(scan: ShardScan, shard_path: str | Path) -> None:
+    """Stop before the commit when the shard's computed rows fail the scan, naming the field and first sample."""
+    if problems := scan.summary.problems():
+        raise ShardScanError(
+            f"{Path(shard_path).name}: the computed rows fail the scan, so the shard was not written: "
+            + "; ".join(problems)
+            + ". NaN or Inf come from the target itself or from values beyond dtype fp16's range: "
+            "try dtype bf16 or fp32, and run the target on the samples named."
+        )
 
 
 def log_progress(done: int, total: int, started: float) -> None:

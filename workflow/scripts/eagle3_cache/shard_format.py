@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,12 +157,6 @@ def read_shard_rows(path: str | os.PathLike, rows: Sequence[int]) -> dict[str, t
         return {key: torch.stack([handle.get_slice(key)[row] for row in rows]) for key in handle.keys()}
 
 
-def read_shard_block(path: str | os.PathLike, start: int, stop: int) -> dict[str, torch.Tensor]:
-    """Samples `start..stop-1` of one shard, every stored field, in one read per field."""
-    with safe_open(str(path), framework="pt") as handle:
-        return {key: handle.get_slice(key)[start:stop] for key in handle.keys()}
-
-
 def shard_indices_in(cache_dir: str | os.PathLike) -> list[int]:
     """The shard indices present in a directory, sorted."""
     return sorted(int(m.group(1)) for name in os.listdir(cache_dir) if (m := SHARD_NAME.match(name)))
@@ -222,8 +217,9 @@ def shard_layout_problems(path: Path, layout: ShardLayout, num_samples: int) -> 
     want = {f.name: ([num_samples, *f.sample_shape], f.dtype) for f in layout.fields()}
     try:
         got = {name: (entry["shape"], entry["dtype"]) for name, entry in safetensors_entries(path).items()}
-    except (OSError, ValueError) as error:
-        return [CacheProblem(path.name, f"unreadable safetensors header: {error}")]
+    # A damaged header may be cut short, not JSON, or JSON without the entries' keys.
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as error:
+        return [CacheProblem(path.name, f"unreadable safetensors header: {error!r}")]
     diffs = [
         f"{key}: stored {got.get(key)}, expected {want.get(key)}"
         for key in sorted(want.keys() | got.keys())
@@ -239,16 +235,24 @@ def safetensors_entries(path: Path) -> dict[str, Any]:
     return entries
 
 
-def shard_record_problems(cache_dir: Path, manifest: Mapping[str, Any], verify_hashes: bool) -> list[CacheProblem]:
-    """Each shard's sample count, byte size and sha256 against the manifest's record of it."""
+def shard_size_problems(cache_dir: Path, manifest: Mapping[str, Any]) -> list[CacheProblem]:
+    """Each present shard's byte size against the manifest's record of it (from the directory, opening no shard)."""
+    problems = []
+    for record in manifest.get("shards", []):
+        path = cache_dir / record["file"]
+        if path.exists() and path.stat().st_size != record["bytes"]:
+            problems.append(CacheProblem(path.name, f"{path.stat().st_size} bytes, manifest says {record['bytes']}"))
+    return problems
+
+
+def shard_content_problems(cache_dir: Path, manifest: Mapping[str, Any], verify_hashes: bool) -> list[CacheProblem]:
+    """Each present shard's keys, shapes, dtypes and sha256 against its layout and the manifest's record."""
     problems = []
     layout = ShardLayout.from_manifest(manifest)
     for record in manifest.get("shards", []):
         path = cache_dir / record["file"]
         if not path.exists():
             continue
-        if path.stat().st_size != record["bytes"]:
-            problems.append(CacheProblem(path.name, f"{path.stat().st_size} bytes, manifest says {record['bytes']}"))
         problems += shard_layout_problems(path, layout, int(record["num_samples"]))
         if verify_hashes and file_sha256(path) != record["sha256"]:
             problems.append(CacheProblem(path.name, "sha256 differs from the manifest (corrupted or replaced)"))
@@ -270,27 +274,38 @@ def shard_records_problems(manifest: Mapping[str, Any]) -> list[CacheProblem]:
 def readable_manifest(cache_dir: Path) -> dict[str, Any] | CacheProblem:
     """The manifest of a cache directory, or why there is none to check it against."""
     if not (cache_dir / MANIFEST_FILE).exists():
-        return CacheProblem(MANIFEST_FILE, "missing: the cache is incomplete (the manifest is written last)")
+        return CacheProblem(MANIFEST_FILE, "missing: the cache is incomplete or retired (the manifest is written last)")
     try:
         return read_manifest(cache_dir)
     except json.JSONDecodeError as error:
         return CacheProblem(MANIFEST_FILE, f"not valid JSON: {error}")
 
 
-def check_cache(cache_dir: str | os.PathLike, verify_hashes: bool = True) -> list[CacheProblem]:
-    """Everything wrong with a cache directory; empty when it is complete and intact."""
-    cache_dir = Path(cache_dir)
+def committed_manifest(cache_dir: Path) -> tuple[dict[str, Any] | None, list[CacheProblem]]:
+    """The manifest of a cache directory and, when it is missing or unusable, why."""
     manifest = readable_manifest(cache_dir)
     if isinstance(manifest, CacheProblem):
-        return [manifest]
+        return None, [manifest]
     problems = manifest_problems(manifest)
-    if problems:
-        return problems
+    return (None if problems else manifest), problems
+
+
+def directory_problems(cache_dir: Path, manifest: Mapping[str, Any]) -> list[CacheProblem]:
+    """What the directory listing shows against the manifest: records, the shard set, sizes (no shard is opened)."""
     return (
         shard_records_problems(manifest)
         + shard_set_problems(cache_dir, manifest)
-        + shard_record_problems(cache_dir, manifest, verify_hashes)
+        + shard_size_problems(cache_dir, manifest)
     )
+
+
+def check_cache(cache_dir: str | os.PathLike, verify_hashes: bool = True) -> list[CacheProblem]:
+    """Everything wrong with a cache directory, each shard read; empty when it is complete and intact."""
+    cache_dir = Path(cache_dir)
+    manifest, problems = committed_manifest(cache_dir)
+    if manifest is None:
+        return problems
+    return directory_problems(cache_dir, manifest) + shard_content_problems(cache_dir, manifest, verify_hashes)
 
 
 def leftover_temp_files(cache_dir: str | os.PathLike) -> list[Path]:

@@ -6,6 +6,7 @@ directories, and a size and sha256 per sample file, which the checker holds the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -54,6 +55,11 @@ REQUIRED_MANIFEST_KEYS = (
 AUTOMODEL_ONLY_KEYS = ("format_version", "target_probs_topk")
 
 
+def records_sha256(files: Sequence[Mapping[str, Any]]) -> str:
+    """One digest for a shard directory: of its file records (names, sizes and sha256s) in order."""
+    return hashlib.sha256(json.dumps(list(files), sort_keys=True).encode()).hexdigest()
+
+
 def sample_paths(cache_dir: Path, manifest: Mapping[str, Any]) -> Iterator[tuple[Path, Mapping[str, Any]]]:
     """Every sample file the manifest records, in sample order, with its record."""
     for shard in manifest["shards"]:
@@ -68,6 +74,7 @@ def shard_record(stats: Mapping[str, Any]) -> dict[str, Any]:
         "num_samples": stats["num_samples"],
         "num_files": len(stats["files"]),
         "bytes": stats["bytes"],
+        "sha256": stats["sha256"],
         "files": stats["files"],
     }
 
@@ -197,13 +204,18 @@ def stored_file_problems(cache_dir: Path, manifest: Mapping[str, Any], verify_ha
             name = f"{path.parent.name}/{path.name}"
             found = sample_file_problems(path, record, int(manifest["hidden_size"]), verify_hashes)
             problems += [CacheProblem(name, problem) for problem in found]
+    return problems + mapping_problems(cache_dir, manifest, verify_hashes)
+
+
+def mapping_problems(cache_dir: Path, manifest: Mapping[str, Any], verify_hashes: bool) -> list[CacheProblem]:
+    """The vocabulary mapping, when present, against the manifest's draft vocabulary and its recorded sha256."""
     mapping = cache_dir / VOCAB_MAPPING_FILE
-    if mapping.exists():
-        found = vocab_mapping_problems(mapping, manifest["selected_token_ids"], int(manifest["target_vocab_size"]))
-        if verify_hashes and file_sha256(mapping) != manifest["vocab_mapping"]["sha256"]:
-            found.append("sha256 differs from the manifest (corrupted or replaced)")
-        problems += [CacheProblem(VOCAB_MAPPING_FILE, problem) for problem in found]
-    return problems
+    if not mapping.exists():
+        return []
+    found = vocab_mapping_problems(mapping, manifest["selected_token_ids"], int(manifest["target_vocab_size"]))
+    if verify_hashes and file_sha256(mapping) != manifest["vocab_mapping"]["sha256"]:
+        found.append("sha256 differs from the manifest (corrupted or replaced)")
+    return [CacheProblem(VOCAB_MAPPING_FILE, problem) for problem in found]
 
 
 def check_specforge_cache(cache_dir: str | os.PathLike, verify_hashes: bool = True) -> list[CacheProblem]:

@@ -95,10 +95,14 @@ def serialized(sample: Mapping[str, torch.Tensor]) -> bytes:
 # --- Reading and checking sample files ---------------------------------------------------------
 
 
-def read_sample_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A sample file as SpecForge loads it: memory-mapped, so only what is touched is read."""
+def read_sample_file(path: str | os.PathLike, data: bytes | None = None) -> dict[str, torch.Tensor]:
+    """A sample file as SpecForge loads it: memory-mapped, so only what is touched is read; or from `data`,
+    its bytes already read."""
     try:
-        sample = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if data is None:
+            sample = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        else:
+            sample = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
         raise CacheConfigError(
             f"{path}: not a readable torch.save zip file ({error}). Delete its shard directory and rerun the workflow."

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import shutil
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +18,10 @@ from torch import nn
 
 from .cache_rows import CacheBatch, CacheSpec
 from .errors import CacheConfigError
-from .pipeline import ShardJob, ShardResult, forward_stats, stream_rows
+from .pipeline import ShardJob, ShardResult, forward_stats, refuse_failed_scan, stream_rows
+from .scan import ShardScan
 from .shard_format import ShardLayout
+from .specforge_cache import records_sha256
 from .specforge_format import TARGET_REPR, lm_head_key, sample_file_name, sample_tensors, serialized, staging_dir_for
 from .target import hidden_size
 from .timing import PhaseTimer
@@ -103,11 +103,6 @@ class ShardDirectoryWriter:
             self.abort()
 
 
-def records_sha256(files: Sequence[Mapping[str, Any]]) -> str:
-    """One digest for a shard directory: of its file records (names, sizes and sha256s) in order."""
-    return hashlib.sha256(json.dumps(list(files), sort_keys=True).encode()).hexdigest()
-
-
 @dataclass(kw_only=True)
 class SpecForgeShardResult(ShardResult):
     """A shard job's result in the specforge format: `ShardResult` plus what the manifest records."""
@@ -132,8 +127,10 @@ def compute_specforge_shard(
         block = job.read_tokens()
     count = job.shard_samples
     budget = job.budget(layout.seq_length)
+    scan = ShardScan(job.first_sample, block, layout.draft_vocab_size, spec.cache_dtype)
     with ShardDirectoryWriter(job.shard_path, block, job.first_sample) as writer:
-        streamed = stream_rows(model, spec, block, writer.write_batch, budget, timer)
+        streamed = stream_rows(model, spec, block, writer.write_batch, budget, timer, scan)
+        refuse_failed_scan(scan, job.shard_path)
         with timer.phase("commit"):
             files = writer.commit()
     return SpecForgeShardResult(
@@ -145,6 +142,7 @@ def compute_specforge_shard(
         computed_tokens=sum(streamed.positions),
         padded_tokens=count * layout.seq_length,
         positions_per_forward=forward_stats(streamed.positions, budget),
+        scan=scan.summary.to_json(),
         seconds={**timer.seconds, **streamed.write_seconds},
         hidden_size=hidden_size(model),
         lm_head_key=lm_head_key(model),

@@ -60,6 +60,11 @@ class TokenBlock:
     loss_mask: torch.Tensor
 
 
+def token_rows(block: TokenBlock, rows: list[int]) -> TokenBlock:
+    """The selected rows of a token block."""
+    return TokenBlock(block.input_ids[rows], block.attention_mask[rows], block.loss_mask[rows])
+
+
 @dataclass(frozen=True)
 class TokenizedHeader:
     """What the store was built from; kept in its attrs."""

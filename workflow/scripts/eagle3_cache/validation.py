@@ -1,52 +1,45 @@
-"""Validation of a finished cache: the eight checks, run one after another, and the report they write.
+"""Validation of a finished cache: the eight checks, and the report they write.
+
+The report job aggregates what other jobs found where the data was: each shard's verification
+record (`verified/*.json`: size, header, sha256 and the numeric scan, read back from disk), the
+live parity job's `parity.json`, the shard stats, the disk plan and the tokenized store's
+statistics. It opens no shard and needs no GPU.
 
 Each check is a function returning a `CheckResult` (passed or not, a one-line summary, figures,
 series for tables and charts, details). `validate_cache` runs them all: the shared ones and those of
 the cache's format (`automodel_checks`, or `specforge_validation.specforge_checks`); a check that
 cannot run (an unreadable file, a missing manifest) is a failed check, never a crash, so a report is
-always written. `write_report` writes it as HTML (`report_html`) and JSON. The checks that read every
-sample share one scan (`scan`); the cost check is in `cost`; live parity applies the `parity` rule.
+always written. `write_report` writes it as HTML (`report_html`) and JSON. The cost check is in `cost`.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from . import CACHE_SEMANTICS_VERSION
 from .atomic import atomic_output, write_json_atomic
-from .cache_rows import CacheSpec, compute_cache_batch
 from .cost import cost_check
 from .disk_plan import planned_figures, planned_summary, read_plan
-from .layout import EMBEDDINGS_FILE, ROW_ORDER_SETTINGS, applied_settings, shard_file_name
+from .layout import EMBEDDINGS_FILE, MANIFEST_FILE, ROW_ORDER_SETTINGS, applied_settings, shard_file_name
 from .manifest import read_shard_stats
-from .parity import parity_outcome, parity_result, parity_sample_indices
 from .report_html import format_bytes, render_html
 from .results import TITLES, CheckResult, ValidationReport, problems_summary
-from .scan import MIN_DRAFT_SHARE, sanity_check, scan_cache, supervision_check
-from .shard_format import (
-    DTYPES,
-    ShardLayout,
-    check_cache,
-    read_manifest,
-    read_shard_rows,
-    shard_indices_in,
-)
+from .scan import MIN_DRAFT_SHARE, ScanSummary, merged_scans, sanity_check, supervision_check
+from .shard_format import ShardLayout, committed_manifest, directory_problems, read_manifest
 from .specforge_sizes import specforge_files_bytes
-from .target import compute_dtype
-from .token_store import TokenizedInfo, read_token_rows, read_tokenized_info
+from .token_store import TokenizedInfo, read_tokenized_info
+from .verification import verification_problems
 from .vocab import read_vocab_selection
 
 log = logging.getLogger(__name__)
@@ -56,7 +49,7 @@ PROJECTED_SAMPLES = {"100k": 100_000, "1M": 1_000_000}
 
 @dataclass(frozen=True)
 class ValidationInputs:
-    """The files of one run that validation reads, and its settings."""
+    """The files of one run that validation reads: none of them a shard."""
 
     run: str
     cache_dir: Path
@@ -64,96 +57,45 @@ class ValidationInputs:
     selection: Path
     counts: Path
     stats: Sequence[Path]
+    verified: Sequence[Path]  # the verification records, one per shard
+    parity: Path  # the live parity job's result
     benchmarks: Sequence[Path]
-    num_samples: int  # samples recomputed by the parity check
-    seed: int
     plan: Path | None = None  # the disk plan, whose predictions the disk check compares with the cache
 
 
 # --- 1. Complete and intact ------------------------------------------------------------------
 
 
-def integrity_check(cache_dir: Path) -> CheckResult:
-    """The cache directory against its manifest (`shard_format.check_cache`, hashes included)."""
-    problems = [str(problem) for problem in check_cache(cache_dir)]
-    shards = shard_indices_in(cache_dir)
+def integrity_check(cache_dir: Path, verified: Sequence[Mapping[str, Any]]) -> CheckResult:
+    """The directory against its manifest, and each shard's verification against the manifest's record of it."""
+    manifest, problems = committed_manifest(cache_dir)
+    if manifest is not None:
+        problems = directory_problems(cache_dir, manifest) + verification_problems(manifest, verified)
+    problems = [str(problem) for problem in problems]
     figures = {
-        "shard_files": len(shards),
-        "verified_bytes": sum((cache_dir / shard_file_name(i)).stat().st_size for i in shards),
+        "shard_files": len(manifest["shards"]) if manifest else 0,
+        "verified_shards": len(verified),
+        "verified_bytes": sum(record["bytes"] for record in verified),
         "problems": len(problems),
     }
     if problems:
         return CheckResult("integrity", False, problems_summary(problems), figures, details=problems)
-    summary = f"all {len(shards)} shards present; sample counts, sizes, sha256, keys, shapes and dtypes as recorded"
+    summary = (
+        f"all {len(verified)} shards present and verified on disk: sizes, headers, keys, shapes, dtypes "
+        "and sha256 as recorded"
+    )
     return CheckResult("integrity", True, summary, figures)
 
 
-# --- 2. Live parity --------------------------------------------------------------------------
+# --- 2. Live parity: its own job (`live_parity`), which holds the GPUs -------------------------
 
 
-def cache_spec(manifest: Mapping[str, Any]) -> CacheSpec:
-    """The CacheSpec the manifest says the shards were computed under."""
-    return CacheSpec(
-        aux_layer_ids=list(manifest["aux_layer_ids"]),
-        selected_token_ids=torch.tensor(manifest["selected_token_ids"], dtype=torch.long),
-        target_vocab_size=int(manifest["target_vocab_size"]),
-        dtype=manifest["dtype"],
-        # A specforge manifest records none: its shards hold no distribution.
-        target_probs_topk=int(manifest.get("target_probs_topk") or 0),
-    )
+def parity_from_job(path: Path) -> CheckResult:
+    """The live parity job's result."""
+    return CheckResult.from_json(json.loads(path.read_text()))
 
 
-def shard_compute_dtypes(stats: Sequence[Mapping[str, Any]]) -> set[torch.dtype]:
-    """The dtypes the shard jobs computed in (from the device each one recorded)."""
-    return {compute_dtype(torch.device(s["device"])) for s in stats}
-
-
-def stored_sample(cache_dir: Path, shard_size: int, sample: int) -> dict[str, torch.Tensor]:
-    """One sample's stored fields, read from its shard."""
-    shard, row = divmod(sample, shard_size)
-    return {name: values[0] for name, values in read_shard_rows(cache_dir / shard_file_name(shard), [row]).items()}
-
-
-def recomputed_samples(
-    model: nn.Module, spec: CacheSpec, inputs: ValidationInputs, shard_size: int, samples: list[int]
-) -> Iterator[tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
-    """Each of `samples` run through the target by the shards' own function, beside its stored rows.
-
-    One sample per forward: the target runs on no padding, and each row is recomputed in another
-    batch than the shard job's, as a row's content must not depend on its batch.
-    """
-    for sample in samples:
-        live = compute_cache_batch(model, spec, read_token_rows(inputs.tokenized, [sample])).cpu().padded()
-        live_sample = {name: values[0] for name, values in live.items()}
-        yield sample, live_sample, stored_sample(inputs.cache_dir, shard_size, sample)
-
-
-def parity_check(
-    open_target: Callable[[], AbstractContextManager[nn.Module]],
-    manifest: Mapping[str, Any],
-    inputs: ValidationInputs,
-    stats: Sequence[Mapping[str, Any]],
-) -> CheckResult:
-    """Recompute `inputs.num_samples` samples with the live target and compare them with the cache."""
-    shard_size = int(manifest["shard_size"])
-    samples = parity_sample_indices(int(manifest["num_samples"]), shard_size, inputs.num_samples, inputs.seed)
-    if not samples:
-        return CheckResult("parity", True, "not run: validation.num_samples is 0", {"samples_checked": 0})
-    started = time.perf_counter()
-    with open_target() as model:
-        load_seconds = time.perf_counter() - started
-        spec = cache_spec(manifest)
-        outcome = parity_outcome(
-            recomputed_samples(model, spec, inputs, shard_size, samples),
-            shard_size=shard_size,
-            draft_vocab_size=spec.draft_vocab_size,
-            cache_dtype=DTYPES[manifest["dtype"]],
-            compute_dtypes=shard_compute_dtypes(stats) | {next(model.parameters()).dtype},
-        )
-    return parity_result(outcome, load_seconds)
-
-
-# --- 3. Numerically sane and 4. Supervision: in `scan`, as they read the whole cache ----------------
+# --- 3. Numerically sane and 4. Supervision: in `scan`, from the shards' verification records --
 
 
 # --- 5. Draft vocabulary -----------------------------------------------------------------------
@@ -399,8 +341,6 @@ class CacheReads:
     """One run's inputs and what its checks share, each read once when first needed."""
 
     inputs: ValidationInputs
-    # Yields the target model for the parity check, and holds it only while that check runs.
-    open_target: Callable[[], AbstractContextManager[nn.Module]]
 
     @functools.cached_property
     def manifest(self) -> dict[str, Any]:
@@ -415,13 +355,28 @@ class CacheReads:
         # A missing stats file is the cost check's finding, not a reason to stop.
         return read_shard_stats([path for path in self.inputs.stats if path.exists()])
 
+    @functools.cached_property
+    def verified(self) -> list[dict[str, Any]]:
+        # A missing record is the integrity check's finding.
+        return read_shard_stats([path for path in self.inputs.verified if path.exists()])
+
+    @functools.cached_property
+    def scan(self) -> ScanSummary:
+        """The numeric scans the verification jobs recorded, added up over the shards."""
+        return merged_scans([record["scan"] for record in self.verified])
+
+    @functools.cached_property
+    def parity(self) -> CheckResult:
+        return parity_from_job(self.inputs.parity)
+
 
 def shared_checks(reads: CacheReads) -> dict[str, Check]:
-    """The checks that read nothing of the shards themselves, the same for every output format."""
+    """The checks that are the same for every output format."""
     inputs = reads.inputs
     return {
+        "parity": lambda: reads.parity,
         "vocabulary": lambda: vocabulary_check(np.load(inputs.counts), reads.manifest, inputs.selection),
-        "cost": lambda: cost_check(reads.stats, inputs.benchmarks, len(inputs.stats)),
+        "cost": lambda: cost_check(reads.stats, inputs.benchmarks, len(inputs.stats), reads.verified, reads.parity),
         "provenance": lambda: provenance_check(reads.manifest, reads.info, reads.stats),
     }
 
@@ -429,26 +384,20 @@ def shared_checks(reads: CacheReads) -> dict[str, Check]:
 def automodel_checks(reads: CacheReads) -> dict[str, Check]:
     """The checks of an Automodel cache's shards."""
     inputs = reads.inputs
-    scan = functools.cache(lambda: scan_cache(inputs.cache_dir, reads.manifest, inputs.tokenized))
     return {
-        "integrity": lambda: integrity_check(inputs.cache_dir),
-        "parity": lambda: parity_check(reads.open_target, reads.manifest, inputs, reads.stats),
-        "sanity": lambda: sanity_check(scan(), int(reads.manifest["num_samples"])),
-        "supervision": lambda: supervision_check(scan(), reads.info),
+        "integrity": lambda: integrity_check(inputs.cache_dir, reads.verified),
+        "sanity": lambda: sanity_check(reads.scan, int(reads.manifest["num_samples"])),
+        "supervision": lambda: supervision_check(reads.scan, reads.info),
         "disk": lambda: disk_check(inputs.cache_dir, reads.manifest, reads.info, read_plan(inputs.plan)),
     }
 
 
 def validate_cache(
-    inputs: ValidationInputs,
-    open_target: Callable[[], AbstractContextManager[nn.Module]],
-    format_checks: Callable[[CacheReads], Mapping[str, Check]] = automodel_checks,
+    inputs: ValidationInputs, format_checks: Callable[[CacheReads], Mapping[str, Check]] = automodel_checks
 ) -> ValidationReport:
-    """Run every check on one run's cache: the shared ones and `format_checks`, in the report's order.
-
-    `open_target()` yields the target model for the parity check.
-    """
-    reads = CacheReads(inputs, open_target)
+    """Run every check on one run's cache, from the records the other jobs wrote (no shard is read): the shared
+    ones and `format_checks`, in the report's order."""
+    reads = CacheReads(inputs)
     checks = {**shared_checks(reads), **format_checks(reads)}
     results = [run_check(key, checks[key]) for key in TITLES if key in checks]
     generated_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -483,6 +432,7 @@ def failure_message(report: ValidationReport, kept: Path) -> str:
     """What a strict failure tells the user."""
     return (
         f"validation of run {report.run!r} failed: {', '.join(report.failed_titles)}. "
-        f"The report is kept at {kept}; fix the cache "
-        "(or set validation.strict: false to accept it with the failure marked)."
+        f"{MANIFEST_FILE} was retired, so trainers refuse {report.cache_dir}; the report is kept at {kept}. "
+        "Fix the cause and run again, or accept the cache as it is with validation.strict: false "
+        "(the next run then commits the manifest again and marks the failures in the report)."
     )

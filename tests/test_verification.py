@@ -1,0 +1,91 @@
+"""Verification of committed shards: a clean shard passes with the scan its job recorded, any flipped bit or a
+truncation is caught, and a shard that fails is taken out of a cache the trainer's reader then refuses."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+
+from eagle3_cache.layout import MANIFEST_FILE, shard_file_name
+from eagle3_cache.manifest import retire_commit
+from eagle3_cache.verification import take_out_of_cache, verify_committed_shard
+from helpers import PARITY_ROWS, TinyCache, build_tiny_cache
+
+FLIP_SEEDS = range(8)
+
+
+@pytest.fixture(scope="session")
+def built_cache(tmp_path_factory, tiny_chat_target) -> TinyCache:
+    run_dir = tmp_path_factory.mktemp("verified") / "results" / "tiny"
+    return build_tiny_cache(run_dir, tiny_chat_target, PARITY_ROWS, shard_size=4)
+
+
+@pytest.fixture
+def cache(built_cache, tmp_path) -> TinyCache:
+    """A private copy of the built cache, free to damage."""
+    return TinyCache(shutil.copytree(built_cache.run_dir, tmp_path / "results" / "tiny"))
+
+
+def verify(cache: TinyCache, index: int):
+    return verify_committed_shard(
+        cache.cache_dir / shard_file_name(index),
+        stats_path=cache.stats[index],
+        selection_path=cache.selection,
+        tokenized_path=cache.tokenized,
+        settings=cache.settings,
+    )
+
+
+def test_a_clean_shard_passes_with_the_scan_its_job_recorded(cache):
+    for index, stats_path in enumerate(cache.stats):
+        stats = json.loads(stats_path.read_text())
+        result = verify(cache, index)
+        assert result.failures == []
+        assert (result.sha256, result.bytes) == (stats["sha256"], stats["bytes"])
+        # The scan of the rows in memory before the write and of the file read back agree to the last count.
+        assert result.scan == stats["scan"]
+
+
+@pytest.mark.parametrize("seed", FLIP_SEEDS)
+def test_a_bit_flipped_anywhere_is_caught(cache, seed):
+    shard = cache.cache_dir / shard_file_name(1)
+    data = bytearray(shard.read_bytes())
+    rng = random.Random(seed)
+    # The first seeds hit the header, the data's first and last byte; the others anywhere.
+    offset = [3, 20, len(data) - 1][seed] if seed < 3 else rng.randrange(len(data))
+    data[offset] ^= 1 << rng.randrange(8)
+    shard.write_bytes(bytes(data))
+    assert verify(cache, 1).failures, f"a flip at byte {offset} of {len(data)} went unnoticed"
+
+
+def test_a_truncated_shard_is_caught_by_its_size(cache):
+    shard = cache.cache_dir / shard_file_name(0)
+    size = shard.stat().st_size
+    with open(shard, "r+b") as handle:
+        handle.truncate(size - 1000)
+    [problem] = verify(cache, 0).failures
+    assert f"{size - 1000} bytes, its layout takes {size}" in problem
+
+
+def test_a_failed_shard_is_taken_out_and_the_trainer_refuses_the_cache(cache):
+    reader = pytest.importorskip("nemo_automodel.components.datasets.llm.eagle3_cache")
+    shard = cache.cache_dir / shard_file_name(1)
+    report = cache.run_dir / "validation_report.html"
+    report.write_text("PASS")
+    assert len(reader.CachedEagle3Dataset(str(cache.cache_dir))) == len(PARITY_ROWS)
+
+    message = take_out_of_cache(shard, ["sha256 differs"])
+    assert str(shard) in message and "sha256 differs" in message and "run the workflow again" in message
+    assert not shard.exists() and not (cache.cache_dir / MANIFEST_FILE).exists() and not report.exists()
+    with pytest.raises(FileNotFoundError, match="Was the cache fully written"):
+        reader.CachedEagle3Dataset(str(cache.cache_dir))
+
+
+def test_retiring_twice_or_an_absent_manifest_is_harmless(cache):
+    retire_commit(cache.cache_dir, "first")
+    retire_commit(cache.cache_dir, "second")
+    retire_commit(cache.run_dir / "no-such-cache", "never built")
+    assert not (cache.cache_dir / MANIFEST_FILE).exists()

@@ -1,0 +1,100 @@
+"""Verification of one committed specforge shard directory, one sample file at a time.
+
+The `verify_shard` rule runs it for a specforge run, as `verification.verify_committed_shard` for an
+Automodel one. Each sample file is read once: its bytes go through sha256 against the record its
+shard job wrote, then are loaded as SpecForge loads them and checked for keys, shapes, dtypes, NaN or
+Inf in the hidden states, and tokens and loss mask equal to the tokenized row. Memory holds one
+sample file, whatever the shard size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CacheConfigError
+from .layout import samples_in_shard, shard_index
+from .scan import ScanSummary
+from .specforge_cache import SNAKEMAKE_TIMESTAMP, records_sha256
+from .specforge_format import nonfinite_values, read_sample_file, sample_problems
+from .token_store import TokenBlock, read_token_block, read_tokenized_info, token_rows
+from .verification import ShardVerification
+
+
+def sample_bytes_problems(
+    data: bytes, record: Mapping[str, Any], hidden_size: int, scan: ScanSummary, sample: int, row: TokenBlock
+) -> list[str]:
+    """One sample file's bytes against its record, its layout and its tokenized `row`; its values go to `scan`."""
+    if len(data) != record["bytes"]:
+        return [f"{len(data)} bytes, its shard job wrote {record['bytes']} (truncated or overwritten?)"]
+    if hashlib.sha256(data).hexdigest() != record["sha256"]:
+        return ["sha256 differs from the one recorded when it was written (changed on disk)"]
+    try:
+        stored = read_sample_file(record["file"], data)
+    except CacheConfigError as error:
+        return [str(error)]
+    problems = sample_problems(stored, num_tokens=int(record["num_tokens"]), hidden_size=hidden_size)
+    if problems:
+        return problems
+    scan.samples += 1
+    scan.total_positions += int(record["num_tokens"])
+    scan.supervised_positions += int(stored["loss_mask"].sum())
+    for key, count in nonfinite_values(stored).items():
+        if count:
+            scan.record("nonfinite", key, count, sample)
+    length = int(record["num_tokens"])
+    for key in ("input_ids", "loss_mask"):
+        if not torch.equal(stored[key], getattr(row, key)[0, :length]):
+            scan.record("unlike_tokenized", key, 1, sample)
+            scan.samples_unlike_tokenized = sorted({*scan.samples_unlike_tokenized, sample})
+    return []
+
+
+def verify_specforge_shard(
+    shard_dir: Path, stats: Mapping[str, Any], tokens: TokenBlock, first_sample: int
+) -> ShardVerification:
+    """Everything wrong with a committed shard directory: against its job's file records and its tokenized rows."""
+    started = time.perf_counter()
+    scan = ScanSummary()
+    problems: list[str] = []
+    records = stats["files"]
+    present = {path.name for path in shard_dir.iterdir()} if shard_dir.is_dir() else set()
+    stray = present - {record["file"] for record in records} - {SNAKEMAKE_TIMESTAMP}
+    problems += [f"stray file {name}" for name in sorted(stray)]
+    read, total = [], 0
+    for row, record in enumerate(records):
+        path = shard_dir / record["file"]
+        if not path.exists():
+            problems.append(f"{record['file']}: missing")
+            continue
+        data = path.read_bytes()
+        total += len(data)
+        found = sample_bytes_problems(
+            data, record, int(stats["hidden_size"]), scan, first_sample + row, token_rows(tokens, [row])
+        )
+        problems += [f"{record['file']}: {problem}" for problem in found]
+        read.append({**record, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    sha256 = records_sha256(read) if not problems else ""
+    seconds = time.perf_counter() - started
+    return ShardVerification(shard_index(shard_dir), shard_dir.name, total, sha256, problems, scan.to_json(), seconds)
+
+
+def verify_committed_specforge_shard(
+    shard_dir: Path, *, stats_path: Path, selection_path: Path, tokenized_path: Path, settings: Mapping[str, Any]
+) -> ShardVerification:
+    """What the `verify_shard` job checks for a specforge run: the directory against its stats and tokenized rows.
+
+    Its arguments are `verify_committed_shard`'s, so the job calls either; the draft vocabulary
+    (`selection_path`) shapes nothing a specforge file holds.
+    """
+    stats = json.loads(Path(stats_path).read_text())
+    index, shard_size = shard_index(shard_dir), settings["shard_size"]
+    first = index * shard_size
+    count = samples_in_shard(index, read_tokenized_info(tokenized_path).num_samples, shard_size)
+    return verify_specforge_shard(shard_dir, stats, read_token_block(tokenized_path, first, first + count), first)

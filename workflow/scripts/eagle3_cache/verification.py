@@ -1,0 +1,168 @@
+"""Verification of one committed shard, in one read: size, header, keys, shapes, dtypes, sha256 and the numeric scan.
+
+The `verify_shard` rule runs it, one CPU job per shard, on the file as it is on disk (a specforge
+shard directory: `specforge_verification`). The file is
+read once, front to back: every byte goes through sha256, and each field's rows go through
+`scan.ShardScan` as they pass, a bounded block at a time. A shard that fails is taken out of the
+cache (the manifest retired first), so the next run rebuilds it; one that passes gets a record in
+`verified/`, which is all the report reads of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from .layout import MANIFEST_FILE, samples_in_shard, shard_index
+from .manifest import retire_commit
+from .scan import ScanSummary, ShardScan
+from .shard_format import DTYPES, TORCH_DTYPES, CacheProblem, shard_layout_problems
+from .shard_layout import FieldSpec, ShardLayout, safetensors_header
+from .token_store import TokenBlock, read_token_block, read_tokenized_info
+from .vocab import read_vocab_selection
+
+log = logging.getLogger(__name__)
+
+# How much of one field the verification holds in memory at once.
+READ_BUDGET_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class ShardVerification:
+    """What verifying one shard found; its JSON is the shard's record in `verified/`.
+
+    `problems` are the file's (size, header, sha256); the numeric scan's are in `scan`.
+    """
+
+    shard: int
+    file: str
+    bytes: int
+    sha256: str
+    problems: list[str]
+    scan: dict[str, Any]
+    seconds: float
+
+    @property
+    def failures(self) -> list[str]:
+        """Everything that takes the shard out of the cache."""
+        return self.problems + ScanSummary.from_json(self.scan).problems()
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def field_blocks(
+    handle: IO[bytes], spec: FieldSpec, num_samples: int, digest: hashlib._Hash
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """`(first row, [rows, ...] values)` of one field, read in order from `handle` and hashed on the way."""
+    rows = max(1, READ_BUDGET_BYTES // spec.sample_bytes)
+    # Bool bytes are read as uint8: a damaged byte may be neither 0 nor 1.
+    dtype = torch.uint8 if spec.dtype == "BOOL" else TORCH_DTYPES[spec.dtype]
+    for start in range(0, num_samples, rows):
+        count = min(rows, num_samples - start)
+        buffer = bytearray(count * spec.sample_bytes)
+        if handle.readinto(buffer) != len(buffer):
+            raise EOFError(f"{spec.name}: the file ends inside rows {start}..{start + count - 1}")
+        digest.update(buffer)
+        yield start, torch.frombuffer(buffer, dtype=dtype).view(count, *spec.sample_shape)
+
+
+def read_and_scan(path: Path, layout: ShardLayout, num_samples: int, scan: ShardScan) -> tuple[str, list[str]]:
+    """The file's sha256 and its header's problems, reading it once; each field's rows are scanned as they pass.
+
+    Our writer lays the fields out in layout order, so a header equal to the layout's, byte for
+    byte, fixes every field's offset. A header that differs is described instead, and the data
+    left unread.
+    """
+    header, _ = safetensors_header(layout, num_samples)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        stored_header = handle.read(len(header))
+        if stored_header != header:
+            problems = [problem.problem for problem in shard_layout_problems(path, layout, num_samples)]
+            return "", problems or ["header bytes differ from its layout's (data offsets or metadata)"]
+        digest.update(stored_header)
+        for spec in layout.fields():
+            for start, values in field_blocks(handle, spec, num_samples, digest):
+                scan.add(spec.name, torch.arange(start, start + values.shape[0]), values)
+    return digest.hexdigest(), []
+
+
+def verify_shard(
+    path: Path, layout: ShardLayout, *, first_sample: int, tokens: TokenBlock, recorded_sha256: str
+) -> ShardVerification:
+    """Everything wrong with a committed shard: against its layout, its tokenized rows, the sha256 recorded at write."""
+    started = time.perf_counter()
+    num_samples = tokens.input_ids.shape[0]
+    scan = ShardScan(first_sample, tokens, layout.draft_vocab_size, DTYPES[layout.dtype])
+    size, expected_size = path.stat().st_size, layout.shard_bytes(num_samples)
+    sha256, problems = "", []
+    if size != expected_size:
+        problems.append(f"{size} bytes, its layout takes {expected_size} (truncated or overwritten?)")
+    else:
+        sha256, problems = read_and_scan(path, layout, num_samples, scan)
+    if not problems and sha256 != recorded_sha256:
+        problems.append("sha256 differs from the one recorded when it was written (changed on disk)")
+    seconds = time.perf_counter() - started
+    return ShardVerification(shard_index(path), path.name, size, sha256, problems, scan.summary.to_json(), seconds)
+
+
+def verify_committed_shard(
+    shard_path: Path, *, stats_path: Path, selection_path: Path, tokenized_path: Path, settings: Mapping[str, Any]
+) -> ShardVerification:
+    """What the `verify_shard` job checks: the shard against the settings, its stats and its tokenized rows."""
+    stats = json.loads(Path(stats_path).read_text())
+    selected, _ = read_vocab_selection(selection_path)
+    layout = ShardLayout(
+        seq_length=settings["seq_length"],
+        aux_hidden_dim=stats["aux_hidden_dim"],
+        draft_vocab_size=selected.numel(),
+        dtype=settings["dtype"],
+        target_probs_topk=settings["target_probs_topk"],
+    )
+    index, shard_size = shard_index(shard_path), settings["shard_size"]
+    first = index * shard_size
+    count = samples_in_shard(index, read_tokenized_info(tokenized_path).num_samples, shard_size)
+    tokens = read_token_block(tokenized_path, first, first + count)
+    return verify_shard(shard_path, layout, first_sample=first, tokens=tokens, recorded_sha256=stats["sha256"])
+
+
+def take_out_of_cache(shard_path: Path, problems: Sequence[str]) -> str:
+    """Retire the manifest, delete a shard (a file, or a specforge directory) that failed verification, and say so."""
+    retire_commit(shard_path.parent, f"{shard_path.name} failed verification")
+    if shard_path.is_dir():
+        shutil.rmtree(shard_path)
+    else:
+        shard_path.unlink(missing_ok=True)
+    message = (
+        f"{shard_path}: failed verification: {'; '.join(problems)}. It was deleted and {MANIFEST_FILE} retired, "
+        "so trainers refuse the cache until it is whole; run the workflow again to rebuild the shard."
+    )
+    log.error(message)
+    return message
+
+
+def verification_problems(manifest: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> list[CacheProblem]:
+    """Shards the manifest lists whose verification record is missing, found problems or describes other bytes."""
+    verified = {record["file"]: record for record in records}
+    problems = []
+    for shard in manifest.get("shards", []):
+        # An Automodel shard is a file, a specforge one a directory.
+        name = shard.get("file") or shard["directory"]
+        record = verified.get(name)
+        if record is None:
+            problems.append(CacheProblem(name, "no verification record"))
+        elif record["problems"]:
+            problems += [CacheProblem(name, problem) for problem in record["problems"]]
+        elif (record["sha256"], record["bytes"]) != (shard["sha256"], shard["bytes"]):
+            problems.append(CacheProblem(name, "the verified bytes are not the ones the manifest records"))
+    return problems
