@@ -252,16 +252,15 @@ def verify_tiny_cache(cache: TinyCache) -> None:
 def check_tiny_parity(cache: TinyCache, model, num_samples: int, seed: int = 0) -> None:
     """What the parity job does once it holds the target: `parity.json`."""
     from eagle3_cache.atomic import write_json_atomic
-    from eagle3_cache.live_parity import ParityInputs, compared_samples
+    from eagle3_cache.live_parity import ParityInputs, checked_parity, compared_samples
     from eagle3_cache.results import json_safe
     from eagle3_cache.specforge_parity import compared_specforge_samples
-    from eagle3_cache.validation import run_check
 
     compare = compared_specforge_samples if cache.settings["format"] == "specforge" else compared_samples
     inputs = ParityInputs(
         cache.cache_dir, cache.tokenized, cache.selection, cache.stats, cache.settings, num_samples, seed
     )
-    result = run_check("parity", lambda: compare(model, inputs, inputs.samples(), 0.0))
+    result = checked_parity(model, inputs, compare, load_seconds=0.0)
     write_json_atomic(cache.parity, json_safe(result.to_json()))
 
 

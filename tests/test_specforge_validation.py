@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 
@@ -14,13 +13,14 @@ from eagle3_cache.layout import MANIFEST_FILE
 from eagle3_cache.parity import parity_sample_indices
 from eagle3_cache.report_html import render_html
 from eagle3_cache.shard_format import ShardLayout, file_sha256, read_manifest
+from eagle3_cache.specforge_cache import records_sha256
 from eagle3_cache.specforge_format import read_sample_file, sample_file_name, serialized
 from eagle3_cache.specforge_sizes import specforge_files_bytes
 from eagle3_cache.specforge_validation import automodel_written_bytes, specforge_checks
 from eagle3_cache.specforge_validation import disk_check as specforge_disk_check
 from eagle3_cache.token_store import read_tokenized_info
 from eagle3_cache.validation import ValidationInputs, disk_check, validate_cache
-from helpers import PARITY_ROWS, TinyCache, build_tiny_cache
+from helpers import PARITY_ROWS, TinyCache, build_tiny_cache, check_tiny_parity, verify_tiny_cache
 
 SHARD_SIZE = 4
 DRAFT_VOCAB = 300  # most of the random target's vocabulary, as in test_report.py
@@ -43,6 +43,9 @@ def cache(built_cache, tmp_path) -> TinyCache:
 
 
 def validate(cache: TinyCache, model, num_samples: int = 3):
+    """The jobs before the report (each shard directory's verification, live parity), then the report."""
+    verify_tiny_cache(cache)
+    check_tiny_parity(cache, model, num_samples)
     inputs = ValidationInputs(
         run="tiny",
         cache_dir=cache.cache_dir,
@@ -50,11 +53,11 @@ def validate(cache: TinyCache, model, num_samples: int = 3):
         selection=cache.selection,
         counts=cache.counts,
         stats=cache.stats,
+        verified=cache.verified,
+        parity=cache.parity,
         benchmarks=[],
-        num_samples=num_samples,
-        seed=0,
     )
-    return validate_cache(inputs, lambda: contextlib.nullcontext(model), specforge_checks)
+    return validate_cache(inputs, specforge_checks)
 
 
 def failed(report) -> set[str]:
@@ -62,15 +65,19 @@ def failed(report) -> set[str]:
 
 
 def rewrite_sample(cache: TinyCache, sample: int, change) -> None:
-    """Change one stored sample, then re-record its size and hash: damage done before hashing."""
+    """Change one stored sample, then re-record its size and hash in its stats and the manifest: damage done
+    before hashing, as a buggy build would do it."""
     manifest = read_manifest(cache.cache_dir)
     shard, row = divmod(sample, SHARD_SIZE)
-    record = manifest["shards"][shard]["files"][row]
-    path = cache.cache_dir / manifest["shards"][shard]["directory"] / record["file"]
+    stats = json.loads(cache.stats[shard].read_text())
+    path = cache.cache_dir / manifest["shards"][shard]["directory"] / stats["files"][row]["file"]
     stored = {key: value.clone() for key, value in read_sample_file(path).items()}
     change(stored)
     path.write_bytes(serialized(stored))
-    record.update(bytes=path.stat().st_size, sha256=file_sha256(path))
+    stats["files"][row].update(bytes=path.stat().st_size, sha256=file_sha256(path))
+    stats.update(bytes=sum(f["bytes"] for f in stats["files"]), sha256=records_sha256(stats["files"]))
+    cache.stats[shard].write_text(json.dumps(stats))
+    manifest["shards"][shard].update(files=stats["files"], bytes=stats["bytes"], sha256=stats["sha256"])
     (cache.cache_dir / MANIFEST_FILE).write_text(json.dumps(manifest))
 
 
@@ -125,7 +132,7 @@ def test_nan_and_other_tokens_fail_sanity(cache, target_model):
     assert failed(report) == {"sanity"}
     assert report.check("sanity").figures["nonfinite_aux_hidden_state_values"] == 1
     assert report.check("sanity").details == [
-        "NaN or Inf in the hidden states of 1 samples: 1",
+        "aux_hidden_state: 1 NaN or Inf values, first in sample 1",
         "1 samples whose input_ids or loss_mask differ from tokenized.h5: 4",
     ]
 

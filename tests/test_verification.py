@@ -9,8 +9,10 @@ import shutil
 
 import pytest
 
-from eagle3_cache.layout import MANIFEST_FILE, shard_file_name
+from eagle3_cache.layout import MANIFEST_FILE, shard_dir_name, shard_file_name
 from eagle3_cache.manifest import retire_commit
+from eagle3_cache.scan import ScanSummary
+from eagle3_cache.specforge_verification import verify_committed_specforge_shard
 from eagle3_cache.verification import take_out_of_cache, verify_committed_shard
 from helpers import PARITY_ROWS, TinyCache, build_tiny_cache
 
@@ -89,3 +91,70 @@ def test_retiring_twice_or_an_absent_manifest_is_harmless(cache):
     retire_commit(cache.cache_dir, "second")
     retire_commit(cache.run_dir / "no-such-cache", "never built")
     assert not (cache.cache_dir / MANIFEST_FILE).exists()
+
+
+# --- The specforge format: a shard is a directory of sample files -------------------------------
+
+
+@pytest.fixture(scope="session")
+def built_specforge_cache(tmp_path_factory, tiny_chat_target) -> TinyCache:
+    run_dir = tmp_path_factory.mktemp("verified-specforge") / "results" / "tiny"
+    return build_tiny_cache(run_dir, tiny_chat_target, PARITY_ROWS, shard_size=4, format="specforge")
+
+
+@pytest.fixture
+def specforge_cache(built_specforge_cache, tmp_path) -> TinyCache:
+    """A private copy of the built specforge cache, free to damage."""
+    return TinyCache(shutil.copytree(built_specforge_cache.run_dir, tmp_path / "results" / "tiny"))
+
+
+def verify_directory(cache: TinyCache, index: int):
+    return verify_committed_specforge_shard(
+        cache.shard(index),
+        stats_path=cache.stats[index],
+        selection_path=cache.selection,
+        tokenized_path=cache.tokenized,
+        settings=cache.settings,
+    )
+
+
+def test_a_clean_shard_directory_passes_with_the_scan_its_job_recorded(specforge_cache):
+    for index, stats_path in enumerate(specforge_cache.stats):
+        stats = json.loads(stats_path.read_text())
+        result = verify_directory(specforge_cache, index)
+        assert result.failures == []
+        assert (result.file, result.sha256, result.bytes) == (shard_dir_name(index), stats["sha256"], stats["bytes"])
+        scan = ScanSummary.from_json(result.scan)
+        assert scan.samples == stats["num_samples"] and scan.findings == []
+
+
+@pytest.mark.parametrize("seed", FLIP_SEEDS)
+def test_a_bit_flipped_in_any_sample_file_is_caught(specforge_cache, seed):
+    rng = random.Random(seed)
+    path = rng.choice(sorted(specforge_cache.shard(1).glob("*.ckpt")))
+    data = bytearray(path.read_bytes())
+    offset = rng.randrange(len(data))
+    data[offset] ^= 1 << rng.randrange(8)
+    path.write_bytes(bytes(data))
+    [problem] = verify_directory(specforge_cache, 1).failures
+    assert problem == f"{path.name}: sha256 differs from the one recorded when it was written (changed on disk)"
+
+
+def test_a_missing_a_stray_and_a_truncated_file_are_each_named(specforge_cache):
+    directory = specforge_cache.shard(0)
+    first, second = sorted(directory.glob("*.ckpt"))[:2]
+    first.unlink()
+    (directory / "notes.txt").write_text("not a sample")
+    with open(second, "r+b") as handle:
+        handle.truncate(100)
+    failures = verify_directory(specforge_cache, 0).failures
+    assert failures[0] == "stray file notes.txt"
+    assert f"{first.name}: missing" in failures
+    assert any(line.startswith(f"{second.name}: 100 bytes, its shard job wrote") for line in failures)
+
+
+def test_a_failed_shard_directory_is_taken_out_and_specforge_would_not_find_it(specforge_cache):
+    directory = specforge_cache.shard(1)
+    take_out_of_cache(directory, ["sha256 differs"])
+    assert not directory.exists() and not (specforge_cache.cache_dir / MANIFEST_FILE).exists()
+    assert (specforge_cache.shard(0)).is_dir()

@@ -104,13 +104,23 @@ def compared_samples(model: nn.Module, inputs: ParityInputs, samples: list[int],
 Comparison = Callable[[nn.Module, ParityInputs, list[int], float], CheckResult]
 
 
+NOT_RUN = CheckResult("parity", True, "not run: validation.num_samples is 0", {"samples_checked": 0})
+
+
+def checked_parity(model: nn.Module, inputs: ParityInputs, compare: Comparison, load_seconds: float) -> CheckResult:
+    """The parity check with the loaded target: `compare` on the samples, or not run when there are none."""
+    samples = inputs.samples()
+    if not samples:
+        return NOT_RUN
+    return run_check("parity", lambda: compare(model, inputs, samples, load_seconds))
+
+
 def run_parity_job(
     inputs: ParityInputs, *, device: str, gpus_per_job: int, compare: Comparison = compared_samples
 ) -> CheckResult:
     """What the parity job does: lease GPUs (none on the CPU), load the target, `compare`, record the GPU seconds."""
-    samples = inputs.samples()
-    if not samples:
-        return CheckResult("parity", True, "not run: validation.num_samples is 0", {"samples_checked": 0})
+    if not inputs.samples():
+        return NOT_RUN
     settings = inputs.settings
     with lease_gpus(gpus_per_job, device=device) as gpus:
         started = time.perf_counter()
@@ -121,8 +131,7 @@ def run_parity_job(
             device=resolve_device(device),
             num_gpus=max(1, len(gpus)),
         )
-        load_seconds = time.perf_counter() - started
-        result = run_check("parity", lambda: compare(model, inputs, samples, load_seconds))
+        result = checked_parity(model, inputs, compare, time.perf_counter() - started)
         held = time.perf_counter() - started
     figures = {**result.figures, "gpus": len(gpus), "job_seconds": held, "gpu_seconds": held * len(gpus)}
     return replace(result, figures=figures)

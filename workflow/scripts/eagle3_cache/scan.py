@@ -31,7 +31,7 @@ FINDING_TEXT = {
     "topk_indices": "positions with repeated or out-of-range indices",
     "outside_loss": "positions set outside the shifted loss_mask",
     "padding": "padding positions (attention_mask 0) holding nonzero values",
-    "unlike_tokenized": "samples whose rows are not the tokenized rows shifted",
+    "unlike_tokenized": "samples whose rows are not the tokenized rows (as the format stores them)",
 }
 DISTRIBUTION_FIELDS = ("target_probs", "target_probs_values")
 

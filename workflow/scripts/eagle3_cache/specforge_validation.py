@@ -98,7 +98,7 @@ def sanity_check(scan: ScanSummary, num_samples: int) -> CheckResult:
         **{f"nonfinite_{key}_values": sum(f.count for f in scan.findings if f.field == key) for key in HIDDEN_KEYS},
         "samples_unlike_tokenized": len(scan.samples_unlike_tokenized),
     }
-    problems = scan.problems()
+    problems = [str(finding) for finding in scan.findings if finding.kind == "nonfinite"]
     if scan.samples_unlike_tokenized:
         problems.append(
             f"{len(scan.samples_unlike_tokenized)} samples whose input_ids or loss_mask differ from tokenized.h5: "
