@@ -4,7 +4,7 @@ from pathlib import Path
 
 from eagle3_cache.atomic import write_json_atomic
 from eagle3_cache.errors import reported_errors
-from eagle3_cache.logs import setup_logging
+from eagle3_cache.logs import logged_wall_split, setup_logging
 from eagle3_cache.manifest import checked_manifest, read_shard_stats
 from eagle3_cache.specforge_cache import remove_specforge_files, specforge_manifest
 from eagle3_cache.token_store import read_tokenized_info
@@ -14,7 +14,7 @@ snakemake = snakemake  # noqa: F821 (injected by Snakemake's script directive)
 log = setup_logging(snakemake.log[0])
 settings = dict(snakemake.params.items())
 
-with reported_errors():
+with reported_errors(), logged_wall_split(log):
     cache_dir = Path(snakemake.params.cache_dir)
     selected, _ = read_vocab_selection(snakemake.input.selection)
     stats = read_shard_stats(snakemake.input.stats)
