@@ -13,8 +13,10 @@ import pytest
 
 from eagle3_cache import logs
 from eagle3_cache.logs import logged_wall_split
+from helpers import RUN
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "workflow" / "scripts"
+WALL_SPLIT = re.compile(r" started \d+\.\d\ds after process start \(imports\), work \d+\.\d\ds$", re.MULTILINE)
 
 
 def test_the_process_age_counts_what_ran_before_the_script(tmp_path):
@@ -45,3 +47,20 @@ def test_without_proc_the_split_says_what_it_cannot_tell(caplog, monkeypatch):
         with logged_wall_split(logging.getLogger("eagle3_cache.test")):
             pass
     assert caplog.messages[-1].startswith("work 0.00s (process start unknown")
+
+
+@pytest.mark.slow
+def test_every_job_of_a_run_logs_its_wall_split(completed):
+    workdir, jobs = completed
+    log_dir = workdir / "logs"
+    job_logs = {path.relative_to(log_dir).as_posix(): path for path in log_dir.rglob("*.log")}
+    assert set(job_logs) == {f"{RUN}/{job}.log" for job in jobs}
+    without = {name for name, path in job_logs.items() if not WALL_SPLIT.search(path.read_text())}
+    assert not without, f"logs without the wall split line: {sorted(without)}"
+
+
+def test_every_rule_script_logs_its_wall_split():
+    # The demo model's conversion and the specforge rules do not run in `completed`: their scripts are read.
+    scripts = {path.name for path in SCRIPTS.glob("*.py")}
+    without = {name for name in scripts if "logged_wall_split(log)" not in (SCRIPTS / name).read_text()}
+    assert not without, f"rule scripts without the wall split: {sorted(without)}"

@@ -4,11 +4,11 @@ from pathlib import Path
 
 from eagle3_cache.demo_model import convert_gguf, gguf_path
 from eagle3_cache.errors import reported_errors
-from eagle3_cache.logs import setup_logging
+from eagle3_cache.logs import logged_wall_split, setup_logging
 
 snakemake = snakemake  # noqa: F821 (injected by Snakemake's script directive)
 log = setup_logging(snakemake.log[0])
-with reported_errors():
+with reported_errors(), logged_wall_split(log):
     gguf = gguf_path(snakemake.params.package, snakemake.params.gguf_file)
     output = Path(snakemake.output[0])
     log.info("Converting %s to %s", gguf, output)

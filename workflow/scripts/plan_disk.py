@@ -3,13 +3,13 @@
 from eagle3_cache.atomic import write_json_atomic
 from eagle3_cache.disk_plan import plan_cache, plan_lines, refusal, target_hidden_size
 from eagle3_cache.errors import CacheConfigError, reported_errors
-from eagle3_cache.logs import setup_logging
+from eagle3_cache.logs import logged_wall_split, setup_logging
 
 snakemake = snakemake  # noqa: F821 (injected by Snakemake's script directive)
 log = setup_logging(snakemake.log[0])
 params = snakemake.params
 
-with reported_errors():
+with reported_errors(), logged_wall_split(log):
     hidden_size = target_hidden_size(params.target_model, params.revision, params.trust_remote_code)
     run, settings = snakemake.wildcards.run, dict(params.items())
     # The check's keys are not params: changing the margin must not rerun the plan, and with it every shard.

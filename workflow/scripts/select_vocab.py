@@ -1,12 +1,13 @@
 """Rule `select_vocab`: tokenized.h5 -> vocab_selection.pt (draft vocabulary) + vocab_counts.npy."""
 
 from eagle3_cache.errors import reported_errors
-from eagle3_cache.logs import setup_logging
+from eagle3_cache.logs import logged_wall_split, setup_logging
 from eagle3_cache.vocab import build_vocab_selection
 
+snakemake = snakemake  # noqa: F821 (injected by Snakemake's script directive)
+log = setup_logging(snakemake.log[0])
 
-def main(snakemake) -> None:
-    logger = setup_logging(snakemake.log[0])
+with reported_errors(), logged_wall_split(log):
     vocab = build_vocab_selection(
         snakemake.input.tokenized,
         snakemake.params.draft_vocab_size,
@@ -15,7 +16,7 @@ def main(snakemake) -> None:
     )
     total = int(vocab.counts.sum())
     covered = int(vocab.counts[vocab.selected.numpy()].sum())
-    logger.info(
+    log.info(
         "Draft vocabulary: %d of %d ids; they cover %d of %d supervised tokens (%.2f%%)",
         vocab.selected.numel(),
         vocab.target_vocab_size,
@@ -23,7 +24,3 @@ def main(snakemake) -> None:
         total,
         100 * covered / total if total else 0.0,
     )
-
-
-with reported_errors():
-    main(snakemake)  # noqa: F821 (Snakemake's `script:` directive defines it)

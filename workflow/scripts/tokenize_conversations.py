@@ -2,13 +2,13 @@
 
 from eagle3_cache.data import checked_rows
 from eagle3_cache.errors import reported_errors
-from eagle3_cache.logs import setup_logging
+from eagle3_cache.logs import logged_wall_split, setup_logging
 
 snakemake = snakemake  # noqa: F821 (injected by Snakemake's script directive)
-setup_logging(snakemake.log[0])
+log = setup_logging(snakemake.log[0])
 params = dict(snakemake.params.items())
 
-with reported_errors():
+with reported_errors(), logged_wall_split(log):
     rows = checked_rows(params["input_data"], params["split"], params["shuffle_seed"])
     # Imported once the data is known good: transformers and torch take seconds to import.
     from eagle3_cache.tokenization import tokenize_dataset
