@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from eagle3_cache.layout import MANIFEST_FILE, VOCAB_MAPPING_FILE, shard_dir_name, shard_id
+from eagle3_cache.layout import MANIFEST_FILE, VOCAB_MAPPING_FILE, shard_dir_name
 from eagle3_cache.shard_format import check_cache
 from eagle3_cache.specforge_cache import check_specforge_cache
 from helpers import (
+    AFTER_SHARDS,
     HUB_MODEL,
     NUM_SHARDS,
     RUN,
@@ -24,14 +25,17 @@ from helpers import (
     new_workdir,
     private_copy,
     run_config,
+    shard_jobs,
     snakemake,
     snakemake_static,
     write_config,
 )
 
+SPECFORGE_SHARD_RULES = ("compute_specforge_shard", "verify_shard")
+
 
 def every_specforge_shard(count: int = NUM_SHARDS) -> set[str]:
-    return {f"compute_specforge_shard-{shard_id(index)}" for index in range(count)}
+    return every_shard(count, SPECFORGE_SHARD_RULES)
 
 
 def shard_dir(workdir: Path, index: int) -> Path:
@@ -78,7 +82,7 @@ def workdir(completed, tmp_path) -> Path:
 @pytest.mark.slow
 def test_first_run_builds_every_step(completed):
     workdir, jobs = completed
-    assert jobs == {"tokenize", "select_vocab", "plan", "specforge_vocab_mapping", "manifest", "validate"} | (
+    assert jobs == {"tokenize", "select_vocab", "plan", "specforge_vocab_mapping"} | AFTER_SHARDS | (
         every_specforge_shard()
     )
     assert_complete_specforge_cache(workdir)
@@ -95,11 +99,11 @@ def test_2_format_reruns_shards_manifest_and_report_only(workdir, tiny_chat_targ
     write_config(workdir, run_config(tiny_chat_target, format="automodel"))
     jobs = jobs_run(snakemake(workdir).stdout)
     # The plan sizes the format's files, so it is made again.
-    assert jobs == {"plan", "target_embeddings", "manifest", "validate"} | every_shard()
+    assert jobs == {"plan", "target_embeddings"} | AFTER_SHARDS | every_shard()
     assert check_cache(cache_dir(workdir)) == []
     write_config(workdir, run_config(tiny_chat_target, format="specforge"))
     jobs = jobs_run(snakemake(workdir).stdout)
-    assert jobs == {"plan", "specforge_vocab_mapping", "manifest", "validate"} | every_specforge_shard()
+    assert jobs == {"plan", "specforge_vocab_mapping"} | AFTER_SHARDS | every_specforge_shard()
     assert_complete_specforge_cache(workdir)
 
 
@@ -138,6 +142,32 @@ def test_4_killed_shard_job_leaves_no_directory_and_the_next_run_completes(workd
     if "--rerun-incomplete" in result.stdout:
         result = snakemake(workdir, "--rerun-incomplete")
     assert result.returncode == 0, result.stdout[-6000:]
-    assert jobs_run(result.stdout) == {"compute_specforge_shard-000001", "manifest", "validate"}
+    assert jobs_run(result.stdout) == shard_jobs(1, rules=SPECFORGE_SHARD_RULES) | AFTER_SHARDS
     assert_complete_specforge_cache(workdir)
     assert file_bytes(shard_dir(workdir, 1)) == file_bytes(shard_dir(completed[0], 1))
+
+
+@pytest.mark.slow
+def test_5_a_flipped_bit_in_a_sample_file_is_reported_taken_out_and_rebuilt(workdir, completed):
+    sample = sorted(shard_dir(workdir, 2).glob("*.ckpt"))[1]
+    data = bytearray(sample.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    sample.write_bytes(bytes(data))
+    # Only a run that verifies again can see it: the scrub.
+    reported = snakemake(workdir, "--forcerun", "verify_shard", check=False)
+    assert reported.returncode != 0
+    assert f"{shard_dir_name(2)}: failed verification: {sample.name}: sha256 differs" in reported.stdout
+    assert not shard_dir(workdir, 2).exists() and not (cache_dir(workdir) / MANIFEST_FILE).exists()
+    assert not (workdir / "results" / RUN / "validation.json").exists()
+
+    assert jobs_run(snakemake(workdir).stdout) == shard_jobs(2, rules=SPECFORGE_SHARD_RULES) | AFTER_SHARDS
+    assert file_bytes(shard_dir(workdir, 2)) == file_bytes(shard_dir(completed[0], 2))
+    assert_complete_specforge_cache(workdir)
+
+
+@pytest.mark.slow
+def test_6_a_deleted_vocabulary_mapping_is_remade_with_the_report_as_target(workdir):
+    (cache_dir(workdir) / VOCAB_MAPPING_FILE).unlink()
+    result = snakemake(workdir, f"results/{RUN}/validation_report.html")
+    assert jobs_run(result.stdout) == {"specforge_vocab_mapping", "manifest", "validate"}
+    assert_complete_specforge_cache(workdir)

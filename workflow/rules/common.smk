@@ -217,9 +217,9 @@ def every_shard(pick: Callable | str):
 
 
 def this_shard(pick: Callable):
-    """An input function: `pick(shard rule)` of the run's format, for the job's shard."""
-    return lambda wildcards: expand(
-        pick(shard_rule(wildcards.run)), run=wildcards.run, shard=wildcards.shard
+    """An input function: the file `pick(shard rule)` names for the job's shard, in the run's format."""
+    return lambda wildcards: pick(shard_rule(wildcards.run)).format(
+        run=wildcards.run, shard=wildcards.shard
     )
 
 
