@@ -14,13 +14,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 
+from eagle3_cache.cache_dir import check_cache
 from eagle3_cache.layout import shard_dir_name, shard_file_name, shard_id, shard_index
-from eagle3_cache.shard_format import check_cache
 from eagle3_cache.token_store import TokenBlock, TokenizedSample, synthetic_header, write_tokenized
 
 
@@ -594,3 +595,100 @@ def fail_second_forward(monkeypatch) -> None:
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(pipeline, "compute_cache_batch", failing)
+
+
+# --- Rule scripts run by hand, each in an interpreter of its own ----------------------------------
+
+
+class Params(SimpleNamespace):
+    """A rule's params for a script run by hand: attributes, and `items()` as Snakemake's have."""
+
+    def items(self):
+        return vars(self).items()
+
+
+# What the light jobs (manifest, plan, report) must not import.
+HEAVY_MODULES = ("torch", "transformers")
+# The `snakemake` object arrives as JSON, so that building it imports nothing of the test suite's.
+RUN_ALONE = """
+import json, runpy, sys
+from types import SimpleNamespace
+
+class Params(SimpleNamespace):
+    def items(self):
+        return vars(self).items()
+
+given = json.loads(open(sys.argv[1]).read())
+namespace = SimpleNamespace(
+    **{key: SimpleNamespace(**value) for key, value in given.items() if key in ("input", "output", "wildcards")},
+    params=Params(**given["params"]), log=given["log"], config=given.get("config", {}),
+)
+runpy.run_path(sys.argv[2], init_globals={"snakemake": namespace})
+print(json.dumps(sorted(name for name in sys.argv[3:] if name in sys.modules)))
+"""
+
+
+def run_script_alone(script: str, namespace: SimpleNamespace, tmp_path: Path) -> list[str]:
+    """Run `workflow/scripts/<script>` in a fresh interpreter, as Snakemake does; the HEAVY_MODULES it imported."""
+    given = tmp_path / f"{Path(script).stem}.snakemake.json"
+    given.write_text(
+        json.dumps(
+            {key: value if isinstance(value, (list, dict)) else vars(value) for key, value in vars(namespace).items()}
+        )
+    )
+    command = [sys.executable, "-c", RUN_ALONE, str(given), str(REPO / "workflow" / "scripts" / script)]
+    path = os.pathsep.join([str(REPO / "workflow" / "scripts")])
+    result = subprocess.run(
+        [*command, *HEAVY_MODULES], env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def plan_namespace(cache: TinyCache) -> SimpleNamespace:
+    """The `snakemake` object the plan rule gives plan_disk.py for a tiny cache."""
+    from eagle3_cache.cache_dir import read_manifest
+    from eagle3_cache.layout import PLAN_SETTINGS
+
+    settings = {**cache.settings, "draft_vocab_size": read_manifest(cache.cache_dir)["draft_vocab_size"]}
+    return SimpleNamespace(
+        input=SimpleNamespace(tokenized=str(cache.tokenized)),
+        output=SimpleNamespace(plan=str(cache.run_dir / "plan.json")),
+        log=[str(cache.run_dir / "plan.log")],
+        params=Params(**{key: settings[key] for key in PLAN_SETTINGS}, cache_dir=str(cache.cache_dir)),
+        config={"plan": {"margin": 0.05, "check_free_space": False}},
+        wildcards=SimpleNamespace(run=RUN),
+    )
+
+
+def manifest_namespace(cache: TinyCache) -> SimpleNamespace:
+    """The `snakemake` object the manifest rule gives write_manifest.py for a tiny cache."""
+    return SimpleNamespace(
+        input=SimpleNamespace(
+            selection=str(cache.selection), stats=[str(p) for p in cache.stats], tokenized=str(cache.tokenized)
+        ),
+        output=SimpleNamespace(manifest=str(cache.cache_dir / "manifest.json")),
+        log=[str(cache.run_dir / "manifest.log")],
+        params=Params(**cache.settings, cache_dir=str(cache.cache_dir)),
+    )
+
+
+def validate_namespace(cache: TinyCache, strict: bool) -> SimpleNamespace:
+    """The `snakemake` object the validate rule gives validate.py, once the plan, verification and parity ran."""
+    out = cache.run_dir
+    return SimpleNamespace(
+        input=SimpleNamespace(
+            plan=str(out / "plan.json"),
+            manifest=str(cache.cache_dir / "manifest.json"),
+            tokenized=str(cache.tokenized),
+            selection=str(cache.selection),
+            counts=str(cache.counts),
+            stats=[str(p) for p in cache.stats],
+            verified=[str(p) for p in cache.verified],
+            parity=str(cache.parity),
+        ),
+        output=SimpleNamespace(report=str(out / "validation_report.html"), json=str(out / "validation.json")),
+        log=[str(out / "validate.log")],
+        params=SimpleNamespace(strict=strict, cache_dir=str(cache.cache_dir), benchmarks=[]),
+        wildcards=SimpleNamespace(run=RUN),
+    )

@@ -34,8 +34,8 @@ from eagle3_cache.errors import CacheConfigError
 from eagle3_cache.layout import EMBEDDINGS_FILE, VOCAB_MAPPING_FILE, shard_dir_name, shard_file_name
 from eagle3_cache.pipeline import write_batch_rows
 from eagle3_cache.report_html import format_bytes
-from eagle3_cache.shard_format import TORCH_DTYPES, ShardLayout, ShardWriter, write_target_embeddings
-from eagle3_cache.shard_layout import TOKEN_FIELDS, embeddings_header, stored_safetensors_header
+from eagle3_cache.shard_format import TORCH_DTYPES, ShardWriter, write_target_embeddings
+from eagle3_cache.shard_layout import TOKEN_FIELDS, ShardLayout, embeddings_header, stored_safetensors_header
 from eagle3_cache.specforge_format import sample_tensors, serialized, write_vocab_mapping
 from eagle3_cache.specforge_shard import ShardDirectoryWriter
 from eagle3_cache.specforge_sizes import bytes_per_token, sample_file_bytes

@@ -13,8 +13,10 @@ from eagle3_cache.cache_rows import CacheSpec, compute_cache_batch
 from eagle3_cache.errors import CacheConfigError, ShardScanError
 from eagle3_cache.layout import shard_file_name
 from eagle3_cache.pipeline import ShardJob, compute_shard, forward_batches, forward_budget, run_shard_job
-from eagle3_cache.scan import ScanSummary
-from eagle3_cache.shard_format import ShardLayout, file_sha256, read_shard_rows
+from eagle3_cache.provenance import file_sha256
+from eagle3_cache.scan_summary import ScanSummary
+from eagle3_cache.shard_format import read_shard_rows
+from eagle3_cache.shard_layout import ShardLayout
 from eagle3_cache.target import resolve_aux_layer_ids
 from eagle3_cache.token_store import TokenBlock
 from helpers import fail_second_forward, random_token_block, write_token_store

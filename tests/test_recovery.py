@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from eagle3_cache.cache_dir import check_cache
 from eagle3_cache.layout import EMBEDDINGS_FILE, MANIFEST_FILE, VALIDATION_JSON
 from eagle3_cache.provenance import ids_fingerprint
-from eagle3_cache.shard_format import check_cache
 from helpers import (
     AFTER_SHARDS,
     LOCAL_RUN,

@@ -22,17 +22,25 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from eagle3_cache.atomic import write_json_atomic
-from eagle3_cache.disk_plan import plan_cache
+from eagle3_cache.cache_dir import read_manifest
 from eagle3_cache.layout import MANIFEST_FILE, shard_file_name
 from eagle3_cache.parity import parity_sample_indices
+from eagle3_cache.provenance import file_sha256
 from eagle3_cache.report_html import render_html
-from eagle3_cache.shard_format import SAFETENSORS_DTYPES, file_sha256, read_manifest, read_shard_rows
+from eagle3_cache.shard_format import SAFETENSORS_DTYPES, read_shard_rows
 from eagle3_cache.validation import ValidationInputs, coverage_curve, failed_path, validate_cache
-from helpers import TinyCache, build_tiny_cache, check_tiny_parity, verify_tiny_cache
+from helpers import (
+    TinyCache,
+    build_tiny_cache,
+    check_tiny_parity,
+    plan_namespace,
+    validate_namespace,
+    verify_tiny_cache,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 VALIDATE_SCRIPT = REPO / "workflow" / "scripts" / "validate.py"
+PLAN_SCRIPT = REPO / "workflow" / "scripts" / "plan_disk.py"
 SHARD_SIZE = 3
 PARITY_SAMPLES = 4
 # The random target's top-1 is spread over the whole vocabulary, so its draft vocabulary must be
@@ -267,31 +275,10 @@ def test_the_html_parses_and_fetches_nothing(cache, target_model):
 
 
 def validate_rule_namespace(cache: TinyCache, strict: bool) -> SimpleNamespace:
-    """The `snakemake` object Snakemake's `script:` directive gives validate.py, with the rule's names."""
-    out = cache.run_dir
-    plan = cache.run_dir / "plan.json"
-    manifest = read_manifest(cache.cache_dir)
-    settings = {key: manifest[key] for key in ("seq_length", "draft_vocab_size", "dtype", "target_probs_topk")}
-    settings |= {"shard_size": manifest["shard_size"], "format": "automodel"}
-    check = {"margin": 0.05, "check_free_space": False}
-    hidden_size = manifest["aux_hidden_dim"] // 3
-    write_json_atomic(plan, plan_cache("tiny", cache.tokenized, cache.cache_dir, settings, check, hidden_size))
-    return SimpleNamespace(
-        input=SimpleNamespace(
-            plan=str(plan),
-            manifest=str(cache.cache_dir / MANIFEST_FILE),
-            tokenized=str(cache.tokenized),
-            selection=str(cache.selection),
-            counts=str(cache.counts),
-            stats=[str(p) for p in cache.stats],
-            verified=[str(p) for p in cache.verified],
-            parity=str(cache.parity),
-        ),
-        output=SimpleNamespace(report=str(out / "validation_report.html"), json=str(out / "validation.json")),
-        log=[str(out / "validate.log")],
-        params=SimpleNamespace(strict=strict, cache_dir=str(cache.cache_dir), benchmarks=[]),
-        wildcards=SimpleNamespace(run="tiny"),
-    )
+    """The `snakemake` object Snakemake's `script:` directive gives validate.py, with its disk plan made."""
+    namespace = plan_namespace(cache)
+    runpy.run_path(str(PLAN_SCRIPT), init_globals={"snakemake": namespace})
+    return validate_namespace(cache, strict)
 
 
 def run_rule_script(cache: TinyCache, model, strict: bool) -> SimpleNamespace:

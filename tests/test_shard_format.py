@@ -12,15 +12,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from eagle3_cache.atomic import atomic_directory, torch_save_atomic, write_json_atomic
+from eagle3_cache.cache_dir import check_cache
 from eagle3_cache.layout import EMBEDDINGS_FILE, num_shards, samples_in_shard, shard_file_name
-from eagle3_cache.shard_format import (
-    TORCH_DTYPES,
-    ShardLayout,
-    ShardWriter,
-    check_cache,
-    read_shard_rows,
-    write_target_embeddings,
-)
+from eagle3_cache.shard_format import TORCH_DTYPES, ShardWriter, read_shard_rows, write_target_embeddings
+from eagle3_cache.shard_layout import ShardLayout
 
 LAYOUT = ShardLayout(seq_length=6, aux_hidden_dim=9, draft_vocab_size=5, dtype="bf16", target_probs_topk=0)
 

@@ -13,24 +13,27 @@ from eagle3_cache.errors import CacheConfigError
 from eagle3_cache.layout import EMBEDDINGS_FILE, MANIFEST_FILE, VOCAB_MAPPING_FILE, shard_dir_name, shard_file_name
 from eagle3_cache.pipeline import ShardJob
 from eagle3_cache.provenance import SHARD_SETTING_KEYS, settings_fingerprint
-from eagle3_cache.shard_format import ShardLayout
-from eagle3_cache.specforge_cache import check_specforge_cache, manifest_format, remove_specforge_files
+from eagle3_cache.shard_layout import ShardLayout
+from eagle3_cache.specforge_cache import manifest_format, remove_specforge_files
 from eagle3_cache.specforge_format import (
-    WEIGHT_INDEX_FILE,
     lm_head_key,
     nonfinite_values,
     read_sample_file,
-    sample_file_name,
     sample_problems,
     sample_tensors,
     serialized,
-    staging_dir_for,
-    target_dir_problems,
-    vocab_mapping,
     write_vocab_mapping,
     write_weight_index,
 )
+from eagle3_cache.specforge_layout import (
+    WEIGHT_INDEX_FILE,
+    sample_file_name,
+    staging_dir_for,
+    target_dir_problems,
+    vocab_mapping,
+)
 from eagle3_cache.specforge_shard import compute_specforge_shard
+from eagle3_cache.specforge_verification import check_specforge_cache
 from eagle3_cache.target import resolve_aux_layer_ids
 from eagle3_cache.token_store import TokenBlock
 from helpers import (

@@ -8,13 +8,16 @@ import shutil
 import pytest
 import torch
 
+from eagle3_cache.cache_dir import read_manifest
 from eagle3_cache.disk_plan import plan_cache
 from eagle3_cache.layout import MANIFEST_FILE
 from eagle3_cache.parity import parity_sample_indices
+from eagle3_cache.provenance import file_sha256
 from eagle3_cache.report_html import render_html
-from eagle3_cache.shard_format import ShardLayout, file_sha256, read_manifest
+from eagle3_cache.shard_layout import ShardLayout
 from eagle3_cache.specforge_cache import records_sha256
-from eagle3_cache.specforge_format import read_sample_file, sample_file_name, serialized
+from eagle3_cache.specforge_format import read_sample_file, serialized
+from eagle3_cache.specforge_layout import sample_file_name
 from eagle3_cache.specforge_sizes import specforge_files_bytes
 from eagle3_cache.specforge_validation import automodel_written_bytes, specforge_checks
 from eagle3_cache.specforge_validation import disk_check as specforge_disk_check

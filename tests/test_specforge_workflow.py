@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from eagle3_cache.cache_dir import check_cache
 from eagle3_cache.layout import MANIFEST_FILE, VOCAB_MAPPING_FILE, shard_dir_name
-from eagle3_cache.shard_format import check_cache
-from eagle3_cache.specforge_cache import check_specforge_cache
+from eagle3_cache.specforge_verification import check_specforge_cache
 from helpers import (
     AFTER_SHARDS,
     HUB_MODEL,

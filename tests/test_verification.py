@@ -11,7 +11,7 @@ import pytest
 
 from eagle3_cache.layout import MANIFEST_FILE, shard_dir_name, shard_file_name
 from eagle3_cache.manifest import retire_commit
-from eagle3_cache.scan import ScanSummary
+from eagle3_cache.scan_summary import ScanSummary
 from eagle3_cache.specforge_verification import verify_committed_specforge_shard
 from eagle3_cache.verification import take_out_of_cache, verify_committed_shard
 from helpers import PARITY_ROWS, TinyCache, build_tiny_cache

@@ -15,12 +15,12 @@ from eagle3_cache.errors import CacheConfigError
 from eagle3_cache.token_store import TokenizedSample, read_tokenized_info, synthetic_header, write_tokenized
 from eagle3_cache.vocab import (
     count_supervised_tokens,
-    read_vocab_selection,
     select_draft_vocab,
     store_vocab_selection,
     write_vocab_counts,
     write_vocab_selection,
 )
+from eagle3_cache.vocab_selection import read_vocab_selection
 from helpers import tokenize_to_store
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "workflow" / "scripts"

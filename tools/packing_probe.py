@@ -41,7 +41,7 @@ from eagle3_cache.cache_rows import (
 from eagle3_cache.pipeline import forward_batches
 from eagle3_cache.target import load_target, resolve_aux_layer_ids, resolve_device
 from eagle3_cache.token_store import TokenBlock, read_token_block, token_rows
-from eagle3_cache.vocab import read_vocab_selection
+from eagle3_cache.vocab_selection import read_vocab_selection
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     if plain_output_head(model) is None:
         parser.error(f"{args.model}: the probe needs a plain output layer (a Llama, Mistral or Qwen family model)")
     selected, target_vocab_size = read_vocab_selection(args.selection)
-    spec = CacheSpec(resolve_aux_layer_ids(model, None), selected, target_vocab_size, "fp32", 0)
+    spec = CacheSpec(resolve_aux_layer_ids(model, None), torch.from_numpy(selected), target_vocab_size, "fp32", 0)
     tokens = read_token_block(args.tokenized, 0, args.samples)
     seq_length = tokens.input_ids.shape[1]
     row_length = args.row_length or seq_length

@@ -54,7 +54,7 @@ def compare(args: argparse.Namespace, work: Path) -> dict:
 def parity(ours: Path, reference: Path, job: dict, samples: int) -> dict:
     """Our shards against the reference's, under the validation report's rule (see `shard_parity`)."""
     from eagle3_cache.target import compute_dtype, resolve_device
-    from eagle3_cache.vocab import read_vocab_selection
+    from eagle3_cache.vocab_selection import read_vocab_selection
 
     workload = Workload(**job["workload"])
     return shard_parity(
@@ -64,7 +64,7 @@ def parity(ours: Path, reference: Path, job: dict, samples: int) -> dict:
         samples,
         compute_dtypes={compute_dtype(resolve_device(workload.device))},
         same_vocab=torch.equal(
-            read_vocab_selection(job["selection"])[0], torch.load(reference / "selected_token_ids.pt")
+            torch.from_numpy(read_vocab_selection(job["selection"])[0]), torch.load(reference / "selected_token_ids.pt")
         ),
     )
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from eagle3_cache.layout import num_shards, shard_file_name
-from eagle3_cache.shard_format import ShardLayout
+from eagle3_cache.shard_layout import ShardLayout
 
 from .measure import current_rss_mib, stopwatch, timed
 from .workload import SHUFFLE_SEED, Workload

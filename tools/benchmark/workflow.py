@@ -172,7 +172,7 @@ def run_precompute(workload: Workload, directory: Path) -> dict:
 def cache_parity(ours: Path, reference_cache: Path, workload: Workload, samples: int) -> dict:
     """Our workflow's cache against the CLI's, under the validation report's parity rule."""
     from eagle3_cache.target import compute_dtype, resolve_device
-    from eagle3_cache.vocab import read_vocab_selection
+    from eagle3_cache.vocab_selection import read_vocab_selection
 
     our_ids = read_vocab_selection(ours / "results" / RUN / "vocab_selection.pt")[0]
     reference_ids = json.loads((reference_cache / MANIFEST_FILE).read_text())["selected_token_ids"]

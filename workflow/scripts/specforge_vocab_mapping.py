@@ -6,7 +6,7 @@ from eagle3_cache.errors import reported_errors
 from eagle3_cache.logs import logged_wall_split, setup_logging
 from eagle3_cache.manifest import retire_commit
 from eagle3_cache.specforge_format import write_vocab_mapping
-from eagle3_cache.vocab import read_vocab_selection
+from eagle3_cache.vocab_selection import read_vocab_selection
 
 snakemake = snakemake  # noqa: F821 (injected by Snakemake's script directive)
 log = setup_logging(snakemake.log[0])

@@ -7,7 +7,7 @@ from eagle3_cache.logs import logged_wall_split, setup_logging
 from eagle3_cache.manifest import checked_manifest, commit_manifest, read_shard_stats
 from eagle3_cache.specforge_cache import remove_specforge_files, specforge_manifest
 from eagle3_cache.token_store import read_tokenized_info
-from eagle3_cache.vocab import read_vocab_selection
+from eagle3_cache.vocab_selection import read_vocab_selection
 
 snakemake = snakemake  # noqa: F821 (injected by Snakemake's script directive)
 log = setup_logging(snakemake.log[0])

@@ -27,7 +27,7 @@ from .shard_format import DTYPES, read_shard_rows
 from .target import compute_dtype, load_target, resolve_device
 from .token_store import read_token_rows, read_tokenized_info
 from .validation import run_check
-from .vocab import read_vocab_selection
+from .vocab_selection import read_vocab_selection
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def parity_spec(inputs: ParityInputs, stats: Sequence[Mapping[str, Any]]) -> Cac
     selected, target_vocab_size = read_vocab_selection(inputs.selection)
     return CacheSpec(
         aux_layer_ids=list(stats[0]["aux_layer_ids"]),
-        selected_token_ids=selected,
+        selected_token_ids=torch.from_numpy(selected),
         target_vocab_size=target_vocab_size,
         dtype=inputs.settings["dtype"],
         target_probs_topk=int(inputs.settings["target_probs_topk"] or 0),

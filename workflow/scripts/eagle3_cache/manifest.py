@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import fsync_directory, write_json_atomic
+from .cache_dir import FORMAT_VERSION, leftover_temp_files, shard_indices_in
 from .errors import CacheConfigError
 from .layout import MANIFEST_FILE, VALIDATION_JSON, VALIDATION_REPORT, num_shards, samples_in_shard, shard_file_name
 from .provenance import ids_fingerprint, package_versions, producer, settings_fingerprint
-from .shard_format import FORMAT_VERSION, leftover_temp_files, shard_indices_in
 from .token_store import TokenizedInfo
 
 log = logging.getLogger(__name__)

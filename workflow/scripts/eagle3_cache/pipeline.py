@@ -30,11 +30,12 @@ from .errors import CacheConfigError, ShardScanError
 from .layout import samples_in_shard
 from .provenance import ids_fingerprint, settings_fingerprint
 from .scan import ShardScan
-from .shard_format import ShardLayout, ShardWriter
+from .shard_format import ShardWriter
+from .shard_layout import ShardLayout
 from .target import hidden_size, load_target, model_identity, resolve_aux_layer_ids
 from .timing import PhaseTimer
 from .token_store import TokenBlock, read_token_block, read_tokenized_info, token_rows
-from .vocab import read_vocab_selection
+from .vocab_selection import read_vocab_selection
 
 log = logging.getLogger(__name__)
 
@@ -407,7 +408,8 @@ def shard_spec_and_layout(
     """What the shards of a cache hold for this target and draft vocabulary, and their layout."""
     selected, target_vocab_size = read_vocab_selection(selection_path)
     check_vocab_matches(model, target_vocab_size, selection_path)
-    spec = CacheSpec(resolve_aux_layer_ids(model, aux_layer_ids), selected, target_vocab_size, dtype, target_probs_topk)
+    aux_layers = resolve_aux_layer_ids(model, aux_layer_ids)
+    spec = CacheSpec(aux_layers, torch.from_numpy(selected), target_vocab_size, dtype, target_probs_topk)
     layout = ShardLayout.for_target(seq_length, hidden_size(model), spec.draft_vocab_size, dtype, target_probs_topk)
     return spec, layout
 

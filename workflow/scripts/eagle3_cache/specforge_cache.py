@@ -1,7 +1,9 @@
-"""A specforge cache directory as a whole: its manifest (the commit point), stale-file removal, and the checker.
+"""A specforge cache directory as a whole: its manifest (the commit point), stale-file removal, and the checks of
+the directory against it that open no sample file. No torch.
 
 `manifest.json` is ours (SpecForge ignores it): the shared fields of the Automodel manifest, the shard
-directories, and a size and sha256 per sample file, which the checker holds the directory to.
+directories, and a size and sha256 per sample file, which the checks hold the directory to; the checker
+that reads every file is `specforge_verification.check_specforge_cache`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .cache_dir import CacheProblem, read_manifest, shard_indices_in
 from .errors import CacheConfigError
 from .layout import (
     EMBEDDINGS_FILE,
@@ -27,15 +30,8 @@ from .layout import (
     shard_dir_name,
     shard_file_name,
 )
-from .shard_format import CacheProblem, file_sha256, read_manifest, readable_manifest, shard_indices_in
-from .specforge_format import (
-    SPECFORGE_VERSION,
-    read_sample_file,
-    sample_file_name,
-    sample_problems,
-    staging_root,
-    vocab_mapping_problems,
-)
+from .provenance import file_sha256
+from .specforge_layout import SPECFORGE_VERSION, sample_file_name, staging_root, vocab_mapping_problems
 
 log = logging.getLogger(__name__)
 
@@ -183,44 +179,12 @@ def cache_entry_problems(cache_dir: Path, manifest: Mapping[str, Any]) -> list[C
     return problems
 
 
-def sample_file_problems(path: Path, record: Mapping[str, Any], hidden_size: int, verify_hashes: bool) -> list[str]:
-    """One sample file against its manifest record: size, sha256, and the layout SpecForge reads."""
-    if path.stat().st_size != record["bytes"]:
-        return [f"{path.stat().st_size} bytes, manifest says {record['bytes']}"]
-    if verify_hashes and file_sha256(path) != record["sha256"]:
-        return ["sha256 differs from the manifest (corrupted or replaced)"]
-    try:
-        sample = read_sample_file(path)
-    except CacheConfigError as error:
-        return [str(error)]
-    return sample_problems(sample, num_tokens=int(record["num_tokens"]), hidden_size=hidden_size)
-
-
-def stored_file_problems(cache_dir: Path, manifest: Mapping[str, Any], verify_hashes: bool) -> list[CacheProblem]:
-    """The directory's entries, each sample file and the vocabulary mapping against the manifest's records."""
-    problems = cache_entry_problems(cache_dir, manifest)
-    for path, record in sample_paths(cache_dir, manifest):
-        if path.exists():
-            name = f"{path.parent.name}/{path.name}"
-            found = sample_file_problems(path, record, int(manifest["hidden_size"]), verify_hashes)
-            problems += [CacheProblem(name, problem) for problem in found]
-    return problems + mapping_problems(cache_dir, manifest, verify_hashes)
-
-
-def mapping_problems(cache_dir: Path, manifest: Mapping[str, Any], verify_hashes: bool) -> list[CacheProblem]:
+def mapping_problems(cache_dir: Path, manifest: Mapping[str, Any]) -> list[CacheProblem]:
     """The vocabulary mapping, when present, against the manifest's draft vocabulary and its recorded sha256."""
     mapping = cache_dir / VOCAB_MAPPING_FILE
     if not mapping.exists():
         return []
     found = vocab_mapping_problems(mapping, manifest["selected_token_ids"], int(manifest["target_vocab_size"]))
-    if verify_hashes and file_sha256(mapping) != manifest["vocab_mapping"]["sha256"]:
+    if file_sha256(mapping) != manifest["vocab_mapping"]["sha256"]:
         found.append("sha256 differs from the manifest (corrupted or replaced)")
     return [CacheProblem(VOCAB_MAPPING_FILE, problem) for problem in found]
-
-
-def check_specforge_cache(cache_dir: str | os.PathLike, verify_hashes: bool = True) -> list[CacheProblem]:
-    """Everything wrong with a specforge cache directory; empty when it is complete and intact."""
-    manifest = readable_manifest(Path(cache_dir))
-    if isinstance(manifest, CacheProblem):
-        return [manifest]
-    return manifest_record_problems(manifest) or stored_file_problems(Path(cache_dir), manifest, verify_hashes)

@@ -14,60 +14,35 @@ zero-padded global sample indices, because SpecForge's reader walks the director
 orders the files by their absolute paths as strings.
 
 This module writes and reads single files (samples, the vocabulary mapping, a target's weight index);
-`specforge_shard` writes a shard's directory, `specforge_cache` the manifest and the cache checker.
+`specforge_layout` holds the names and checks that need no torch, `specforge_shard` writes a shard's
+directory, `specforge_cache` the manifest.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
 import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from .atomic import torch_save_atomic, write_json_atomic
+from .cache_dir import safetensors_entries
 from .errors import CacheConfigError
-from .shard_format import safetensors_entries
+from .specforge_layout import HIDDEN_KEYS, SINGLE_WEIGHTS_FILE, WEIGHT_INDEX_FILE, vocab_mapping
 from .specforge_sizes import sample_shapes
 
-SPECFORGE_VERSION = "0.2.0"
-WEIGHT_INDEX_FILE = "model.safetensors.index.json"
-SINGLE_WEIGHTS_FILE = "model.safetensors"
-SAMPLE_DIGITS = 9
 STORED_DTYPE = torch.bfloat16
 # What the files hold of the target's prediction (a `CacheSpec.target_repr`): SpecForge applies lm_head itself.
 TARGET_REPR = "hidden_state"
-HIDDEN_KEYS = ("hidden_state", "aux_hidden_state")
 
 
 # --- Writing sample files ----------------------------------------------------------------------
-
-
-def sample_file_name(index: int) -> str:
-    """`sample-000004242.ckpt` for global sample 4242: zero-padded, so that string order is sample order."""
-    if not 0 <= index < 10**SAMPLE_DIGITS:
-        raise CacheConfigError(
-            f"sample index {index} does not fit the {SAMPLE_DIGITS}-digit file names of the specforge format; "
-            f"split the dataset into runs of fewer than {10**SAMPLE_DIGITS} samples."
-        )
-    return f"sample-{index:0{SAMPLE_DIGITS}d}.ckpt"
-
-
-def staging_root(cache_dir: str | os.PathLike) -> Path:
-    """`<cache dir>.staging`, where shard directories are built: beside the tree SpecForge walks."""
-    cache_dir = Path(cache_dir)
-    return cache_dir.with_name(cache_dir.name + ".staging")
-
-
-def staging_dir_for(shard_dir: str | os.PathLike) -> Path:
-    """Where one shard directory is built before it is renamed into place."""
-    shard_dir = Path(shard_dir)
-    return staging_root(shard_dir.parent) / shard_dir.name
 
 
 def sample_tensors(
@@ -139,42 +114,12 @@ def nonfinite_values(sample: Mapping[str, torch.Tensor]) -> dict[str, int]:
 # --- The vocabulary mapping --------------------------------------------------------------------
 
 
-def vocab_mapping(selected_token_ids: torch.Tensor, target_vocab_size: int) -> dict[str, torch.Tensor]:
-    """SpecForge's `{"d2t": int64[Vd], "t2d": bool[V]}` for our draft vocabulary.
-
-    SpecForge reads the draft's logit columns as the target ids `t2d` selects in ascending order
-    (`target[..., t2d]`) and requires `nonzero(t2d) == d2t + arange(Vd)`, so draft id i is the i-th
-    smallest of our selected ids: the same set as `vocab_selection.pt`, sorted by id.
-    """
-    ids = torch.sort(selected_token_ids.to(torch.int64)).values
-    if ids.numel() == 0 or ids[0] < 0 or ids[-1] >= target_vocab_size or torch.unique(ids).numel() != ids.numel():
-        raise CacheConfigError(
-            f"the draft vocabulary must be distinct ids in [0, {target_vocab_size}); rerun the select_vocab rule."
-        )
-    t2d = torch.zeros(target_vocab_size, dtype=torch.bool)
-    t2d[ids] = True
-    return {"d2t": ids - torch.arange(ids.numel()), "t2d": t2d}
-
-
-def write_vocab_mapping(path: str | os.PathLike, selected_token_ids: torch.Tensor, target_vocab_size: int) -> None:
+def write_vocab_mapping(
+    path: str | os.PathLike, selected_token_ids: Sequence[int] | np.ndarray, target_vocab_size: int
+) -> None:
     """`vocab_mapping.pt`, written from our vocabulary selection."""
-    torch_save_atomic(path, vocab_mapping(selected_token_ids, target_vocab_size))
-
-
-def vocab_mapping_problems(path: Path, selected_token_ids: Sequence[int], target_vocab_size: int) -> list[str]:
-    """How a vocabulary mapping file differs from the one our selection gives."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        return [f"unreadable ({error})"]
-    expected = vocab_mapping(torch.tensor(list(selected_token_ids)), target_vocab_size)
-    if not isinstance(saved, dict) or saved.keys() != expected.keys():
-        return [f"holds {sorted(saved) if isinstance(saved, dict) else type(saved).__name__}, expected d2t and t2d"]
-    return [
-        f"{key} differs from the manifest's selected_token_ids (stored {saved[key].dtype} {list(saved[key].shape)})"
-        for key, want in expected.items()
-        if saved[key].dtype != want.dtype or not torch.equal(saved[key], want)
-    ]
+    mapping = vocab_mapping(selected_token_ids, target_vocab_size)
+    torch_save_atomic(path, {key: torch.from_numpy(values) for key, values in mapping.items()})
 
 
 # --- What SpecForge reads from the target directory --------------------------------------------
@@ -201,18 +146,3 @@ def write_weight_index(model_dir: str | os.PathLike) -> Path:
     path = model_dir / WEIGHT_INDEX_FILE
     write_json_atomic(path, index)
     return path
-
-
-def target_dir_problems(model_dir: str | os.PathLike, key: str) -> list[str]:
-    """What SpecForge's TargetHead would reject in a local target directory: config, index, lm_head_key."""
-    model_dir = Path(model_dir)
-    problems = [] if (model_dir / "config.json").is_file() else [f"{model_dir}: no config.json"]
-    indexes = sorted(model_dir.glob("*.index.json"))
-    if len(indexes) != 1:
-        problems.append(
-            f"{model_dir}: {len(indexes)} *.index.json files, SpecForge needs exactly one "
-            "(for a single model.safetensors, write one with eagle3_cache.specforge_format.write_weight_index)"
-        )
-    elif key not in json.loads(indexes[0].read_text()).get("weight_map", {}):
-        problems.append(f"{indexes[0]}: no {key!r} in its weight_map, which SpecForge's lm_head_key must name")
-    return problems

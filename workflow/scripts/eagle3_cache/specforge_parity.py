@@ -20,7 +20,8 @@ from .live_parity import ParityInputs, parity_spec, shard_compute_dtypes
 from .manifest import read_shard_stats
 from .parity import TOLERANCE_RULE, FieldErrors, parity_eps, tolerance_problems, tolerance_row
 from .results import CheckResult, problems_summary
-from .specforge_format import TARGET_REPR, read_sample_file, sample_file_name
+from .specforge_format import TARGET_REPR, read_sample_file
+from .specforge_layout import sample_file_name
 from .token_store import TokenBlock, read_token_rows
 
 # Positions whose full-vocabulary logits are compared at once ([block, V] fp32).

@@ -20,9 +20,10 @@ from .cache_rows import CacheBatch, CacheSpec
 from .errors import CacheConfigError
 from .pipeline import ShardJob, ShardResult, forward_stats, refuse_failed_scan, stream_rows
 from .scan import ShardScan
-from .shard_format import ShardLayout
+from .shard_layout import ShardLayout
 from .specforge_cache import records_sha256
-from .specforge_format import TARGET_REPR, lm_head_key, sample_file_name, sample_tensors, serialized, staging_dir_for
+from .specforge_format import TARGET_REPR, lm_head_key, sample_tensors, serialized
+from .specforge_layout import sample_file_name, staging_dir_for
 from .target import hidden_size
 from .timing import PhaseTimer
 from .token_store import TokenBlock

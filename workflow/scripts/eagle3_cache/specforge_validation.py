@@ -18,18 +18,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .cache_dir import CacheProblem, readable_manifest, verification_problems
 from .disk_plan import planned_figures, planned_summary, read_plan
 from .layout import VOCAB_MAPPING_FILE
 from .report_html import format_bytes
 from .results import CheckResult, listed, problems_summary
-from .scan import ScanSummary
-from .shard_format import CacheProblem, ShardLayout, readable_manifest
+from .scan_summary import ScanSummary
+from .shard_layout import ShardLayout
 from .specforge_cache import cache_entry_problems, manifest_record_problems, mapping_problems, sample_paths
-from .specforge_format import HIDDEN_KEYS, target_dir_problems
+from .specforge_layout import HIDDEN_KEYS, target_dir_problems
 from .specforge_sizes import bytes_per_token
 from .token_store import TokenizedInfo
 from .validation import CacheReads, Check, allocated_bytes
-from .verification import verification_problems
 
 # The Automodel fields written at every position of a row, padding included.
 FULL_WIDTH_FIELDS = ("input_ids", "attention_mask", "loss_mask")
@@ -50,8 +50,8 @@ def specforge_checks(reads: CacheReads) -> dict[str, Check]:
 
 def directory_problems(cache_dir: Path, manifest: Mapping[str, Any]) -> list[CacheProblem]:
     """The manifest's records, the directory's entries and the vocabulary mapping (no sample file is opened)."""
-    return manifest_record_problems(manifest) or cache_entry_problems(cache_dir, manifest) + mapping_problems(
-        cache_dir, manifest, verify_hashes=True
+    return manifest_record_problems(manifest) or (
+        cache_entry_problems(cache_dir, manifest) + mapping_problems(cache_dir, manifest)
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,42 +19,51 @@ from typing import Any
 
 import torch
 
+from .cache_dir import CacheProblem, readable_manifest
 from .errors import CacheConfigError
 from .layout import samples_in_shard, shard_index
-from .scan import ScanSummary
-from .specforge_cache import SNAKEMAKE_TIMESTAMP, records_sha256
+from .scan_summary import ScanSummary
+from .specforge_cache import (
+    SNAKEMAKE_TIMESTAMP,
+    cache_entry_problems,
+    manifest_record_problems,
+    mapping_problems,
+    records_sha256,
+    sample_paths,
+)
 from .specforge_format import nonfinite_values, read_sample_file, sample_problems
 from .token_store import TokenBlock, read_token_block, read_tokenized_info, token_rows
 from .verification import ShardVerification
 
 
-def sample_bytes_problems(
-    data: bytes, record: Mapping[str, Any], hidden_size: int, scan: ScanSummary, sample: int, row: TokenBlock
-) -> list[str]:
-    """One sample file's bytes against its record, its layout and its tokenized `row`; its values go to `scan`."""
+def sample_file_problems(data: bytes, record: Mapping[str, Any], hidden_size: int) -> tuple[list[str], dict | None]:
+    """One sample file's bytes against its record (size, sha256) and the layout SpecForge reads; and the sample,
+    when it is readable and laid out as it should be."""
     if len(data) != record["bytes"]:
-        return [f"{len(data)} bytes, its shard job wrote {record['bytes']} (truncated or overwritten?)"]
+        return [f"{len(data)} bytes, its shard job wrote {record['bytes']} (truncated or overwritten?)"], None
     if hashlib.sha256(data).hexdigest() != record["sha256"]:
-        return ["sha256 differs from the one recorded when it was written (changed on disk)"]
+        return ["sha256 differs from the one recorded when it was written (changed on disk)"], None
     try:
         stored = read_sample_file(record["file"], data)
     except CacheConfigError as error:
-        return [str(error)]
+        return [str(error)], None
     problems = sample_problems(stored, num_tokens=int(record["num_tokens"]), hidden_size=hidden_size)
-    if problems:
-        return problems
+    return problems, (None if problems else stored)
+
+
+def scan_sample(scan: ScanSummary, stored: Mapping[str, torch.Tensor], sample: int, row: TokenBlock) -> None:
+    """Fold one sample's values into `scan`: NaN or Inf in its hidden states, tokens and loss mask unlike `row`."""
+    length = stored["input_ids"].shape[0]
     scan.samples += 1
-    scan.total_positions += int(record["num_tokens"])
+    scan.total_positions += length
     scan.supervised_positions += int(stored["loss_mask"].sum())
     for key, count in nonfinite_values(stored).items():
         if count:
             scan.record("nonfinite", key, count, sample)
-    length = int(record["num_tokens"])
     for key in ("input_ids", "loss_mask"):
         if not torch.equal(stored[key], getattr(row, key)[0, :length]):
             scan.record("unlike_tokenized", key, 1, sample)
             scan.samples_unlike_tokenized = sorted({*scan.samples_unlike_tokenized, sample})
-    return []
 
 
 def verify_specforge_shard(
@@ -75,9 +85,9 @@ def verify_specforge_shard(
             continue
         data = path.read_bytes()
         total += len(data)
-        found = sample_bytes_problems(
-            data, record, int(stats["hidden_size"]), scan, first_sample + row, token_rows(tokens, [row])
-        )
+        found, stored = sample_file_problems(data, record, int(stats["hidden_size"]))
+        if stored is not None:
+            scan_sample(scan, stored, first_sample + row, token_rows(tokens, [row]))
         problems += [f"{record['file']}: {problem}" for problem in found]
         read.append({**record, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
     sha256 = records_sha256(read) if not problems else ""
@@ -98,3 +108,24 @@ def verify_committed_specforge_shard(
     first = index * shard_size
     count = samples_in_shard(index, read_tokenized_info(tokenized_path).num_samples, shard_size)
     return verify_specforge_shard(shard_dir, stats, read_token_block(tokenized_path, first, first + count), first)
+
+
+# --- The whole cache, every file read (a check for tests and tools; the workflow verifies per shard) ---
+
+
+def stored_file_problems(cache_dir: Path, manifest: Mapping[str, Any]) -> list[CacheProblem]:
+    """The directory's entries, each sample file and the vocabulary mapping against the manifest's records."""
+    problems = cache_entry_problems(cache_dir, manifest)
+    for path, record in sample_paths(cache_dir, manifest):
+        if path.exists():
+            found, _ = sample_file_problems(path.read_bytes(), record, int(manifest["hidden_size"]))
+            problems += [CacheProblem(f"{path.parent.name}/{path.name}", problem) for problem in found]
+    return problems + mapping_problems(cache_dir, manifest)
+
+
+def check_specforge_cache(cache_dir: str | os.PathLike) -> list[CacheProblem]:
+    """Everything wrong with a specforge cache directory, every file read; empty when it is complete and intact."""
+    manifest = readable_manifest(Path(cache_dir))
+    if isinstance(manifest, CacheProblem):
+        return [manifest]
+    return manifest_record_problems(manifest) or stored_file_problems(Path(cache_dir), manifest)

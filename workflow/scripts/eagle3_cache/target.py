@@ -17,7 +17,7 @@ from .errors import CacheConfigError
 from .hub import loading
 from .layout import WEIGHT_SUFFIXES
 from .preflight import check_device, resolved_aux_layer_ids
-from .shard_format import file_sha256
+from .provenance import file_sha256
 from .shard_layout import stored_safetensors_header
 
 if TYPE_CHECKING:

@@ -29,18 +29,18 @@ import numpy as np
 
 from . import CACHE_SEMANTICS_VERSION
 from .atomic import atomic_output, write_json_atomic
+from .cache_dir import committed_manifest, directory_problems, read_manifest, verification_problems
 from .cost import cost_check
 from .disk_plan import planned_figures, planned_summary, read_plan
 from .layout import EMBEDDINGS_FILE, MANIFEST_FILE, ROW_ORDER_SETTINGS, applied_settings, shard_file_name
 from .manifest import read_shard_stats
 from .report_html import format_bytes, render_html
 from .results import TITLES, CheckResult, ValidationReport, problems_summary
-from .scan import MIN_DRAFT_SHARE, ScanSummary, merged_scans, sanity_check, supervision_check
-from .shard_format import ShardLayout, committed_manifest, directory_problems, read_manifest
+from .scan_summary import MIN_DRAFT_SHARE, ScanSummary, merged_scans, sanity_check, supervision_check
+from .shard_layout import ShardLayout
 from .specforge_sizes import specforge_files_bytes
 from .token_store import TokenizedInfo, read_tokenized_info
-from .verification import verification_problems
-from .vocab import read_vocab_selection
+from .vocab_selection import read_vocab_selection
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def vocabulary_check(counts: np.ndarray, manifest: Mapping[str, Any], selection:
     selected, _ = read_vocab_selection(selection)
     size = int(manifest["draft_vocab_size"])
     total = int(counts.sum())
-    covered = int(counts[selected.numpy()].sum())
+    covered = int(counts[selected].sum())
     ranked = np.cumsum(np.sort(counts)[::-1])
     figures = {
         "target_vocab_size": int(manifest["target_vocab_size"]),

@@ -22,13 +22,15 @@ from typing import IO, Any
 
 import torch
 
+from .cache_dir import shard_layout_problems
 from .layout import MANIFEST_FILE, samples_in_shard, shard_index
 from .manifest import retire_commit
-from .scan import ScanSummary, ShardScan
-from .shard_format import DTYPES, TORCH_DTYPES, CacheProblem, shard_layout_problems
+from .scan import ShardScan
+from .scan_summary import ScanSummary
+from .shard_format import DTYPES, TORCH_DTYPES
 from .shard_layout import FieldSpec, ShardLayout, safetensors_header
 from .token_store import TokenBlock, read_token_block, read_tokenized_info
-from .vocab import read_vocab_selection
+from .vocab_selection import read_vocab_selection
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +127,7 @@ def verify_committed_shard(
     layout = ShardLayout(
         seq_length=settings["seq_length"],
         aux_hidden_dim=stats["aux_hidden_dim"],
-        draft_vocab_size=selected.numel(),
+        draft_vocab_size=len(selected),
         dtype=settings["dtype"],
         target_probs_topk=settings["target_probs_topk"],
     )
@@ -149,20 +151,3 @@ def take_out_of_cache(shard_path: Path, problems: Sequence[str]) -> str:
     )
     log.error(message)
     return message
-
-
-def verification_problems(manifest: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> list[CacheProblem]:
-    """Shards the manifest lists whose verification record is missing, found problems or describes other bytes."""
-    verified = {record["file"]: record for record in records}
-    problems = []
-    for shard in manifest.get("shards", []):
-        # An Automodel shard is a file, a specforge one a directory.
-        name = shard.get("file") or shard["directory"]
-        record = verified.get(name)
-        if record is None:
-            problems.append(CacheProblem(name, "no verification record"))
-        elif record["problems"]:
-            problems += [CacheProblem(name, problem) for problem in record["problems"]]
-        elif (record["sha256"], record["bytes"]) != (shard["sha256"], shard["bytes"]):
-            problems.append(CacheProblem(name, "the verified bytes are not the ones the manifest records"))
-    return problems

@@ -69,17 +69,6 @@ def write_vocab_selection(path: str | os.PathLike, selected: torch.Tensor, targe
     )
 
 
-def read_vocab_selection(path: str | os.PathLike) -> tuple[torch.LongTensor, int]:
-    """(selected_token_ids, target_vocab_size) from a file written by write_vocab_selection."""
-    saved = torch.load(path, weights_only=True)
-    if not isinstance(saved, dict) or not {"selected_token_ids", "target_vocab_size"} <= saved.keys():
-        raise CacheConfigError(
-            f"{path}: not a vocab selection (needs selected_token_ids and target_vocab_size); "
-            "rerun the select_vocab rule"
-        )
-    return saved["selected_token_ids"].long(), int(saved["target_vocab_size"])
-
-
 def write_vocab_counts(path: str | os.PathLike, counts: np.ndarray) -> None:
     """The per-id counts as .npy, for the report's coverage curve."""
     with atomic_output(path) as tmp, open(tmp, "wb") as handle:
