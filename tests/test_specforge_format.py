@@ -273,8 +273,9 @@ def test_the_checker_names_each_damaged_file(cache_copy):
     (cache_copy / "shard-000001.tmp").mkdir()
     problems = {str(p) for p in check_specforge_cache(cache_copy)}
     assert problems == {
-        "shard-000001/sample-000000004.ckpt: 7 bytes, manifest says "
-        + str(json.loads((cache_copy / MANIFEST_FILE).read_text())["shards"][1]["files"][0]["bytes"]),
+        "shard-000001/sample-000000004.ckpt: 7 bytes, its shard job wrote "
+        + str(json.loads((cache_copy / MANIFEST_FILE).read_text())["shards"][1]["files"][0]["bytes"])
+        + " (truncated or overwritten?)",
         "shard-000001/sample-000000005.ckpt: missing",
         "shard-000000/notes.txt: stray file",
         "shard-000001.tmp: stray file or directory (SpecForge may read it)",
@@ -289,7 +290,9 @@ def test_the_checker_finds_a_replaced_file_and_mapping(cache_copy, specforge_cac
     victim.write_bytes(serialized(sample))
     write_vocab_mapping(cache_copy / VOCAB_MAPPING_FILE, torch.arange(64), 370)
     problems = [str(p) for p in check_specforge_cache(cache_copy)]
-    assert problems[0] == "shard-000000/sample-000000001.ckpt: sha256 differs from the manifest (corrupted or replaced)"
+    assert problems[0] == (
+        "shard-000000/sample-000000001.ckpt: sha256 differs from the one recorded when it was written (changed on disk)"
+    )
     assert problems[1].startswith("vocab_mapping.pt: d2t differs from the manifest's selected_token_ids")
     assert problems[-1] == "vocab_mapping.pt: sha256 differs from the manifest (corrupted or replaced)"
 
