@@ -228,26 +228,30 @@ class TinyCache:
         return self.cache_dir / (shard_dir_name if specforge else shard_file_name)(index)
 
 
-def verify_tiny_cache(cache: TinyCache) -> None:
-    """What the verify_shard jobs do, for every shard present; a record is written even for a shard that
-    fails (the jobs write none and delete the shard instead), so that the report can be tested on it."""
-    from eagle3_cache.atomic import write_json_atomic
+def verified_shard(cache: TinyCache, index: int):
+    """What the verify_shard job finds in shard `index` of a tiny cache, in either format."""
     from eagle3_cache.specforge_verification import verify_committed_specforge_shard
     from eagle3_cache.verification import verify_committed_shard
 
     verify = verify_committed_specforge_shard if cache.settings["format"] == "specforge" else verify_committed_shard
-    for stats, record in zip(cache.stats, cache.verified, strict=True):
-        shard = cache.shard(shard_index(stats))
+    return verify(
+        cache.shard(index),
+        stats_path=cache.stats[index],
+        selection_path=cache.selection,
+        tokenized_path=cache.tokenized,
+        settings=cache.settings,
+    )
+
+
+def verify_tiny_cache(cache: TinyCache) -> None:
+    """What the verify_shard jobs do, for every shard present; a record is written even for a shard that
+    fails (the jobs write none and delete the shard instead), so that the report can be tested on it."""
+    from eagle3_cache.atomic import write_json_atomic
+
+    for index, record in enumerate(cache.verified):
         record.unlink(missing_ok=True)
-        if shard.exists():
-            verification = verify(
-                shard,
-                stats_path=stats,
-                selection_path=cache.selection,
-                tokenized_path=cache.tokenized,
-                settings=cache.settings,
-            )
-            write_json_atomic(record, verification.to_json())
+        if cache.shard(index).exists():
+            write_json_atomic(record, verified_shard(cache, index).to_json())
 
 
 def check_tiny_parity(cache: TinyCache, model, num_samples: int, seed: int = 0) -> None:

@@ -12,9 +12,8 @@ import pytest
 from eagle3_cache.layout import MANIFEST_FILE, shard_dir_name, shard_file_name
 from eagle3_cache.manifest import retire_commit
 from eagle3_cache.scan_summary import ScanSummary
-from eagle3_cache.specforge_verification import verify_committed_specforge_shard
-from eagle3_cache.verification import take_out_of_cache, verify_committed_shard
-from helpers import PARITY_ROWS, TinyCache, build_tiny_cache
+from eagle3_cache.verification import take_out_of_cache
+from helpers import PARITY_ROWS, TinyCache, build_tiny_cache, verified_shard
 
 FLIP_SEEDS = range(8)
 
@@ -31,20 +30,10 @@ def cache(built_cache, tmp_path) -> TinyCache:
     return TinyCache(shutil.copytree(built_cache.run_dir, tmp_path / "results" / "tiny"))
 
 
-def verify(cache: TinyCache, index: int):
-    return verify_committed_shard(
-        cache.cache_dir / shard_file_name(index),
-        stats_path=cache.stats[index],
-        selection_path=cache.selection,
-        tokenized_path=cache.tokenized,
-        settings=cache.settings,
-    )
-
-
 def test_a_clean_shard_passes_with_the_scan_its_job_recorded(cache):
     for index, stats_path in enumerate(cache.stats):
         stats = json.loads(stats_path.read_text())
-        result = verify(cache, index)
+        result = verified_shard(cache, index)
         assert result.failures == []
         assert (result.sha256, result.bytes) == (stats["sha256"], stats["bytes"])
         # The scan of the rows in memory before the write and of the file read back agree to the last count.
@@ -60,7 +49,7 @@ def test_a_bit_flipped_anywhere_is_caught(cache, seed):
     offset = [3, 20, len(data) - 1][seed] if seed < 3 else rng.randrange(len(data))
     data[offset] ^= 1 << rng.randrange(8)
     shard.write_bytes(bytes(data))
-    assert verify(cache, 1).failures, f"a flip at byte {offset} of {len(data)} went unnoticed"
+    assert verified_shard(cache, 1).failures, f"a flip at byte {offset} of {len(data)} went unnoticed"
 
 
 def test_a_truncated_shard_is_caught_by_its_size(cache):
@@ -68,7 +57,7 @@ def test_a_truncated_shard_is_caught_by_its_size(cache):
     size = shard.stat().st_size
     with open(shard, "r+b") as handle:
         handle.truncate(size - 1000)
-    [problem] = verify(cache, 0).failures
+    [problem] = verified_shard(cache, 0).failures
     assert f"{size - 1000} bytes, its layout takes {size}" in problem
 
 
@@ -108,20 +97,10 @@ def specforge_cache(built_specforge_cache, tmp_path) -> TinyCache:
     return TinyCache(shutil.copytree(built_specforge_cache.run_dir, tmp_path / "results" / "tiny"))
 
 
-def verify_directory(cache: TinyCache, index: int):
-    return verify_committed_specforge_shard(
-        cache.shard(index),
-        stats_path=cache.stats[index],
-        selection_path=cache.selection,
-        tokenized_path=cache.tokenized,
-        settings=cache.settings,
-    )
-
-
 def test_a_clean_shard_directory_passes_with_the_scan_its_job_recorded(specforge_cache):
     for index, stats_path in enumerate(specforge_cache.stats):
         stats = json.loads(stats_path.read_text())
-        result = verify_directory(specforge_cache, index)
+        result = verified_shard(specforge_cache, index)
         assert result.failures == []
         assert (result.file, result.sha256, result.bytes) == (shard_dir_name(index), stats["sha256"], stats["bytes"])
         scan = ScanSummary.from_json(result.scan)
@@ -136,7 +115,7 @@ def test_a_bit_flipped_in_any_sample_file_is_caught(specforge_cache, seed):
     offset = rng.randrange(len(data))
     data[offset] ^= 1 << rng.randrange(8)
     path.write_bytes(bytes(data))
-    [problem] = verify_directory(specforge_cache, 1).failures
+    [problem] = verified_shard(specforge_cache, 1).failures
     assert problem == f"{path.name}: sha256 differs from the one recorded when it was written (changed on disk)"
 
 
@@ -147,7 +126,7 @@ def test_a_missing_a_stray_and_a_truncated_file_are_each_named(specforge_cache):
     (directory / "notes.txt").write_text("not a sample")
     with open(second, "r+b") as handle:
         handle.truncate(100)
-    failures = verify_directory(specforge_cache, 0).failures
+    failures = verified_shard(specforge_cache, 0).failures
     assert failures[0] == "stray file notes.txt"
     assert f"{first.name}: missing" in failures
     assert any(line.startswith(f"{second.name}: 100 bytes, its shard job wrote") for line in failures)
