@@ -124,6 +124,23 @@ def test_every_shard_runs_as_its_own_sbatch_job_on_its_own_gpu(
     assert len({record.gpus for record in records}) > 1
 
 
+def test_validation_runs_a_cpu_job_per_shard_and_one_gpu_parity_job(
+    cluster: SlurmCluster, completed_on_cluster: Path
+) -> None:
+    requested = requested_tres(cluster)
+    verify = {f"rule_verify_shard_wildcards_{RUN}_{index:06d}" for index in range(NUM_SHARDS)}
+    assert verify <= requested.keys(), sorted(requested)
+    assert all("gpu" not in requested[comment] for comment in verify), {c: requested[c] for c in verify}
+    assert "gpu" in requested[f"rule_parity_wildcards_{RUN}"]
+    assert "gpu" not in requested[f"rule_validate_wildcards_{RUN}"]
+
+
+def requested_tres(cluster: SlurmCluster) -> dict[str, str]:
+    """The trackable resources each job slurmctld remembers asked for, by the plugin's comment (its rule)."""
+    listing = cluster.run("squeue", "--states=all", "--noheader", "--Format=Comment:|,tres-per-job:")
+    return dict(line.strip().split("|", 1) for line in listing.splitlines() if "|" in line)
+
+
 def test_cancelled_shard_job_fails_the_run_and_a_rerun_completes(
     cluster: SlurmCluster, completed_on_cluster: Path, tmp_path: Path
 ) -> None:
@@ -155,10 +172,11 @@ def test_cancelled_shard_job_fails_the_run_and_a_rerun_completes(
     assert not shard_path(workdir, 1).exists()
     assert shard_path(workdir, 2).exists(), "the shard job running beside the cancelled one did not finish"
 
-    # The manifest is the cache's commit point; validation was covered by the first run.
+    # The manifest is the cache's commit point; validation was covered by the first run. The shard jobs
+    # retired the old report with the old manifest, and the manifest alone does not write a new one.
     rerun = snakemake_on_cluster(cluster, workdir, f"results/{RUN}/shards/manifest.json")
     assert rerun.returncode == 0, rerun.stdout[-6000:]
-    assert_complete_cache(workdir, NUM_SHARDS)
+    assert_complete_cache(workdir, NUM_SHARDS, reported=False)
     assert shard_records(workdir)[1].job_id in batch_submissions(cluster)
     for index in range(NUM_SHARDS):
         assert digest(shard_path(workdir, index)) == digest(shard_path(completed_on_cluster, index))
