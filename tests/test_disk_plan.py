@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from eagle3_cache import disk_plan
+from eagle3_cache import disk_plan, disk_space
+from eagle3_cache.cache_dir import leftover_temp_files
 from eagle3_cache.cache_rows import CacheBatch
 from eagle3_cache.disk_plan import (
     Budget,
@@ -192,6 +193,15 @@ def test_the_filesystem_is_measured_at_the_nearest_existing_directory(tmp_path):
     assert filesystem.block_size == block_size(tmp_path) and filesystem.free_bytes > 0
     assert keeps_holes(tmp_path, filesystem.block_size) == filesystem.sparse_files
     assert list(tmp_path.iterdir()) == []  # the probe is gone
+
+
+def test_a_probe_a_killed_plan_job_left_is_a_temp_file_the_manifest_job_removes(tmp_path, monkeypatch):
+    # SIGKILL skips the probe's own cleanup; here its unlink does nothing instead.
+    monkeypatch.setattr(disk_space.os, "unlink", lambda path: None)
+    keeps_holes(tmp_path, block_size(tmp_path))
+    [probe] = tmp_path.iterdir()
+    (tmp_path / "shard-000000.tmp").mkdir()  # a directory by that suffix is not one
+    assert leftover_temp_files(tmp_path) == [probe]
 
 
 def test_without_sparse_files_the_apparent_size_counts():

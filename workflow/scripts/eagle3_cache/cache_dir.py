@@ -166,9 +166,9 @@ def directory_problems(cache_dir: Path, manifest: Mapping[str, Any]) -> list[Cac
 
 
 def leftover_temp_files(cache_dir: str | os.PathLike) -> list[Path]:
-    """Temp files a killed writer left behind."""
+    """Temp files a killed writer (or the plan job's probe) left behind."""
     suffix = temp_path_for("x").suffix
-    return sorted(p for p in Path(cache_dir).iterdir() if p.suffix == suffix)
+    return sorted(p for p in Path(cache_dir).iterdir() if p.suffix == suffix and p.is_file())
 
 
 def shard_content_problems(cache_dir: Path, manifest: Mapping[str, Any], verify_hashes: bool) -> list[CacheProblem]:

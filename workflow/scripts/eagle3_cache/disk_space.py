@@ -8,6 +8,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import temp_path_for
+
 # The sparse-file probe: a file this many blocks long with one block written.
 PROBE_BLOCKS = 16
 
@@ -34,7 +36,8 @@ def nearest_existing_directory(path: str | os.PathLike) -> Path:
 
 def keeps_holes(directory: Path, block_size: int) -> bool:
     """Whether a file here keeps its never-written blocks as holes: a probe with one block written of many."""
-    handle, name = tempfile.mkstemp(prefix=".sparse-probe-", dir=directory)
+    # Named as a temp file, so that the manifest job removes one a killed plan job left in the cache directory.
+    handle, name = tempfile.mkstemp(prefix=".sparse-probe-", suffix=temp_path_for("probe").suffix, dir=directory)
     try:
         os.ftruncate(handle, PROBE_BLOCKS * block_size)
         os.pwrite(handle, b"\1", PROBE_BLOCKS // 2 * block_size)
