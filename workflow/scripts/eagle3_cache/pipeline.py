@@ -239,10 +239,26 @@ class ShardJob:
 
 @dataclass
 class StreamedRows:
-    """What `stream_rows` did: the positions of each forward, and the writer thread's seconds per phase."""
+    """What `stream_rows` did: the positions of each forward within the budget, the scan of every row
+    written, and the writer thread's seconds per phase."""
 
     positions: list[int]
+    budget: int
+    scan: ShardScan
     write_seconds: dict[str, float]
+
+    def result_fields(self, job: ShardJob, block: TokenBlock, seq_length: int, timer: PhaseTimer) -> dict[str, Any]:
+        """The `ShardResult` fields every output format fills alike."""
+        return {
+            "num_samples": job.shard_samples,
+            "first_sample": job.first_sample,
+            "real_tokens": int(block.attention_mask.sum()),
+            "computed_tokens": sum(self.positions),
+            "padded_tokens": job.shard_samples * seq_length,
+            "positions_per_forward": forward_stats(self.positions, self.budget),
+            "scan": self.scan.summary.to_json(),
+            "seconds": {**timer.seconds, **self.write_seconds},
+        }
 
 
 # Writes one shard in an output format.
@@ -254,41 +270,28 @@ def compute_shard(model: nn.Module, spec: CacheSpec, layout: ShardLayout, job: S
     timer = PhaseTimer(model.get_input_embeddings().weight.device)
     with timer.phase("read"):
         block = job.read_tokens()
-    count = job.shard_samples
-    budget = job.budget(layout.seq_length)
-    scan = ShardScan(job.first_sample, block, layout.draft_vocab_size, spec.cache_dtype)
-    with ShardWriter(job.shard_path, layout, count) as writer:
-        streamed = stream_rows(model, spec, block, functools.partial(write_batch_rows, writer), budget, timer, scan)
-        refuse_failed_scan(scan, job.shard_path)
+    with ShardWriter(job.shard_path, layout, job.shard_samples) as writer:
+        streamed = stream_rows(model, spec, layout, job, block, functools.partial(write_batch_rows, writer), timer)
         with timer.phase("commit"):
             sha256 = writer.commit()
-    return ShardResult(
-        num_samples=count,
-        first_sample=job.first_sample,
-        bytes=writer.size,
-        sha256=sha256,
-        real_tokens=int(block.attention_mask.sum()),
-        computed_tokens=sum(streamed.positions),
-        padded_tokens=count * layout.seq_length,
-        positions_per_forward=forward_stats(streamed.positions, budget),
-        scan=scan.summary.to_json(),
-        seconds={**timer.seconds, **streamed.write_seconds},
-    )
+    return ShardResult(bytes=writer.size, sha256=sha256, **streamed.result_fields(job, block, layout.seq_length, timer))
 
 
 def stream_rows(
     model: nn.Module,
     spec: CacheSpec,
+    layout: ShardLayout,
+    job: ShardJob,
     block: TokenBlock,
     write: BatchWrite,
-    budget: int,
     timer: PhaseTimer,
-    scan: ShardScan,
 ) -> StreamedRows:
-    """Every row of `block` through the target in forwards of at most `budget` positions, each finished
-    batch scanned by `scan` and handed to `write` on the writer thread."""
-    seq_length = block.input_ids.shape[1]
-    batches = forward_batches(block.attention_mask.sum(dim=1), seq_length, budget, spec.target_repr)
+    """Every row of `block` (the job's shard) through the target in forwards within the job's budget, each
+    finished batch scanned and handed to `write` on the writer thread; stops before the commit when the
+    scan finds a problem."""
+    budget = job.budget(layout.seq_length)
+    scan = ShardScan(job.first_sample, block, layout.draft_vocab_size, spec.cache_dtype)
+    batches = forward_batches(block.attention_mask.sum(dim=1), layout.seq_length, budget, spec.target_repr)
     positions: list[int] = []
     started = time.perf_counter()
     writer_thread = RowWriterThread(write, scan, model.get_input_embeddings().weight.device)
@@ -303,7 +306,8 @@ def stream_rows(
         raise
     with timer.phase("drain"):
         writer_thread.finish()
-    return StreamedRows(positions, writer_thread.timer.seconds)
+    refuse_failed_scan(scan, job.shard_path)
+    return StreamedRows(positions, budget, scan, writer_thread.timer.seconds)
 
 
 def refuse_failed_scan(scan: ShardScan, shard_path: str | Path) -> None:

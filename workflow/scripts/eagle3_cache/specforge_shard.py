@@ -18,8 +18,7 @@ from torch import nn
 
 from .cache_rows import CacheBatch, CacheSpec
 from .errors import CacheConfigError
-from .pipeline import ShardJob, ShardResult, forward_stats, refuse_failed_scan, stream_rows
-from .scan import ShardScan
+from .pipeline import ShardJob, ShardResult, stream_rows
 from .shard_layout import ShardLayout
 from .specforge_cache import records_sha256
 from .specforge_format import TARGET_REPR, lm_head_key, sample_tensors, serialized
@@ -126,25 +125,14 @@ def compute_specforge_shard(
     timer = PhaseTimer(model.get_input_embeddings().weight.device)
     with timer.phase("read"):
         block = job.read_tokens()
-    count = job.shard_samples
-    budget = job.budget(layout.seq_length)
-    scan = ShardScan(job.first_sample, block, layout.draft_vocab_size, spec.cache_dtype)
     with ShardDirectoryWriter(job.shard_path, block, job.first_sample) as writer:
-        streamed = stream_rows(model, spec, block, writer.write_batch, budget, timer, scan)
-        refuse_failed_scan(scan, job.shard_path)
+        streamed = stream_rows(model, spec, layout, job, block, writer.write_batch, timer)
         with timer.phase("commit"):
             files = writer.commit()
     return SpecForgeShardResult(
-        num_samples=count,
-        first_sample=job.first_sample,
         bytes=sum(f["bytes"] for f in files),
         sha256=records_sha256(files),
-        real_tokens=int(block.attention_mask.sum()),
-        computed_tokens=sum(streamed.positions),
-        padded_tokens=count * layout.seq_length,
-        positions_per_forward=forward_stats(streamed.positions, budget),
-        scan=scan.summary.to_json(),
-        seconds={**timer.seconds, **streamed.write_seconds},
+        **streamed.result_fields(job, block, layout.seq_length, timer),
         hidden_size=hidden_size(model),
         lm_head_key=lm_head_key(model),
         files=files,
