@@ -269,6 +269,27 @@ def check_tiny_parity(cache: TinyCache, model, num_samples: int, seed: int = 0) 
     write_json_atomic(cache.parity, json_safe(result.to_json()))
 
 
+def validated_tiny_cache(cache: TinyCache, model, num_samples: int, benchmarks: list[Path] = ()):
+    """The report on a tiny cache after the jobs it reads (each shard's verification, live parity with `model`)."""
+    from eagle3_cache.specforge_validation import specforge_checks
+    from eagle3_cache.validation import ValidationInputs, automodel_checks, validate_cache
+
+    verify_tiny_cache(cache)
+    check_tiny_parity(cache, model, num_samples)
+    inputs = ValidationInputs(
+        run=RUN,
+        cache_dir=cache.cache_dir,
+        tokenized=cache.tokenized,
+        selection=cache.selection,
+        counts=cache.counts,
+        stats=cache.stats,
+        verified=cache.verified,
+        parity=cache.parity,
+        benchmarks=list(benchmarks),
+    )
+    return validate_cache(inputs, specforge_checks if cache.settings["format"] == "specforge" else automodel_checks)
+
+
 def build_tiny_cache(
     run_dir: Path,
     target_dir: Path,

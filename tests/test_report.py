@@ -28,13 +28,14 @@ from eagle3_cache.parity import parity_sample_indices
 from eagle3_cache.provenance import file_sha256
 from eagle3_cache.report_html import render_html
 from eagle3_cache.shard_format import SAFETENSORS_DTYPES, read_shard_rows
-from eagle3_cache.validation import ValidationInputs, coverage_curve, failed_path, validate_cache
+from eagle3_cache.validation import coverage_curve, failed_path
 from helpers import (
     TinyCache,
     build_tiny_cache,
     check_tiny_parity,
     plan_namespace,
     validate_namespace,
+    validated_tiny_cache,
     verify_tiny_cache,
 )
 
@@ -91,19 +92,7 @@ def prepare(cache: TinyCache, model, num_samples: int = PARITY_SAMPLES) -> None:
 
 def validate(cache: TinyCache, model, *, num_samples: int = PARITY_SAMPLES, benchmarks: list[Path] = ()):
     """Every check on `cache`, with `model` as the live target."""
-    prepare(cache, model, num_samples)
-    inputs = ValidationInputs(
-        run="tiny",
-        cache_dir=cache.cache_dir,
-        tokenized=cache.tokenized,
-        selection=cache.selection,
-        counts=cache.counts,
-        stats=cache.stats,
-        verified=cache.verified,
-        parity=cache.parity,
-        benchmarks=list(benchmarks),
-    )
-    return validate_cache(inputs)
+    return validated_tiny_cache(cache, model, num_samples, benchmarks)
 
 
 def failed(report) -> set[str]:

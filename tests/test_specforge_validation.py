@@ -19,11 +19,11 @@ from eagle3_cache.specforge_cache import records_sha256
 from eagle3_cache.specforge_format import read_sample_file, serialized
 from eagle3_cache.specforge_layout import sample_file_name
 from eagle3_cache.specforge_sizes import specforge_files_bytes
-from eagle3_cache.specforge_validation import automodel_written_bytes, specforge_checks
+from eagle3_cache.specforge_validation import automodel_written_bytes
 from eagle3_cache.specforge_validation import disk_check as specforge_disk_check
 from eagle3_cache.token_store import read_tokenized_info
-from eagle3_cache.validation import ValidationInputs, disk_check, validate_cache
-from helpers import PARITY_ROWS, TinyCache, build_tiny_cache, check_tiny_parity, verify_tiny_cache
+from eagle3_cache.validation import disk_check
+from helpers import PARITY_ROWS, TinyCache, build_tiny_cache, validated_tiny_cache
 
 SHARD_SIZE = 4
 DRAFT_VOCAB = 300  # most of the random target's vocabulary, as in test_report.py
@@ -47,20 +47,7 @@ def cache(built_cache, tmp_path) -> TinyCache:
 
 def validate(cache: TinyCache, model, num_samples: int = 3):
     """The jobs before the report (each shard directory's verification, live parity), then the report."""
-    verify_tiny_cache(cache)
-    check_tiny_parity(cache, model, num_samples)
-    inputs = ValidationInputs(
-        run="tiny",
-        cache_dir=cache.cache_dir,
-        tokenized=cache.tokenized,
-        selection=cache.selection,
-        counts=cache.counts,
-        stats=cache.stats,
-        verified=cache.verified,
-        parity=cache.parity,
-        benchmarks=[],
-    )
-    return validate_cache(inputs, specforge_checks)
+    return validated_tiny_cache(cache, model, num_samples)
 
 
 def failed(report) -> set[str]:

@@ -29,7 +29,7 @@ from .specforge_cache import cache_entry_problems, manifest_record_problems, map
 from .specforge_layout import HIDDEN_KEYS, target_dir_problems
 from .specforge_sizes import bytes_per_token
 from .token_store import TokenizedInfo
-from .validation import CacheReads, Check, allocated_bytes
+from .validation import CacheReads, Check, allocated_bytes, verified_figures
 
 # The Automodel fields written at every position of a row, padding included.
 FULL_WIDTH_FIELDS = ("input_ids", "attention_mask", "loss_mask")
@@ -65,9 +65,7 @@ def integrity_check(cache_dir: Path, verified: Sequence[Mapping[str, Any]]) -> C
     figures = {
         "shard_directories": len(manifest.get("shards", [])),
         "sample_files": manifest.get("num_files", 0),
-        "verified_shards": len(verified),
-        "verified_bytes": sum(record["bytes"] for record in verified),
-        "problems": len(problems),
+        **verified_figures(verified, problems),
     }
     if problems:
         return CheckResult("integrity", False, problems_summary(problems), figures, details=problems)

@@ -72,12 +72,7 @@ def integrity_check(cache_dir: Path, verified: Sequence[Mapping[str, Any]]) -> C
     if manifest is not None:
         problems = directory_problems(cache_dir, manifest) + verification_problems(manifest, verified)
     problems = [str(problem) for problem in problems]
-    figures = {
-        "shard_files": len(manifest["shards"]) if manifest else 0,
-        "verified_shards": len(verified),
-        "verified_bytes": sum(record["bytes"] for record in verified),
-        "problems": len(problems),
-    }
+    figures = {"shard_files": len(manifest["shards"]) if manifest else 0, **verified_figures(verified, problems)}
     if problems:
         return CheckResult("integrity", False, problems_summary(problems), figures, details=problems)
     summary = (
@@ -85,6 +80,15 @@ def integrity_check(cache_dir: Path, verified: Sequence[Mapping[str, Any]]) -> C
         "and sha256 as recorded"
     )
     return CheckResult("integrity", True, summary, figures)
+
+
+def verified_figures(verified: Sequence[Mapping[str, Any]], problems: Sequence[str]) -> dict[str, int]:
+    """The integrity check's figures of either format: the shards verified, their bytes, the problems found."""
+    return {
+        "verified_shards": len(verified),
+        "verified_bytes": sum(record["bytes"] for record in verified),
+        "problems": len(problems),
+    }
 
 
 # --- 2. Live parity: its own job (`live_parity`), which holds the GPUs -------------------------
