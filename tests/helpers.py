@@ -222,6 +222,10 @@ class TinyCache:
     def parity(self) -> Path:
         return self.run_dir / "parity.json"
 
+    def copied_to(self, tmp_path: Path) -> TinyCache:
+        """A private copy of this cache under `tmp_path`, free to damage."""
+        return TinyCache(Path(shutil.copytree(self.run_dir, tmp_path / "results" / RUN)))
+
     def shard(self, index: int) -> Path:
         """Shard `index`: a file, or a directory in the specforge format."""
         specforge = self.settings["format"] == "specforge"

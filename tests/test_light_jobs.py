@@ -4,7 +4,6 @@ the report, each run as Snakemake runs it, in an interpreter of its own, on a ti
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
@@ -37,7 +36,7 @@ def built_cache(request, tmp_path_factory, tiny_chat_target, target_model) -> Ti
 @pytest.fixture
 def cache(built_cache, tmp_path) -> TinyCache:
     """A private copy of the built cache."""
-    return TinyCache(shutil.copytree(built_cache.run_dir, tmp_path / "results" / "tiny"))
+    return built_cache.copied_to(tmp_path)
 
 
 def test_the_manifest_job_imports_neither_and_commits_the_same_manifest(cache, tmp_path):

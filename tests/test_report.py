@@ -79,9 +79,7 @@ def built_cache(tmp_path_factory, tiny_chat_target) -> TinyCache:
 @pytest.fixture
 def cache(built_cache, tmp_path) -> TinyCache:
     """A private copy of the built cache, free to damage."""
-    run_dir = tmp_path / "results" / "tiny"
-    shutil.copytree(built_cache.run_dir, run_dir)
-    return TinyCache(run_dir)
+    return built_cache.copied_to(tmp_path)
 
 
 def prepare(cache: TinyCache, model, num_samples: int = PARITY_SAMPLES) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 
 import pytest
 
@@ -27,7 +26,7 @@ def built_cache(tmp_path_factory, tiny_chat_target) -> TinyCache:
 @pytest.fixture
 def cache(built_cache, tmp_path) -> TinyCache:
     """A private copy of the built cache, free to damage."""
-    return TinyCache(shutil.copytree(built_cache.run_dir, tmp_path / "results" / "tiny"))
+    return built_cache.copied_to(tmp_path)
 
 
 def test_a_clean_shard_passes_with_the_scan_its_job_recorded(cache):
@@ -94,7 +93,7 @@ def built_specforge_cache(tmp_path_factory, tiny_chat_target) -> TinyCache:
 @pytest.fixture
 def specforge_cache(built_specforge_cache, tmp_path) -> TinyCache:
     """A private copy of the built specforge cache, free to damage."""
-    return TinyCache(shutil.copytree(built_specforge_cache.run_dir, tmp_path / "results" / "tiny"))
+    return built_specforge_cache.copied_to(tmp_path)
 
 
 def test_a_clean_shard_directory_passes_with_the_scan_its_job_recorded(specforge_cache):
