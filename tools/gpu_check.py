@@ -113,12 +113,12 @@ def parity_step(args: argparse.Namespace, work: Path) -> dict:
         compute_dtypes={compute_dtype(torch.device(workload.device)), compute_dtype(torch.device("cpu"))},
         same_vocab=True,
     )
-    errors = ", ".join(f"{field} {value:.3g}" for field, value in verdict["max_diff_of_position_max"].items())
+    distances = ", ".join(f"{field} {value:.3g}" for field, value in verdict["max_distance"].items())
     return {
         "passed": verdict["identical"],
         "summary": (
-            f"{workload.device} against cpu, {runs['cpu']['samples']} samples; largest |diff| / position max: "
-            f"{errors}; {verdict['position_mask_flips']} position_mask flips"
+            f"{workload.device} against cpu, {runs['cpu']['samples']} samples; largest per-position distance: "
+            f"{distances} (rule: {verdict['rule']}); {verdict['position_mask_flips']} position_mask flips"
             + "".join(f"; {problem}" for problem in verdict["problems"][:5])
         ),
         "parity": verdict,

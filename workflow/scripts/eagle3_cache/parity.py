@@ -1,8 +1,8 @@
 """The parity rule: how closely shard rows computed again (or by another tool) must match the stored ones.
 
 Ids and masks must be equal position by position, except that position_mask may flip at a few near
-ties under bf16/fp16 compute; float fields must agree within a few units of the coarsest rounding
-they passed through, where attention_mask is 1. `parity_outcome` applies the rule to pairs of
+ties under bf16/fp16 compute; float fields must agree where attention_mask is 1, as close as the
+dtypes they passed through allow (`tolerance`). `parity_outcome` applies the rule to pairs of
 samples; the validation's live parity check and the benchmark (ours against the reference) both
 call it, and `parity_result` turns its outcome into the check's result.
 """
@@ -20,10 +20,8 @@ import torch
 from .layout import num_shards, samples_in_shard, shard_file_name
 from .results import CheckResult, problems_summary
 from .shard_format import reconstruct_target_probs
+from .tolerance import FieldErrors, Tolerance, parity_tolerance, tolerance_problems, tolerance_row
 
-# Stored and recomputed values may differ by this many units of the coarser dtype's rounding.
-TOLERANCE_ULPS = 4
-TOLERANCE_RULE = f"|Δ| ≤ {TOLERANCE_ULPS}·eps·(|value| + largest |value| at its position)"
 # With bf16/fp16 compute, a batch of another shape may break a near tie between the target's top two
 # tokens the other way; when one of them is in the draft vocabulary and the other is not, that
 # position's position_mask flips. Such flips stay rare; a real error (a shift) flips most positions.
@@ -50,46 +48,6 @@ def parity_sample_indices(num_samples: int, shard_size: int, count: int, seed: i
             if turn < len(shuffled_rows[shard]):
                 picks.append(int(shard) * shard_size + int(shuffled_rows[shard][turn]))
     return sorted(picks)
-
-
-def parity_eps(cache_dtype: torch.dtype, compute_dtypes: set[torch.dtype]) -> float:
-    """The rounding unit of the coarsest dtype a stored or recomputed value passed through."""
-    return max(torch.finfo(dtype).eps for dtype in {cache_dtype, *compute_dtypes})
-
-
-@dataclass
-class FieldErrors:
-    """How far a recomputed float field is from the stored one, over the compared positions."""
-
-    compared: int = 0
-    beyond_tolerance: int = 0
-    max_abs: float = 0.0
-    max_rel: float = 0.0
-    worst_position: int = -1
-
-    def add_block(self, live: torch.Tensor, stored: torch.Tensor, positions: torch.Tensor, eps: float) -> None:
-        """Compare `[P, D]` rows taken at `positions`.
-
-        A value is within tolerance when |live - stored| <= ULPS·eps·(|stored| + m), m being the
-        largest |value| at its position. The relative part is the rounding of the value itself. The
-        absolute part is there because a value near zero comes out of sums of terms as large as
-        its position's largest ones, so its error scales with m, not with itself. ULPS = 4 leaves
-        room for the stored value's rounding (half a unit), the recomputation's own rounding, and
-        the reordered sums of a batch of another shape.
-        """
-        live, stored = live.float(), stored.float()
-        # A NaN error counts as infinite, so it is reported and never hidden by a max.
-        diff = (live - stored).abs().nan_to_num(nan=math.inf)
-        scale = stored.abs().amax(dim=-1, keepdim=True)
-        # `~(diff <= tol)` rather than `diff > tol`: a NaN tolerance (NaN stored) must not pass.
-        beyond = ~(diff <= TOLERANCE_ULPS * eps * (stored.abs() + scale))
-        per_position = (diff / scale.clamp_min(torch.finfo(torch.float32).tiny)).amax(dim=-1).nan_to_num(nan=math.inf)
-        worst = int(per_position.argmax())
-        if self.worst_position < 0 or float(per_position[worst]) > self.max_rel:
-            self.max_rel, self.worst_position = float(per_position[worst]), int(positions[worst])
-        self.max_abs = max(self.max_abs, float(diff.max()))
-        self.compared += diff.numel()
-        self.beyond_tolerance += int(beyond.sum())
 
 
 def comparable_rows(
@@ -121,7 +79,7 @@ def compare_sample(
     live: Mapping[str, torch.Tensor],
     stored: Mapping[str, torch.Tensor],
     draft_vocab_size: int,
-    eps: float,
+    tolerance: Tolerance,
 ) -> SampleComparison:
     """Exact fields position by position; float fields within tolerance where both say attention_mask is 1."""
     mismatches = {
@@ -129,7 +87,7 @@ def compare_sample(
         for name in EXACT_FIELDS
     }
     content = torch.nonzero(live["attention_mask"].bool() & stored["attention_mask"].bool()).flatten()
-    errors = {name: FieldErrors() for name in FLOAT_FIELDS}
+    errors = {name: FieldErrors(name) for name in FLOAT_FIELDS}
     for start in range(0, len(content), PARITY_POSITION_BLOCK):
         positions = content[start : start + PARITY_POSITION_BLOCK]
         for name, field_errors in errors.items():
@@ -137,21 +95,21 @@ def compare_sample(
                 comparable_rows(live, name, positions, draft_vocab_size),
                 comparable_rows(stored, name, positions, draft_vocab_size),
                 positions,
-                eps,
+                tolerance,
             )
     shard, row = divmod(sample, shard_size)
     positions = stored["input_ids"].shape[0]
     return SampleComparison(sample, shard, row, positions, int(stored["loss_mask"].sum()), mismatches, errors)
 
 
-def allowed_position_mask_flips(supervised_positions: int, compute_dtypes: set[torch.dtype]) -> int:
+def allowed_position_mask_flips(supervised_positions: int, tolerance: Tolerance) -> int:
     """Zero when every computation ran in fp32; else a small share of the supervised positions (near ties)."""
-    if compute_dtypes <= {torch.float32}:
+    if not tolerance.reduced_precision:
         return 0
     return math.floor(MAX_NEAR_TIE_FLIP_SHARE * supervised_positions)
 
 
-def parity_problems(comparisons: Sequence[SampleComparison], eps: float, allowed_flips: int) -> list[str]:
+def parity_problems(comparisons: Sequence[SampleComparison], tolerance: Tolerance, allowed_flips: int) -> list[str]:
     """One line per sample and field that differs beyond what is allowed."""
     problems = []
     for c in comparisons:
@@ -159,39 +117,16 @@ def parity_problems(comparisons: Sequence[SampleComparison], eps: float, allowed
         for name, count in c.mismatches.items():
             if count and not (name == "position_mask" and allowed_flips):
                 problems.append(f"{where}: {name} differs at {count} position(s)")
-        problems += tolerance_problems(where, c.errors, eps)
+        problems += tolerance_problems(where, c.errors, tolerance)
     flips = sum(c.mismatches["position_mask"] for c in comparisons)
     if allowed_flips and flips > allowed_flips:
         problems.append(f"position_mask differs at {flips} positions, more than the {allowed_flips} near ties allowed")
     return problems
 
 
-def tolerance_problems(where: str, errors: Mapping[str, FieldErrors], eps: float) -> list[str]:
-    """One line per float field of one sample with values beyond tolerance."""
-    return [
-        f"{where}: {name}: {e.beyond_tolerance} of {e.compared} values beyond tolerance; "
-        f"largest error {e.max_abs:.3g}, worst at position {e.worst_position}: "
-        f"{e.max_rel:.3g} of its largest |value| (at most {2 * TOLERANCE_ULPS * eps:.3g} tolerated)"
-        for name, e in errors.items()
-        if e.beyond_tolerance
-    ]
-
-
-def tolerance_row(name: str, errors: Sequence[FieldErrors]) -> dict[str, Any]:
-    """A float field's row of the parity table: its errors over every sample compared."""
-    return {
-        "field": name,
-        "rule": "within tolerance",
-        "compared": sum(e.compared for e in errors),
-        "differing": sum(e.beyond_tolerance for e in errors),
-        "max_abs_error": max((e.max_abs for e in errors), default=0.0),
-        "max_rel_error": max((e.max_rel for e in errors), default=0.0),
-    }
-
-
-def field_rows(comparisons: Sequence[SampleComparison]) -> list[dict[str, Any]]:
+def field_rows(comparisons: Sequence[SampleComparison], tolerance: Tolerance) -> list[dict[str, Any]]:
     """Per field, what was compared under which rule, and the largest errors over every sample."""
-    return [tolerance_row(name, [c.errors[name] for c in comparisons]) for name in FLOAT_FIELDS] + [
+    return [tolerance_row(name, [c.errors[name] for c in comparisons], tolerance) for name in FLOAT_FIELDS] + [
         {
             "field": name,
             "rule": "exact",
@@ -199,6 +134,7 @@ def field_rows(comparisons: Sequence[SampleComparison]) -> list[dict[str, Any]]:
             "differing": sum(c.mismatches[name] for c in comparisons),
             "max_abs_error": None,
             "max_rel_error": None,
+            "max_distance": None,
         }
         for name in EXACT_FIELDS
     ]
@@ -209,13 +145,13 @@ class ParityOutcome:
     """The rule applied to some samples: each one's comparison, the tolerance used, and what breaks it."""
 
     comparisons: list[SampleComparison]
-    eps: float
+    tolerance: Tolerance
     allowed_flips: int
     problems: list[str]
 
     @property
     def fields(self) -> list[dict[str, Any]]:
-        return field_rows(self.comparisons)
+        return field_rows(self.comparisons, self.tolerance)
 
     @property
     def position_mask_flips(self) -> int:
@@ -235,12 +171,13 @@ def parity_outcome(
     `compute_dtypes` are the dtypes either side was computed in; `samples` is consumed one at a time,
     so a generator keeps one sample in memory.
     """
-    eps = parity_eps(cache_dtype, compute_dtypes)
+    tolerance = parity_tolerance(cache_dtype, compute_dtypes)
     comparisons = [
-        compare_sample(sample, shard_size, live, stored, draft_vocab_size, eps) for sample, live, stored in samples
+        compare_sample(sample, shard_size, live, stored, draft_vocab_size, tolerance)
+        for sample, live, stored in samples
     ]
-    allowed_flips = allowed_position_mask_flips(sum(c.supervised_positions for c in comparisons), compute_dtypes)
-    return ParityOutcome(comparisons, eps, allowed_flips, parity_problems(comparisons, eps, allowed_flips))
+    allowed_flips = allowed_position_mask_flips(sum(c.supervised_positions for c in comparisons), tolerance)
+    return ParityOutcome(comparisons, tolerance, allowed_flips, parity_problems(comparisons, tolerance, allowed_flips))
 
 
 def parity_result(outcome: ParityOutcome, load_seconds: float) -> CheckResult:
@@ -249,8 +186,8 @@ def parity_result(outcome: ParityOutcome, load_seconds: float) -> CheckResult:
     samples = [{"sample": c.sample, "shard": c.shard, "row": c.row} for c in comparisons]
     figures = {
         "samples_checked": len(comparisons),
-        "eps": outcome.eps,
-        "tolerance": TOLERANCE_RULE,
+        "eps": outcome.tolerance.eps,
+        "tolerance": outcome.tolerance.rule,
         "position_mask_flips_allowed": outcome.allowed_flips,
         "model_load_seconds": load_seconds,
     }

@@ -31,6 +31,8 @@ from .layout import (
 )
 
 _SLICED_SPLIT = re.compile(r"^(\w+)\[(\d*):(\d*)\]$")
+# EAGLE-3 reads the hidden states of three target layers: low, middle and high.
+AUX_LAYER_COUNT = 3
 
 
 def check_run(settings: Mapping[str, Any]) -> None:
@@ -108,12 +110,12 @@ def default_aux_layer_ids(num_layers: int) -> list[int]:
 
 
 def validate_aux_layer_ids(aux_layer_ids: Sequence[int], num_layers: int) -> list[int]:
-    """Exactly three distinct in-range layer ids, or an error that says what to set."""
+    """Exactly AUX_LAYER_COUNT distinct in-range layer ids, or an error that says what to set."""
     ids = list(aux_layer_ids)
     in_range = all(0 <= i < num_layers for i in ids)
-    if len(ids) != 3 or len(set(ids)) != 3 or not in_range:
+    if len(ids) != AUX_LAYER_COUNT or len(set(ids)) != AUX_LAYER_COUNT or not in_range:
         raise CacheConfigError(
-            f"aux_layer_ids must be 3 distinct layer ids in [0, {num_layers - 1}] for this "
+            f"aux_layer_ids must be {AUX_LAYER_COUNT} distinct layer ids in [0, {num_layers - 1}] for this "
             f"{num_layers}-layer target; got {ids}. Set `aux_layer_ids` in the run's config "
             "(it must match the draft's num_aux_hidden_states)."
         )

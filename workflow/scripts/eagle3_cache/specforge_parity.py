@@ -18,11 +18,11 @@ from .cache_rows import CacheSpec, compute_cache_batch
 from .layout import shard_dir_name
 from .live_parity import ParityInputs, parity_spec, shard_compute_dtypes
 from .manifest import read_shard_stats
-from .parity import TOLERANCE_RULE, FieldErrors, parity_eps, tolerance_problems, tolerance_row
 from .results import CheckResult, problems_summary
 from .specforge_format import TARGET_REPR, read_sample_file
 from .specforge_layout import sample_file_name
 from .token_store import TokenBlock, read_token_rows
+from .tolerance import FieldErrors, Tolerance, parity_tolerance, tolerance_problems, tolerance_row
 
 # Positions whose full-vocabulary logits are compared at once ([block, V] fp32).
 LOGIT_POSITION_BLOCK = 128
@@ -37,23 +37,23 @@ def sample_path(cache_dir: Path, shard_size: int, sample: int) -> Path:
 
 @torch.no_grad()
 def compare_with_live_target(
-    model: nn.Module, spec: CacheSpec, stored: Mapping[str, torch.Tensor], tokens: TokenBlock, eps: float
+    model: nn.Module, spec: CacheSpec, stored: Mapping[str, torch.Tensor], tokens: TokenBlock, tolerance: Tolerance
 ) -> dict[str, FieldErrors]:
     """One sample's stored hidden states against a fresh forward, and lm_head of its stored hidden state
     against the target's own logits."""
     length = int(tokens.attention_mask.sum())
     live = compute_cache_batch(model, spec, tokens).cpu().computed
     positions = torch.arange(length)
-    errors = {key: FieldErrors() for key in (*RECOMPUTED, "logits")}
+    errors = {key: FieldErrors(key) for key in (*RECOMPUTED, "logits")}
     for key, name in RECOMPUTED.items():
-        errors[key].add_block(live[name][0, :length], stored[key][0], positions, eps)
+        errors[key].add_block(live[name][0, :length], stored[key][0], positions, tolerance)
     device = model.get_input_embeddings().weight.device
     head = model.get_output_embeddings()
     logits = model(input_ids=tokens.input_ids[:, :length].to(device), use_cache=False).logits[0]
     for start in range(0, length, LOGIT_POSITION_BLOCK):
         block = positions[start : start + LOGIT_POSITION_BLOCK]
         ours = head(stored["hidden_state"][0, block].to(device=device, dtype=head.weight.dtype))
-        errors["logits"].add_block(ours.cpu(), logits[block].cpu(), block, eps)
+        errors["logits"].add_block(ours.cpu(), logits[block].cpu(), block, tolerance)
     return errors
 
 
@@ -63,7 +63,7 @@ def compared_specforge_samples(
     """`samples` recomputed by the loaded target and compared with their files."""
     stats = read_shard_stats(inputs.stats)
     spec = dataclasses.replace(parity_spec(inputs, stats), target_repr=TARGET_REPR)
-    eps = parity_eps(spec.cache_dtype, shard_compute_dtypes(stats) | {next(model.parameters()).dtype})
+    tolerance = parity_tolerance(spec.cache_dtype, shard_compute_dtypes(stats) | {next(model.parameters()).dtype})
     tokens = read_token_rows(inputs.tokenized, samples)
     shard_size = inputs.settings["shard_size"]
     compared = {
@@ -72,26 +72,28 @@ def compared_specforge_samples(
             spec,
             read_sample_file(sample_path(inputs.cache_dir, shard_size, sample)),
             TokenBlock(tokens.input_ids[i : i + 1], tokens.attention_mask[i : i + 1], tokens.loss_mask[i : i + 1]),
-            eps,
+            tolerance,
         )
         for i, sample in enumerate(samples)
     }
-    return specforge_parity_result(compared, eps, load_seconds)
+    return specforge_parity_result(compared, tolerance, load_seconds)
 
 
 def specforge_parity_result(
-    compared: Mapping[int, Mapping[str, FieldErrors]], eps: float, load_seconds: float
+    compared: Mapping[int, Mapping[str, FieldErrors]], tolerance: Tolerance, load_seconds: float
 ) -> CheckResult:
     """Per field, the largest errors over every sample checked; a problem per sample and field beyond tolerance."""
     keys = next(iter(compared.values())).keys()
-    fields = [tolerance_row(key, [errors[key] for errors in compared.values()]) for key in keys]
+    fields = [tolerance_row(key, [errors[key] for errors in compared.values()], tolerance) for key in keys]
     problems = [
-        line for sample, errors in compared.items() for line in tolerance_problems(f"sample {sample}", errors, eps)
+        line
+        for sample, errors in compared.items()
+        for line in tolerance_problems(f"sample {sample}", errors, tolerance)
     ]
     figures = {
         "samples_checked": len(compared),
-        "eps": eps,
-        "tolerance": TOLERANCE_RULE,
+        "eps": tolerance.eps,
+        "tolerance": tolerance.rule,
         "model_load_seconds": load_seconds,
     }
     series = {"fields": fields, "samples": [{"sample": sample} for sample in compared]}
