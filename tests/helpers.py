@@ -304,6 +304,7 @@ def build_tiny_cache(
     batch_size: int = 2,
     draft_vocab_size: int | None = 64,
     dtype: str = "bf16",
+    compute_dtype: str = "auto",
     target_probs_topk: int = 0,
     format: str = "automodel",
 ) -> TinyCache:
@@ -341,6 +342,7 @@ def build_tiny_cache(
         "trust_remote_code": False,
         "aux_layer_ids": None,
         "dtype": dtype,
+        "compute_dtype": compute_dtype,
         "target_probs_topk": target_probs_topk,
         "seq_length": seq_length,
         "shard_size": shard_size,

@@ -183,6 +183,7 @@ def test_a_shard_job_records_positions_per_forward(tiny_llama_dir, store, tmp_pa
         "trust_remote_code": False,
         "aux_layer_ids": None,
         "dtype": "bf16",
+        "compute_dtype": "auto",
         "target_probs_topk": 0,
         "seq_length": SEQ,
         "shard_size": 4,

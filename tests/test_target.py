@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 from eagle3_cache.errors import CacheConfigError
 from eagle3_cache.preflight import default_aux_layer_ids
 from eagle3_cache.target import (
+    compute_dtype,
     decoder_layers,
     local_checkpoint_fingerprint,
     model_identity,
@@ -41,6 +42,13 @@ def test_a_model_too_shallow_for_the_default_recipe_asks_for_explicit_ids():
 def test_a_model_without_known_layers_is_refused():
     with pytest.raises(CacheConfigError, match="decoder layers"):
         decoder_layers(torch.nn.Linear(2, 2))
+
+
+def test_compute_dtype_auto_follows_the_device_and_a_named_dtype_applies_everywhere():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert (compute_dtype(cpu), compute_dtype(cuda)) == (torch.float32, torch.bfloat16)
+    assert {compute_dtype(device, "bf16") for device in (cpu, cuda)} == {torch.bfloat16}
+    assert compute_dtype(cuda, "fp32") == torch.float32 and compute_dtype(cpu, "fp16") == torch.float16
 
 
 def test_unknown_device_is_refused():

@@ -86,6 +86,20 @@ def test_4_seq_length_reruns_from_tokenization(workdir, tiny_chat_target):
 
 
 @pytest.mark.slow
+def test_4b_compute_dtype_reruns_every_shard_and_live_parity_follows_it(workdir, tiny_chat_target):
+    """bf16 compute on the CPU: every shard reruns, records it, and passes validation under the bf16 rule."""
+    write_config(workdir, run_config(tiny_chat_target, compute_dtype="bf16"))
+    jobs = jobs_run(snakemake(workdir).stdout)
+    assert jobs == AFTER_SHARDS | every_shard()
+    run_dir = workdir / "results" / RUN
+    stats = [json.loads(path.read_text()) for path in sorted((run_dir / "shard_stats").glob("*.json"))]
+    assert {s["compute_dtype"] for s in stats} == {"bfloat16"} and len(stats) == NUM_SHARDS
+    assert json.loads((cache_dir(workdir) / "manifest.json").read_text())["compute_dtype"] == "bf16"
+    parity = next(c for c in json.loads((run_dir / "validation.json").read_text())["checks"] if c["key"] == "parity")
+    assert parity["passed"] and parity["figures"]["tolerance"].startswith("per position")
+
+
+@pytest.mark.slow
 def test_5_deleted_shard_reruns_only_that_shard(workdir):
     shard_path(workdir, 2).unlink()
     jobs = jobs_run(snakemake(workdir).stdout)

@@ -80,6 +80,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-vocab-size", type=int, help="default 4096; gpu floor: 32000, tiny 128")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="cache dtype")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    p.add_argument(
+        "--compute-dtype",
+        default="auto",
+        choices=("auto", "bf16", "fp16", "fp32"),
+        help="our runs' compute_dtype (the reference always computes as Automodel does: our auto)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1; see above)")
     p.add_argument("--cores", type=int, default=2, help="with --workflow: snakemake --cores, the reference's threads")
     p.add_argument("--model", help="local model directory or hub id (default: the demo model)")

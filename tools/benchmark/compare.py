@@ -53,7 +53,6 @@ def compare(args: argparse.Namespace, work: Path) -> dict:
 
 def parity(ours: Path, reference: Path, job: dict, samples: int) -> dict:
     """Our shards against the reference's, under the validation report's rule (see `shard_parity`)."""
-    from eagle3_cache.target import compute_dtype, resolve_device
     from eagle3_cache.vocab_selection import read_vocab_selection
 
     workload = Workload(**job["workload"])
@@ -62,11 +61,19 @@ def parity(ours: Path, reference: Path, job: dict, samples: int) -> dict:
         reference,
         workload,
         samples,
-        compute_dtypes={compute_dtype(resolve_device(workload.device))},
+        compute_dtypes=compared_compute_dtypes(workload),
         same_vocab=torch.equal(
             torch.from_numpy(read_vocab_selection(job["selection"])[0]), torch.load(reference / "selected_token_ids.pt")
         ),
     )
+
+
+def compared_compute_dtypes(workload: Workload) -> set[torch.dtype]:
+    """What ours (its compute_dtype) and the reference (Automodel's choice, our `auto`) computed in."""
+    from eagle3_cache.target import compute_dtype, resolve_device
+
+    device = resolve_device(workload.device)
+    return {compute_dtype(device, workload.compute_dtype), compute_dtype(device)}
 
 
 def shard_parity(
@@ -177,7 +184,8 @@ def workload_line(report: dict, how: str) -> str:
     return (
         f"model {workload['model']}; {ours[0]['samples']} samples, {ours[0]['real_tokens']} real tokens; "
         f"seq_length {workload['seq_length']}, draft vocab {workload['draft_vocab_size']}, {workload['dtype']}, "
-        f"batch {workload['batch_size']}, shard size {workload['shard_size']}, device {workload['device']}; "
+        f"batch {workload['batch_size']}, shard size {workload['shard_size']}, device {workload['device']}, "
+        f"our compute_dtype {workload['compute_dtype']}; "
         f"{how}; 1-minute load average {report['load_average'][0]:.1f} before, {report['load_average'][1]:.1f} after"
     )
 

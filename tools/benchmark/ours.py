@@ -52,7 +52,9 @@ def run_ours(job: dict) -> dict:
     workload = Workload(**job["workload"])
     device = resolve_device(workload.device)
     model, load_seconds = timed(
-        lambda: load_target(workload.model, revision=None, trust_remote_code=False, device=device)
+        lambda: load_target(
+            workload.model, revision=None, trust_remote_code=False, device=device, dtype=workload.compute_dtype
+        )
     )
     return {**compute_our_shards(model, workload, job), "load_seconds": load_seconds}
 

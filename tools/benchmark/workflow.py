@@ -23,7 +23,7 @@ import yaml
 
 from eagle3_cache.layout import MANIFEST_FILE
 
-from .compare import print_parity, print_table, shard_parity, spread, workload_line
+from .compare import compared_compute_dtypes, print_parity, print_table, shard_parity, spread, workload_line
 from .measure import CommandCost, log_tail, measured_command
 from .workload import REPO, Workload, workload_from
 
@@ -66,6 +66,7 @@ def workflow_config(workload: Workload) -> dict:
         "seq_length": workload.seq_length,
         "draft_vocab_size": workload.draft_vocab_size,
         "dtype": workload.dtype,
+        "compute_dtype": workload.compute_dtype,
         "batch_size": workload.batch_size,
         "shard_size": workload.shard_size,
     }
@@ -171,7 +172,6 @@ def run_precompute(workload: Workload, directory: Path) -> dict:
 
 def cache_parity(ours: Path, reference_cache: Path, workload: Workload, samples: int) -> dict:
     """Our workflow's cache against the CLI's, under the validation report's parity rule."""
-    from eagle3_cache.target import compute_dtype, resolve_device
     from eagle3_cache.vocab_selection import read_vocab_selection
 
     our_ids = read_vocab_selection(ours / "results" / RUN / "vocab_selection.pt")[0]
@@ -181,7 +181,7 @@ def cache_parity(ours: Path, reference_cache: Path, workload: Workload, samples:
         reference_cache,
         workload,
         samples,
-        compute_dtypes={compute_dtype(resolve_device(workload.device))},
+        compute_dtypes=compared_compute_dtypes(workload),
         same_vocab=our_ids.tolist() == reference_ids,
     )
 

@@ -35,6 +35,7 @@ class Workload:
     shard_size: int
     device: str
     threads: int  # torch intra-op threads in every run
+    compute_dtype: str = "auto"  # ours only: the reference computes as Automodel does (our `auto`)
 
 
 def run_child(kind: str, job: dict, work: Path) -> dict:
@@ -117,4 +118,5 @@ def workload_of(args: argparse.Namespace, model: str, conversations: str) -> Wor
         shard_size=args.shard_size,
         device=args.device,
         threads=args.threads,
+        compute_dtype=args.compute_dtype,
     )

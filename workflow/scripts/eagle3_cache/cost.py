@@ -40,6 +40,7 @@ def shard_cost_row(stats: Mapping[str, Any], benchmark: Mapping[str, float | Non
         "benchmark_seconds": benchmark.get("s") if benchmark else None,
         "max_rss_mb": benchmark.get("max_rss") if benchmark else None,
         "device": stats.get("device"),
+        "compute_dtype": stats.get("compute_dtype"),
     }
 
 

@@ -164,6 +164,7 @@ SHARD_SETTINGS = (
     *TARGET_SETTINGS,
     "aux_layer_ids",
     "dtype",
+    "compute_dtype",
     "target_probs_topk",
     "seq_length",
     "shard_size",
@@ -185,4 +186,4 @@ MANIFEST_SETTINGS = tuple(dict.fromkeys((*TOKENIZE_SETTINGS, *SELECT_VOCAB_SETTI
 # What a committed shard's layout follows from, besides the target's width and the draft vocabulary.
 VERIFY_SETTINGS = ("seq_length", "dtype", "target_probs_topk", "shard_size", "format")
 # What recomputing stored samples with the live target takes.
-PARITY_SETTINGS = (*TARGET_SETTINGS, "dtype", "target_probs_topk", "shard_size", "format")
+PARITY_SETTINGS = (*TARGET_SETTINGS, "dtype", "compute_dtype", "target_probs_topk", "shard_size", "format")

@@ -24,7 +24,7 @@ from .manifest import read_shard_stats
 from .parity import parity_outcome, parity_result, parity_sample_indices
 from .results import CheckResult
 from .shard_format import DTYPES, read_shard_rows
-from .target import compute_dtype, load_target, resolve_device
+from .target import load_target, resolve_device
 from .token_store import read_token_rows, read_tokenized_info
 from .validation import run_check
 from .vocab_selection import read_vocab_selection
@@ -61,8 +61,8 @@ def parity_spec(inputs: ParityInputs, stats: Sequence[Mapping[str, Any]]) -> Cac
 
 
 def shard_compute_dtypes(stats: Sequence[Mapping[str, Any]]) -> set[torch.dtype]:
-    """The dtypes the shard jobs computed in (from the device each one recorded)."""
-    return {compute_dtype(torch.device(s["device"])) for s in stats}
+    """The dtypes the shard jobs computed in, as each one recorded."""
+    return {getattr(torch, s["compute_dtype"]) for s in stats}
 
 
 def stored_sample(cache_dir: Path, shard_size: int, sample: int) -> dict[str, torch.Tensor]:
@@ -129,6 +129,7 @@ def run_parity_job(
             revision=settings["revision"],
             trust_remote_code=settings["trust_remote_code"],
             device=resolve_device(device),
+            dtype=settings["compute_dtype"],
             num_gpus=max(1, len(gpus)),
         )
         result = checked_parity(model, inputs, compare, time.perf_counter() - started)

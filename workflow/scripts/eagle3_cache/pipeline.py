@@ -355,10 +355,12 @@ def run_shard_job(
         revision=settings["revision"],
         trust_remote_code=settings["trust_remote_code"],
         device=device,
+        dtype=settings["compute_dtype"],
         num_gpus=num_gpus,
     )
     load_seconds = time.perf_counter() - started
-    log.info("loaded %s on %s in %.1fs", settings["target_model"], device, load_seconds)
+    computes_in = next(model.parameters()).dtype
+    log.info("loaded %s on %s in %.1fs, computing in %s", settings["target_model"], device, load_seconds, computes_in)
     info = read_tokenized_info(tokenized_path)
     spec, layout = shard_spec_and_layout(
         model,
@@ -390,6 +392,7 @@ def run_shard_job(
         "settings_fingerprint": settings_fingerprint(settings),
         "model_identity": model_identity(settings["target_model"], settings["revision"], model),
         "device": str(device),
+        "compute_dtype": str(computes_in).removeprefix("torch."),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "host": socket.gethostname(),

@@ -18,6 +18,7 @@ from .hub import loading
 from .layout import WEIGHT_SUFFIXES
 from .preflight import check_device, resolved_aux_layer_ids
 from .provenance import file_sha256
+from .shard_format import DTYPES
 from .shard_layout import stored_safetensors_header
 
 if TYPE_CHECKING:
@@ -46,8 +47,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def compute_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA and fp32 on CPU, as NeMo Automodel computes."""
+def compute_dtype(device: torch.device, setting: str = "auto") -> torch.dtype:
+    """The run's `compute_dtype` on `device`: `auto` is bf16 on CUDA and fp32 on CPU, as NeMo Automodel computes."""
+    if setting != "auto":
+        return DTYPES[setting]
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
@@ -57,9 +60,11 @@ def load_target(
     revision: str | None,
     trust_remote_code: bool,
     device: torch.device,
+    dtype: str = "auto",
     num_gpus: int = 1,
 ) -> nn.Module:
-    """Load a causal LM from a hub id or a local directory, in eval mode on `device`.
+    """Load a causal LM from a hub id or a local directory, in eval mode on `device`, to compute in `dtype`
+    (a `compute_dtype` setting).
 
     With several GPUs the model is split across them (accelerate's `device_map="auto"`), so a
     target too big for one GPU still works.
@@ -77,7 +82,7 @@ def load_target(
             model_id,
             revision=revision,
             trust_remote_code=trust_remote_code,
-            dtype=compute_dtype(device),
+            dtype=compute_dtype(device, dtype),
             device_map=device_map,
         )
     return model.eval()

@@ -244,6 +244,7 @@ SETTING_KEYS = (
     "shuffle_seed",
     "seq_length",
     "dtype",
+    "compute_dtype",
     "shard_size",
     "num_samples",
     "target_vocab_size",
