@@ -10,7 +10,9 @@ from eagle3_cache.errors import CacheConfigError
 from eagle3_cache.preflight import default_aux_layer_ids
 from eagle3_cache.target import (
     compute_dtype,
+    cpu_flags,
     decoder_layers,
+    emulated_cpu_dtype_warning,
     local_checkpoint_fingerprint,
     model_identity,
     resolve_aux_layer_ids,
@@ -49,6 +51,19 @@ def test_compute_dtype_auto_follows_the_device_and_a_named_dtype_applies_everywh
     assert (compute_dtype(cpu), compute_dtype(cuda)) == (torch.float32, torch.bfloat16)
     assert {compute_dtype(device, "bf16") for device in (cpu, cuda)} == {torch.bfloat16}
     assert compute_dtype(cuda, "fp32") == torch.float32 and compute_dtype(cpu, "fp16") == torch.float16
+
+
+def test_bf16_compute_on_a_cpu_without_native_bf16_is_warned_of(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512bw\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    flags = cpu_flags(cpuinfo)
+    assert flags == {"fpu", "avx512f", "avx512bw"}
+    warning = emulated_cpu_dtype_warning(torch.bfloat16, flags)
+    assert "amx_bf16 or avx512_bf16" in warning and "compute_dtype: auto" in warning
+    assert emulated_cpu_dtype_warning(torch.bfloat16, flags | {"amx_bf16"}) is None
+    assert emulated_cpu_dtype_warning(torch.float32, flags) is None
+    # Flags that cannot be read (not Linux) say nothing either way.
+    assert cpu_flags(tmp_path / "missing") == set() and emulated_cpu_dtype_warning(torch.bfloat16, set()) is None
 
 
 def test_unknown_device_is_refused():
