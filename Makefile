@@ -1,5 +1,6 @@
 # make demo: build the demo cache (SmolLM2-135M-Instruct on the bundled conversations).
-# make test: run the test suite.
+# make test: run the whole test suite (what CI runs); lists the 25 slowest tests at the end.
+# make test-fast: the fast tier, for every edit: every test that starts no Snakemake and no cluster.
 # make lint: ruff's lint and format checks (the first step of .ci/run).
 # make gpu-check: on a CUDA machine, the GPU-ready check (tools/gpu_check.py; GPU_CHECK_OUT=DIR for its summary).
 #
@@ -21,7 +22,7 @@ TEST_STAMP := $(VENV)/.test-$(call content_hash,$(RUNTIME_REQUIREMENTS) pyprojec
 GPUS ?= $(shell nvidia-smi -L 2>/dev/null | wc -l)
 GPU_LIMIT = $(if $(filter-out 0,$(GPUS)),--resources gpu=$(GPUS))
 
-.PHONY: demo test lint gpu-check
+.PHONY: demo test test-fast lint gpu-check
 
 demo: $(RUNTIME_STAMP)
 	$(BIN)/snakemake --profile profiles/local $(GPU_LIMIT)
@@ -30,7 +31,10 @@ demo: $(RUNTIME_STAMP)
 	@echo "Validation report: results/demo/validation_report.html"
 
 test: $(TEST_STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=25
+
+test-fast: $(TEST_STAMP)
+	$(BIN)/pytest -m "not slow and not slurm"
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check .

@@ -11,6 +11,7 @@ import torch
 from helpers import (
     CHATML_TEMPLATE,
     PARITY_ROWS,
+    Tier,
     jobs_run,
     new_workdir,
     private_copy,
@@ -18,6 +19,11 @@ from helpers import (
     snakemake,
     tiny_llama_config,
 )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    Tier.slow = item.get_closest_marker("slow") is not None
 
 
 @pytest.fixture(scope="session")

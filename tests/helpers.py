@@ -389,6 +389,7 @@ def build_tiny_cache(
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+CONFIG_SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 WORKFLOW_FILES = ["Snakefile", "workflow", "profiles", "envs"]
 RUN = "tiny"
 NUM_CONVERSATIONS = 20
@@ -533,11 +534,25 @@ def shard_jobs(*indices: int, rules: tuple[str, ...] = AUTOMODEL_SHARD_RULES) ->
 AFTER_SHARDS = {"manifest", "parity", "validate"}
 
 
+class Tier:
+    """Whether the running test is in the tier that may start Snakemake: marked `slow` (conftest sets it
+    before each test's fixtures), so that the fast tier never pays for a Snakemake process."""
+
+    slow = True
+
+
+def snakemake_argv(*args: str) -> list[str]:
+    """The snakemake command line with `args`; fails a test of the fast tier."""
+    if not Tier.slow:
+        pytest.fail("this test starts Snakemake: mark it @pytest.mark.slow (the fast tier starts none)")
+    return [SNAKEMAKE, *args]
+
+
 def snakemake(
     workdir: Path, *args: str, check: bool = True, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
     """Run snakemake with the local profile on 2 cores; output is stdout and stderr together."""
-    command = ["timeout", "-k", "10", str(RUN_TIMEOUT_S), SNAKEMAKE, *LOCAL_RUN, *args]
+    command = ["timeout", "-k", "10", str(RUN_TIMEOUT_S), *snakemake_argv(*LOCAL_RUN, *args)]
     result = subprocess.run(
         command,
         cwd=workdir,
@@ -574,7 +589,7 @@ def kill_shard_writer_mid_write(
     marker = hook_dir / "writer.pid"
     env = {**os.environ, "PYTHONPATH": str(hook_dir), "HOLD_MARKER": str(marker), "HOLD_DESTINATION": destination}
     run = subprocess.Popen(
-        [SNAKEMAKE, *LOCAL_RUN],
+        snakemake_argv(*LOCAL_RUN),
         cwd=workdir,
         env=env,
         stdout=subprocess.PIPE,
@@ -600,7 +615,7 @@ HUB_MODEL = "example-org/example-model"
 def snakemake_static(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     """snakemake without the profile; output is stdout and stderr together."""
     return subprocess.run(
-        ["timeout", "-k", "10", "300", SNAKEMAKE, *args],
+        ["timeout", "-k", "10", "300", *snakemake_argv(*args)],
         cwd=workdir,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

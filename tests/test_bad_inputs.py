@@ -1,11 +1,12 @@
-"""Bad inputs through the `snakemake` command line: each stops the run with one actionable line, the first
-error line it prints, and leaves what was already built as it was.
+"""Bad inputs: each stops the run with one actionable line, the first error line it prints, and leaves what
+was already built as it was.
 
-Every case starts from a copy of the session's finished run (conftest's `completed`), breaks one
-thing, runs snakemake and checks the first error line against the case's message, that no traceback
-reached the terminal, and that the cache's files hash as before. The cases stop before any heavy
-work (at DAG build, before the first job, or as the tokenize job reads its data), so the table
-takes seconds per case.
+Every case is checked at the lowest level where it fails, in the order Snakemake runs those levels: the
+config's checks while the Snakefile is read (`startup.checked_config`), the checks before the first
+local job (`startup.check_before_local_jobs`), then the tokenize job's script on the run's data. A few
+cases, one per level, also run through the `snakemake` command line from a copy of the session's
+finished run (conftest's `completed`), to prove the one-line path end to end: the first error line,
+no traceback on the terminal, and the cache's files hashed as before.
 """
 
 from __future__ import annotations
@@ -13,16 +14,35 @@ from __future__ import annotations
 import json
 import os
 import re
+import runpy
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
+from huggingface_hub import constants
+from snakemake.iocontainers import Namedlist
 
-from helpers import HUB_MODEL, RUN, cache_dir, digest, jobs_run, snakemake, write_config
+from eagle3_cache import startup
+from eagle3_cache.errors import CacheConfigError, error_line
+from eagle3_cache.layout import TOKENIZE_SETTINGS, applied_settings
+from helpers import (
+    CONFIG_SCHEMA,
+    HUB_MODEL,
+    REPO,
+    RUN,
+    cache_dir,
+    digest,
+    jobs_run,
+    new_workdir,
+    run_config,
+    snakemake,
+    write_config,
+)
 
 # The first line of an error, ours ("Error: ...") or Snakemake's ("RuleException:", "Error in rule ...").
 ERROR_LINE = re.compile(r"^(Error\b|Traceback|\w*(Error|Exception)\b)")
@@ -40,7 +60,7 @@ class Case:
     run: dict = field(default_factory=dict)  # run settings to set; None removes one
     config: dict = field(default_factory=dict)  # top-level config keys to set
     prepare: Callable[[Path, Path], dict] | None = None  # (workdir, target) -> more run settings
-    env: dict = field(default_factory=dict)
+    offline: bool = False  # HF_HUB_OFFLINE set
     args: tuple[str, ...] = ()
     fails: bool = True  # False: the run succeeds, and `message` is a warning it prints
 
@@ -214,7 +234,7 @@ CASES = [
         "hub_model_offline",
         rf"target_model '{HUB_MODEL}' is not in the Hugging Face cache .* HF_HUB_OFFLINE is set",
         run={"target_model": HUB_MODEL},
-        env={"HF_HUB_OFFLINE": "1"},
+        offline=True,
     ),
     Case(
         "hub_model_unreachable",
@@ -290,22 +310,18 @@ CASES = [
 ]
 
 
+# One case per level, through the command line: the schema and a run's check at DAG build, the hub check
+# before the first job, a bad row in the tokenize job, and a warning that lets the run finish.
+END_TO_END = {"unknown_key", "model_without_weights", "hub_model_offline", "not_utf8", "sample_without_supervision"}
+TOKENIZE_SCRIPT = REPO / "workflow" / "scripts" / "tokenize_conversations.py"
+
+
 def case_id(case: Case) -> str:
     return case.id
 
 
-@pytest.fixture(scope="module")
-def built_cache(completed) -> dict[str, str]:
-    """sha256 of every file of the finished run's cache (shards, embeddings, manifest)."""
-    return {path.name: digest(path) for path in sorted(cache_dir(completed[0]).iterdir())}
-
-
-def first_error_line(output: str) -> str | None:
-    return next((line for line in output.splitlines() if ERROR_LINE.match(line)), None)
-
-
 def with_case_settings(workdir: Path, case: Case, target: Path) -> None:
-    """The finished run's config with the case's settings, and its files prepared."""
+    """The run's config with the case's settings, and its files prepared."""
     path = workdir / "config" / "config.yaml"
     config = yaml.safe_load(path.read_text())
     settings = {**case.run, **(case.prepare(workdir, target) if case.prepare else {})}
@@ -318,15 +334,97 @@ def with_case_settings(workdir: Path, case: Case, target: Path) -> None:
     write_config(workdir, {**config, **case.config})
 
 
+# --- Each case at its level, in-process ----------------------------------------------------------
+
+
+def unwrapped(case: Case) -> Case:
+    return case.values[0] if hasattr(case, "values") else case
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """An empty Hugging Face cache and an unreachable hub, as huggingface_hub read them at import."""
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "ENDPOINT", UNREACHABLE_HUB)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return monkeypatch
+
+
+def tokenize_job(workdir: Path, config: dict) -> SimpleNamespace:
+    """The `snakemake` object the tokenize rule hands its script for the run, its folders made as Snakemake
+    makes them."""
+    params = {name: applied_settings(config["runs"][RUN])[name] for name in TOKENIZE_SETTINGS}
+    tokenized, log = workdir / "results" / RUN / "tokenized.h5", workdir / "logs" / RUN / "tokenize.log"
+    for path in (tokenized, log):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return SimpleNamespace(
+        params=Namedlist(fromdict=params),
+        output=SimpleNamespace(tokenized=str(tokenized)),
+        log=[str(log)],
+        config=config,
+        wildcards=SimpleNamespace(run=RUN),
+    )
+
+
+def first_refusal(workdir: Path) -> str | None:
+    """The line the first level to refuse the run's config prints, or None when every level passes."""
+    config = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
+    try:
+        startup.checked_config(config, CONFIG_SCHEMA)
+        startup.check_before_local_jobs(config, [SimpleNamespace(wildcards={"run": RUN})])
+    except CacheConfigError as error:
+        return error_line(error)
+    try:
+        runpy.run_path(str(TOKENIZE_SCRIPT), init_globals={"snakemake": tokenize_job(workdir, config)})
+    except SystemExit as stopped:
+        return str(stopped.code)
+    return None
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_bad_input_is_refused_in_one_line_at_its_level(case, hub, tiny_chat_target, tmp_path, capsys):
+    if case.offline:
+        hub.setattr(constants, "HF_HUB_OFFLINE", True)
+    workdir = new_workdir(tmp_path, run_config(tiny_chat_target))
+    hub.chdir(workdir)
+    with_case_settings(workdir, case, tiny_chat_target)
+    refusal = first_refusal(workdir)
+    printed = capsys.readouterr()
+    if case.fails:
+        assert refusal is not None and refusal.startswith("Error: "), printed
+        assert re.search(case.message, refusal), refusal
+    else:
+        assert refusal is None, refusal
+        log = (workdir / "logs" / RUN / "tokenize.log").read_text()
+        assert any(re.search(case.message, line) for line in log.splitlines()), log
+    assert "Traceback" not in printed.out + printed.err
+
+
+# --- A few cases through the command line --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def built_cache(completed) -> dict[str, str]:
+    """sha256 of every file of the finished run's cache (shards, embeddings, manifest)."""
+    return {path.name: digest(path) for path in sorted(cache_dir(completed[0]).iterdir())}
+
+
+def first_error_line(output: str) -> str | None:
+    return next((line for line in output.splitlines() if ERROR_LINE.match(line)), None)
+
+
 def case_env(tmp_path: Path, case: Case) -> dict[str, str]:
-    """This environment with an empty Hugging Face cache and an unreachable hub, then the case's variables."""
+    """This environment with an empty Hugging Face cache and an unreachable hub, offline if the case says so."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("HF_") and "proxy" not in key.lower()}
-    return {**env, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": UNREACHABLE_HUB, **case.env}
+    offline = {"HF_HUB_OFFLINE": "1"} if case.offline else {}
+    return {**env, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": UNREACHABLE_HUB, **offline}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_bad_input_stops_with_one_line_and_changes_nothing(case, completed, built_cache, tiny_chat_target, tmp_path):
+@pytest.mark.parametrize("case", [case for case in CASES if unwrapped(case).id in END_TO_END], ids=case_id)
+def test_bad_input_stops_snakemake_with_one_line_and_changes_nothing(
+    case, completed, built_cache, tiny_chat_target, tmp_path
+):
     workdir = Path(shutil.copytree(completed[0], tmp_path / "workdir", symlinks=True))
     with_case_settings(workdir, case, tiny_chat_target)
     result = snakemake(workdir, *case.args, check=False, env=case_env(tmp_path, case))

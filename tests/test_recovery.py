@@ -27,7 +27,6 @@ from helpers import (
     NUM_CONVERSATIONS,
     NUM_SHARDS,
     RUN,
-    SNAKEMAKE,
     cache_dir,
     conversation,
     digest,
@@ -37,6 +36,7 @@ from helpers import (
     shard_jobs,
     shard_path,
     snakemake,
+    snakemake_argv,
     write_config,
 )
 
@@ -172,7 +172,7 @@ def kill_rebuild(workdir: Path, when: str, rng: random.Random, log: Path) -> str
     delay, k = rng.uniform(0, KILL_WITHIN_S), rng.randint(1, NUM_SHARDS - 2)
     with open(log, "w") as output:
         run = subprocess.Popen(
-            [SNAKEMAKE, *LOCAL_RUN, "--nolock", "--rerun-incomplete"],
+            snakemake_argv(*LOCAL_RUN, "--nolock", "--rerun-incomplete"),
             cwd=workdir,
             stdout=output,
             stderr=subprocess.STDOUT,

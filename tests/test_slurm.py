@@ -27,12 +27,12 @@ from helpers import (
     HOLD_SHARD,
     NUM_SHARDS,
     RUN,
-    SNAKEMAKE,
     assert_complete_cache,
     digest,
     new_workdir,
     run_config,
     shard_path,
+    snakemake_argv,
 )
 from slurm_cluster import SlurmCluster, require_slurm, running_slurm_cluster, wait_for
 
@@ -199,7 +199,7 @@ def start_snakemake_on_cluster(
     cluster: SlurmCluster, workdir: Path, *targets: str, extra_env: dict[str, str] | None = None
 ) -> subprocess.Popen:
     # Snakemake ignores SIGTERM while jobs run, hence the SIGKILL after the grace period.
-    command = ["timeout", "-k", "10", str(RUN_TIMEOUT_S), SNAKEMAKE, *PROFILES, *targets]
+    command = ["timeout", "-k", "10", str(RUN_TIMEOUT_S), *snakemake_argv(*PROFILES, *targets)]
     return subprocess.Popen(
         command,
         cwd=workdir,

@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from eagle3_cache import startup
 from eagle3_cache.cache_dir import check_cache
+from eagle3_cache.errors import CacheConfigError, error_line
 from eagle3_cache.layout import MANIFEST_FILE, VOCAB_MAPPING_FILE, shard_dir_name
 from eagle3_cache.specforge_verification import check_specforge_cache
 from helpers import (
     AFTER_SHARDS,
+    CONFIG_SCHEMA,
     HUB_MODEL,
     NUM_SHARDS,
     RUN,
@@ -59,13 +62,14 @@ def assert_complete_specforge_cache(workdir: Path) -> None:
 
 
 @pytest.mark.parametrize(("setting", "value"), [("dtype", "fp32"), ("target_probs_topk", 8)])
-def test_settings_the_format_cannot_store_are_config_errors(tmp_path, setting, value):
-    workdir = new_workdir(tmp_path, run_config(HUB_MODEL, format="specforge", **{setting: value}))
-    result = snakemake_static(workdir, "-n")
-    assert result.returncode != 0
-    assert f"Error: config runs.tiny.{setting}: {value!r} is not" not in result.stdout
-    assert f"Error: config runs.tiny.{setting}: " in result.stdout
-    assert "the specforge format stores" in result.stdout
+def test_settings_the_format_cannot_store_are_config_errors(tmp_path, monkeypatch, setting, value):
+    config = run_config(HUB_MODEL, format="specforge", **{setting: value})
+    monkeypatch.chdir(new_workdir(tmp_path, config))
+    with pytest.raises(CacheConfigError) as refused:
+        startup.checked_config(config, CONFIG_SCHEMA)
+    line = error_line(refused.value)
+    assert line.startswith(f"Error: config runs.tiny.{setting}: ") and f"{value!r} is not" not in line
+    assert "the specforge format stores" in line
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,6 @@ from helpers import (
     REPO,
     RUN,
     RUN_TIMEOUT_S,
-    SNAKEMAKE,
     assert_complete_cache,
     cache_dir,
     digest,
@@ -37,6 +36,7 @@ from helpers import (
     shard_jobs,
     shard_path,
     snakemake,
+    snakemake_argv,
     snakemake_static,
     write_config,
 )
@@ -215,7 +215,7 @@ def test_a_cache_bigger_than_the_disk_stops_before_the_first_shard(tmp_path, tin
     workdir = new_workdir(tmp_path / "workdir", run_config(tiny_chat_target, draft_vocab_size=None, dtype="fp32"))
     (workdir / "config" / "anyway.yaml").write_text("plan:\n  check_free_space: false\n")
     (workdir / "results").mkdir()
-    command = [*prefix, "sh", "-c", SMALL_DISK_SCRIPT, SNAKEMAKE, *LOCAL_RUN]
+    command = [*prefix, "sh", "-c", SMALL_DISK_SCRIPT, *snakemake_argv(*LOCAL_RUN)]
     subprocess.run(command, cwd=workdir, timeout=RUN_TIMEOUT_S, check=True)
 
     refused = (workdir / "refused.out").read_text()
@@ -243,9 +243,10 @@ def test_9_a_bare_snakemake_after_a_code_only_edit_plans_nothing(workdir):
     assert "Nothing to be done" in result.stdout
 
 
-# --- Static checks (fast) -------------------------------------------------------------------
+# --- Static checks (a dry run each) ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_lint_is_clean(tmp_path):
     workdir = new_workdir(tmp_path, run_config(HUB_MODEL))
     result = snakemake_static(workdir, "--lint")
@@ -264,6 +265,7 @@ def test_snakefmt_is_clean():
     assert result.returncode == 0, result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("profile", ["profiles/local", "profiles/slurm"])
 def test_dry_run_before_tokenization_plans_up_to_the_checkpoint(tmp_path, profile):
     workdir = new_workdir(tmp_path, run_config(HUB_MODEL))
@@ -280,6 +282,7 @@ def test_dry_run_before_tokenization_plans_up_to_the_checkpoint(tmp_path, profil
     }
 
 
+@pytest.mark.slow
 def test_demo_dry_run_converts_the_model_first(tmp_path):
     workdir = new_workdir(tmp_path, {})
     shutil.copytree(REPO / "config", workdir / "config", dirs_exist_ok=True)

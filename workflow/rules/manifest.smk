@@ -4,7 +4,7 @@ rule manifest:
         stats=every_shard(lambda rule: rule.output.stats),
         # Only shards that passed verification are committed.
         verified=every_shard(rules.verify_shard.output.verified),
-        format_files=format_files,
+        format_files=lambda wildcards: run_format_files(wildcards.run),
         selection=rules.select_vocab.output.selection,
         tokenized=rules.tokenize.output.tokenized,
         # The cache directory itself, whose mtime changes whenever a file is added to it, removed
@@ -17,14 +17,14 @@ rule manifest:
         # renamed into place, so its own commit does not count as a change.
         cache_dir=CACHE_DIR,
     output:
-        manifest=f"{CACHE_DIR}/{MANIFEST_FILE}",
+        manifest=f"{CACHE_DIR}/{layout.MANIFEST_FILE}",
     log:
         "logs/{run}/manifest.log",
     localrule: True
     conda:
         "../../envs/eagle3-cache.yaml"
     params:
-        **run_params(MANIFEST_SETTINGS),
+        **run_params(layout.MANIFEST_SETTINGS),
         cache_semantics_version=CACHE_SEMANTICS_VERSION,
         cache_dir=subpath(output.manifest, parent=True),
         num_shards=lambda wildcards: run_num_shards(wildcards.run),

@@ -18,7 +18,7 @@ rule parity:
     resources:
         gpu=parity_gpus,
     params:
-        **run_params(PARITY_SETTINGS),
+        **run_params(layout.PARITY_SETTINGS),
         num_samples=config["validation"]["num_samples"],
         seed=config["validation"]["seed"],
         cache_dir=CACHE_DIR,

@@ -10,7 +10,7 @@ rule plan:
     conda:
         "../../envs/eagle3-cache.yaml"
     params:
-        **run_params(PLAN_SETTINGS),
+        **run_params(layout.PLAN_SETTINGS),
         cache_dir=CACHE_DIR,
     script:
         "../scripts/plan_disk.py"

@@ -6,7 +6,7 @@ rule compute_shard:
         # Waits for the disk plan, which stops a run whose cache would not fit.
         plan=rules.plan.output.plan,
     output:
-        shard=f"{CACHE_DIR}/{SHARD_FILE}",
+        shard=f"{CACHE_DIR}/{layout.SHARD_FILE}",
         stats="results/{run}/shard_stats/shard-{shard}.json",
     log:
         "logs/{run}/compute_shard-{shard}.log",
@@ -18,7 +18,7 @@ rule compute_shard:
     resources:
         gpu=gpus_per_job,
     params:
-        **run_params(SHARD_SETTINGS),
+        **run_params(layout.SHARD_SETTINGS),
         cache_semantics_version=CACHE_SEMANTICS_VERSION,
     script:
         "../scripts/compute_shard.py"
@@ -28,12 +28,12 @@ rule target_embeddings:
     input:
         model=model_input,
     output:
-        embeddings=f"{CACHE_DIR}/{EMBEDDINGS_FILE}",
+        embeddings=f"{CACHE_DIR}/{layout.EMBEDDINGS_FILE}",
     log:
         "logs/{run}/target_embeddings.log",
     conda:
         "../../envs/eagle3-cache.yaml"
     params:
-        **run_params(TARGET_SETTINGS),
+        **run_params(layout.TARGET_SETTINGS),
     script:
         "../scripts/target_embeddings.py"

@@ -11,7 +11,7 @@ rule compute_specforge_shard:
         # Waits for the disk plan, which stops a run whose cache would not fit.
         plan=rules.plan.output.plan,
     output:
-        shard=directory(f"{CACHE_DIR}/{SHARD_DIR}"),
+        shard=directory(f"{CACHE_DIR}/{layout.SHARD_DIR}"),
         stats="results/{run}/shard_stats/shard-{shard}.specforge.json",
     log:
         "logs/{run}/compute_specforge_shard-{shard}.log",
@@ -23,7 +23,7 @@ rule compute_specforge_shard:
     resources:
         gpu=gpus_per_job,
     params:
-        **run_params(SHARD_SETTINGS),
+        **run_params(layout.SHARD_SETTINGS),
         cache_semantics_version=CACHE_SEMANTICS_VERSION,
     script:
         "../scripts/compute_shard.py"
@@ -33,7 +33,7 @@ rule specforge_vocab_mapping:
     input:
         selection=rules.select_vocab.output.selection,
     output:
-        mapping=f"{CACHE_DIR}/{VOCAB_MAPPING_FILE}",
+        mapping=f"{CACHE_DIR}/{layout.VOCAB_MAPPING_FILE}",
     log:
         "logs/{run}/specforge_vocab_mapping.log",
     localrule: True

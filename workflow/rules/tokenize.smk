@@ -9,6 +9,6 @@ checkpoint tokenize:
     conda:
         "../../envs/eagle3-cache.yaml"
     params:
-        **run_params(TOKENIZE_SETTINGS, applied_run_settings),
+        **run_params(layout.TOKENIZE_SETTINGS, applied_run_settings),
     script:
         "../scripts/tokenize_conversations.py"

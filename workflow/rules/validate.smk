@@ -10,11 +10,11 @@ rule validate:
         parity=rules.parity.output.parity,
     output:
         report=report(
-            f"results/{{run}}/{VALIDATION_REPORT}",
+            f"results/{{run}}/{layout.VALIDATION_REPORT}",
             category="Validation",
             subcategory="{run}",
         ),
-        json=f"results/{{run}}/{VALIDATION_JSON}",
+        json=f"results/{{run}}/{layout.VALIDATION_JSON}",
     log:
         "logs/{run}/validate.log",
     conda:

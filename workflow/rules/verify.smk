@@ -13,6 +13,6 @@ rule verify_shard:
     # CPU only: one thread per job, so that --cores N (or the CPU partition) verifies N shards at once.
     threads: 1
     params:
-        **run_params(VERIFY_SETTINGS),
+        **run_params(layout.VERIFY_SETTINGS),
     script:
         "../scripts/verify_shard.py"

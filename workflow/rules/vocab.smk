@@ -9,6 +9,6 @@ rule select_vocab:
     conda:
         "../../envs/eagle3-cache.yaml"
     params:
-        **run_params(SELECT_VOCAB_SETTINGS),
+        **run_params(layout.SELECT_VOCAB_SETTINGS),
     script:
         "../scripts/select_vocab.py"

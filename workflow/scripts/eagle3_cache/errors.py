@@ -34,3 +34,13 @@ def reported_errors() -> Iterator[None]:
             if isinstance(handler, logging.FileHandler):
                 handler.handle(record)
         sys.exit(error_line(error))
+
+
+@contextlib.contextmanager
+def stopping_on_config_errors() -> Iterator[None]:
+    """Around the Snakefile's own checks: a CacheConfigError ends Snakemake with its message as the one line
+    it prints, and no traceback."""
+    try:
+        yield
+    except CacheConfigError as error:
+        sys.exit(error_line(error))

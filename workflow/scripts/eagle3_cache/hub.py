@@ -1,7 +1,7 @@
 """Reaching the Hugging Face hub: a hub id that cannot be fetched fails in seconds, saying what to do.
 
 Left alone, huggingface_hub retries a dead connection for most of a minute and then raises a bare
-OSError. A local run checks before its first job starts (common.smk's onstart), and every job that
+OSError. A local run checks before its first job starts (startup.check_before_local_jobs), and every job that
 loads a hub model or dataset checks again as it starts; the DAG build does not, because a cluster's
 login node and its compute nodes often reach different networks.
 """

@@ -1,7 +1,7 @@
 """Checks of a run's settings that need no work, so that a mistake stops the run before anything is computed.
 
 Torch-free and cheap (a model's config.json and a directory listing), so the Snakefile runs them on
-every run while it is read (common.smk) and `snakemake -n` stays fast. The jobs check again what
+every run while it is read (startup.checked_config) and `snakemake -n` stays fast. The jobs check again what
 only they can see: the data's rows, a hub model's config, the devices of the machine they run on.
 """
 

@@ -1,0 +1,88 @@
+"""What the Snakefile does before any job: check the config while it is read (the schema, then every run),
+make the cache directories, and check the sources and the device before the first local job.
+
+Torch-free, and free of Snakemake's workflow state (common.smk hands in the config and the runs), so
+that every config case is a unit test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from .errors import CacheConfigError
+from .hub import check_run_sources
+from .preflight import check_device, check_run, ignored_settings_note
+
+CONFIG_README = "config/README.md"
+
+
+def checked_config(config: dict[str, Any], schema: str | Path) -> list[str]:
+    """Validate `config` against `schema`, filling in its defaults, then check every run before anything is
+    planned. A bad setting raises a CacheConfigError naming it; the notes about ignored settings are
+    returned, for the caller to print as warnings."""
+    # Snakemake's own validator, for the defaults it fills in; imported here so that a config case's
+    # unit test pays for it only when it runs.
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    try:
+        validate(config, str(schema))
+    except WorkflowError as error:
+        raise CacheConfigError(schema_violation(error.__context__) or str(error)) from error
+    notes = []
+    for run, settings in config["runs"].items():
+        with named_run(run):
+            check_run(settings)
+        note = ignored_settings_note(settings)
+        if note:
+            notes.append(f"runs.{run}: {note}")
+    return notes
+
+
+def schema_violation(cause: BaseException | None) -> str | None:
+    """What the config's schema refused, as one line naming the key; None for another cause."""
+    if not isinstance(cause, jsonschema.ValidationError):
+        return None
+    key = ".".join(str(part) for part in cause.absolute_path) or "(top level)"
+    notes = [f"{CONFIG_README} explains every key"]
+    if cause.validator == "additionalProperties":
+        known = sorted(cause.schema.get("properties", {}))
+        unknown = sorted(set(cause.instance) - set(known))
+        problem = f"unknown key {', '.join(map(repr, unknown))}; the known keys are {', '.join(known)}"
+    else:
+        problem = cause.message
+        if isinstance(cause.schema, dict) and cause.schema.get("description"):
+            notes.insert(0, cause.schema["description"].rstrip("."))
+    return f"config {key}: {problem} ({'; '.join(notes)})"
+
+
+def make_cache_dirs(cache_dir: str, runs: Iterable[str]) -> None:
+    """Create every run's cache directory (`cache_dir` with its {run} filled in), an input of the manifest
+    rule (see manifest.smk). No rule makes it, and Snakemake looks for inputs before any job runs."""
+    for run in runs:
+        Path(cache_dir.format(run=run)).mkdir(parents=True, exist_ok=True)
+
+
+def check_before_local_jobs(config: Mapping[str, Any], jobs: Iterable[Any]) -> None:
+    """Before the first job of a local run (`jobs`, Snakemake's jobs to run): `device: cuda` needs a GPU
+    here, and the hub ids of the runs with work must be reachable (or cached, offline). Not at DAG build,
+    where the executor is not yet known: a cluster's login node may have no GPU, or another network, than
+    the nodes its jobs run on; there each job checks as it starts."""
+    check_device(config["device"])
+    for run in sorted({job.wildcards.get("run") for job in jobs} - {None}):
+        with named_run(run):
+            check_run_sources(config["runs"][run])
+
+
+@contextlib.contextmanager
+def named_run(run: str) -> Iterator[None]:
+    """Around one run's checks: a CacheConfigError's message starts with `runs.<run>: `."""
+    try:
+        yield
+    except CacheConfigError as error:
+        raise CacheConfigError(f"runs.{run}: {error}") from error
