@@ -30,11 +30,15 @@ demo: $(RUNTIME_STAMP)
 	@echo "Cache:             results/demo/shards/"
 	@echo "Validation report: results/demo/validation_report.html"
 
+# On every core (pytest-xdist): the tests that share a finished run, a cluster or the converted demo model
+# stay on one worker (tests/conftest.py), so that each is built once.
+PYTEST_PARALLEL := -n auto --dist loadgroup
+
 test: $(TEST_STAMP)
-	$(BIN)/pytest --durations=25
+	$(BIN)/pytest $(PYTEST_PARALLEL) --durations=25
 
 test-fast: $(TEST_STAMP)
-	$(BIN)/pytest -m "not slow and not slurm"
+	$(BIN)/pytest $(PYTEST_PARALLEL) -m "not slow and not slurm"
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check .

@@ -3,6 +3,7 @@ workflow; plain helpers are in helpers.py."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -21,9 +22,37 @@ from helpers import (
 )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker (and what it starts) computes on its share of the cores: torch's
+    threads on cores another worker uses spin, and slow every worker (the fast tier took 1.6x longer)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        share = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(share)
+        torch.set_num_threads(share)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     Tier.slow = item.get_closest_marker("slow") is not None
+
+
+# Fixtures that build something expensive once per session (or module): a finished run, a cluster, the
+# converted demo model. Under pytest-xdist (`--dist loadgroup`, as `make test` runs it) the tests that use
+# one run on the same worker, so that each is built once.
+SHARED_FIXTURE_GROUPS = {
+    "completed": "automodel-run",
+    "specforge_run": "specforge-run",
+    "cluster": "slurm-cluster",
+    "smollm2_dir": "smollm2",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        group = next((group for name, group in SHARED_FIXTURE_GROUPS.items() if name in item.fixturenames), None)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")

@@ -392,9 +392,10 @@ SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 CONFIG_SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 WORKFLOW_FILES = ["Snakefile", "workflow", "profiles", "envs"]
 RUN = "tiny"
-NUM_CONVERSATIONS = 20
+# Three shards, the last one partial: a first, a middle and a last shard, in as few jobs as that takes.
+NUM_CONVERSATIONS = 10
 SHARD_SIZE = 4
-NUM_SHARDS = 5
+NUM_SHARDS = 3
 
 WORDS = (
     "the model reads every token and writes a short answer about rivers cities numbers "

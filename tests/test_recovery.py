@@ -45,8 +45,8 @@ pytestmark = pytest.mark.slow
 KILL_TRIALS = 10
 KILL_SEED = 20260
 # Kills "by time" land anywhere in this many seconds after the start; on a 2-core machine a full
-# rebuild of the tiny run takes longer, so some land before the shards, some among them, some after.
-KILL_WITHIN_S = 30.0
+# rebuild of the tiny run takes 20-26 s, so some land before the shards, some among them, some after.
+KILL_WITHIN_S = 20.0
 # Unattended trials end after this long even if the awaited shard never appears.
 TRIAL_TIMEOUT_S = 300.0
 
@@ -80,7 +80,7 @@ def assert_whole(workdir: Path) -> None:
         (MANIFEST_FILE, "report", {"manifest", "validate"}),
         (EMBEDDINGS_FILE, None, {"target_embeddings", "manifest", "validate"}),
         ("shard-000002.safetensors", "report", shard_jobs(2) | AFTER_SHARDS),
-        ("shard-000003.safetensors", "manifest", shard_jobs(3) | {"manifest"}),
+        ("shard-000000.safetensors", "manifest", shard_jobs(0) | {"manifest"}),
     ],
     ids=["manifest-report", "embeddings-default", "shard-report", "shard-manifest"],
 )

@@ -120,7 +120,7 @@ def test_every_shard_runs_as_its_own_sbatch_job_on_its_own_gpu(
         assert record.gpus in {str(index) for index in range(cluster.gpus)}
     assert len({record.job_id for record in records}) == NUM_SHARDS
     assert_no_gpu_shared_at_once(records, jobs)
-    # Five shards, four GPUs: at least two jobs overlapped, so more than one index was used.
+    # Three shards submitted at once, four GPUs: at least two jobs overlapped, so more than one index was used.
     assert len({record.gpus for record in records}) > 1
 
 

@@ -1,6 +1,6 @@
 """The specforge format end to end, through the `snakemake` command line, on a tiny random model.
 
-As in test_workflow.py: one completed run per session, and each test works on its own copy of it.
+As in test_workflow.py: one completed run per session (`specforge_run`), and each test works on its own copy of it.
 """
 
 import json
@@ -73,19 +73,19 @@ def test_settings_the_format_cannot_store_are_config_errors(tmp_path, monkeypatc
 
 
 @pytest.fixture(scope="session")
-def completed(tmp_path_factory, tiny_chat_target) -> tuple[Path, set[str]]:
+def specforge_run(tmp_path_factory, tiny_chat_target) -> tuple[Path, set[str]]:
     workdir = new_workdir(tmp_path_factory.mktemp("specforge"), run_config(tiny_chat_target, format="specforge"))
     return workdir, jobs_run(snakemake(workdir).stdout)
 
 
 @pytest.fixture
-def workdir(completed, tmp_path) -> Path:
-    return private_copy(completed[0], tmp_path)
+def workdir(specforge_run, tmp_path) -> Path:
+    return private_copy(specforge_run[0], tmp_path)
 
 
 @pytest.mark.slow
-def test_first_run_builds_every_step(completed):
-    workdir, jobs = completed
+def test_first_run_builds_every_step(specforge_run):
+    workdir, jobs = specforge_run
     assert jobs == {"tokenize", "select_vocab", "plan", "specforge_vocab_mapping"} | AFTER_SHARDS | (
         every_specforge_shard()
     )
@@ -137,7 +137,7 @@ def test_3_forced_shard_is_recomputed_with_identical_bytes(workdir):
 
 
 @pytest.mark.slow
-def test_4_killed_shard_job_leaves_no_directory_and_the_next_run_completes(workdir, completed, tmp_path):
+def test_4_killed_shard_job_leaves_no_directory_and_the_next_run_completes(workdir, specforge_run, tmp_path):
     shutil.rmtree(shard_dir(workdir, 1))
     killed = kill_shard_writer_mid_write(workdir, tmp_path / "hook", destination="shards/shard-000001")
     assert killed.returncode != 0, killed.stdout[-6000:]
@@ -148,11 +148,11 @@ def test_4_killed_shard_job_leaves_no_directory_and_the_next_run_completes(workd
     assert result.returncode == 0, result.stdout[-6000:]
     assert jobs_run(result.stdout) == shard_jobs(1, rules=SPECFORGE_SHARD_RULES) | AFTER_SHARDS
     assert_complete_specforge_cache(workdir)
-    assert file_bytes(shard_dir(workdir, 1)) == file_bytes(shard_dir(completed[0], 1))
+    assert file_bytes(shard_dir(workdir, 1)) == file_bytes(shard_dir(specforge_run[0], 1))
 
 
 @pytest.mark.slow
-def test_5_a_flipped_bit_in_a_sample_file_is_reported_taken_out_and_rebuilt(workdir, completed):
+def test_5_a_flipped_bit_in_a_sample_file_is_reported_taken_out_and_rebuilt(workdir, specforge_run):
     sample = sorted(shard_dir(workdir, 2).glob("*.ckpt"))[1]
     data = bytearray(sample.read_bytes())
     data[len(data) // 2] ^= 0x10
@@ -165,7 +165,7 @@ def test_5_a_flipped_bit_in_a_sample_file_is_reported_taken_out_and_rebuilt(work
     assert not (workdir / "results" / RUN / "validation.json").exists()
 
     assert jobs_run(snakemake(workdir).stdout) == shard_jobs(2, rules=SPECFORGE_SHARD_RULES) | AFTER_SHARDS
-    assert file_bytes(shard_dir(workdir, 2)) == file_bytes(shard_dir(completed[0], 2))
+    assert file_bytes(shard_dir(workdir, 2)) == file_bytes(shard_dir(specforge_run[0], 2))
     assert_complete_specforge_cache(workdir)
 
 

@@ -194,9 +194,9 @@ def private_tmpfs_prefix(probe: Path) -> list[str] | None:
     return None
 
 
-# Inside the private mount namespace: a 1 MiB results/, a full run, then the plan alone with the check off.
+# Inside the private mount namespace: a 256 KiB results/, a full run, then the plan alone with the check off.
 SMALL_DISK_SCRIPT = """
-mount -t tmpfs -o size=1m tmpfs results || exit 90
+mount -t tmpfs -o size=256k tmpfs results || exit 90
 "$0" "$@" > refused.out 2>&1; echo $? > refused.rc
 cp logs/tiny/plan.log refused-plan.log
 "$0" "$@" results/tiny/plan.json --configfile config/anyway.yaml > anyway.out 2>&1; echo $? > anyway.rc
@@ -210,7 +210,7 @@ def test_a_cache_bigger_than_the_disk_stops_before_the_first_shard(tmp_path, tin
     prefix = private_tmpfs_prefix(tmp_path / "probe")
     if prefix is None:
         pytest.skip("cannot mount a tmpfs: needs root or unprivileged user namespaces (unshare --user --mount)")
-    # Full fp32 distributions over the whole vocabulary: about 1.3 MB of shards for 1 MiB of disk.
+    # Full fp32 distributions over the whole vocabulary: about 0.65 MB of shards for 256 KiB of disk.
     (tmp_path / "workdir").mkdir()
     workdir = new_workdir(tmp_path / "workdir", run_config(tiny_chat_target, draft_vocab_size=None, dtype="fp32"))
     (workdir / "config" / "anyway.yaml").write_text("plan:\n  check_free_space: false\n")
