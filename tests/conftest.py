@@ -48,6 +48,7 @@ SHARED_FIXTURE_GROUPS = {
 }
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         group = next((group for name, group in SHARED_FIXTURE_GROUPS.items() if name in item.fixturenames), None)

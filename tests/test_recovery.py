@@ -45,8 +45,12 @@ pytestmark = pytest.mark.slow
 KILL_TRIALS = 10
 KILL_SEED = 20260
 # Kills "by time" land anywhere in this many seconds after the start; on a 2-core machine a full
-# rebuild of the tiny run takes 20-26 s, so some land before the shards, some among them, some after.
-KILL_WITHIN_S = 20.0
+# rebuild of the tiny run takes about as long, so some land before the shards, some among them, some after.
+KILL_WITHIN_S = 25.0
+# Smaller shards than the other tests', so that a rebuild has five: with two shard jobs at a time, a kill
+# after the k-th new shard still finds old shards waiting their turn.
+KILL_SHARD_SIZE = 2
+KILL_NUM_SHARDS = -(-NUM_CONVERSATIONS // KILL_SHARD_SIZE)
 # Unattended trials end after this long even if the awaited shard never appears.
 TRIAL_TIMEOUT_S = 300.0
 
@@ -61,10 +65,10 @@ def report_checks(workdir: Path) -> dict[str, bool]:
     return {check["key"]: check["passed"] for check in report["checks"]}
 
 
-def assert_whole(workdir: Path) -> None:
+def assert_whole(workdir: Path, num_shards: int = NUM_SHARDS) -> None:
     """Exactly the cache files, intact, committed; and, if there is a report, it finds the cache whole."""
     names = {path.name for path in cache_dir(workdir).iterdir()}
-    assert names == {shard_path(workdir, i).name for i in range(NUM_SHARDS)} | {MANIFEST_FILE, EMBEDDINGS_FILE}
+    assert names == {shard_path(workdir, i).name for i in range(num_shards)} | {MANIFEST_FILE, EMBEDDINGS_FILE}
     assert check_cache(cache_dir(workdir)) == []
     if (run_dir(workdir) / VALIDATION_JSON).exists():
         checks = report_checks(workdir)
@@ -158,7 +162,7 @@ def change_config(workdir: Path, tiny_chat_target: Path, trial: int, rng: random
     if rng.random() < 0.5:
         current = yaml.safe_load((workdir / "config" / "config.yaml").read_text())["runs"][RUN]["draft_vocab_size"]
         size = rng.choice([size for size in (40, 48, 56, 64) if size != current])
-        write_config(workdir, run_config(tiny_chat_target, draft_vocab_size=size))
+        write_config(workdir, run_config(tiny_chat_target, draft_vocab_size=size, shard_size=KILL_SHARD_SIZE))
         return f"draft_vocab_size {size}"
     lines = [json.dumps(conversation(index + 7 * (trial + 1))) for index in range(NUM_CONVERSATIONS)]
     (workdir / "data" / "conversations.jsonl").write_text("\n".join(lines) + "\n")
@@ -169,7 +173,7 @@ def kill_rebuild(workdir: Path, when: str, rng: random.Random, log: Path) -> str
     """Start the workflow and SIGKILL it with all its jobs at once: after a random delay, or just after the
     k-th shard of this rebuild appears (k random). Returns where the kill landed."""
     before = shard_identities(workdir)
-    delay, k = rng.uniform(0, KILL_WITHIN_S), rng.randint(1, NUM_SHARDS - 2)
+    delay, k = rng.uniform(0, KILL_WITHIN_S), rng.randint(1, KILL_NUM_SHARDS - 2)
     with open(log, "w") as output:
         run = subprocess.Popen(
             snakemake_argv(*LOCAL_RUN, "--nolock", "--rerun-incomplete"),
@@ -200,6 +204,7 @@ def kill_rebuild(workdir: Path, when: str, rng: random.Random, log: Path) -> str
 def test_interrupted_rebuilds_never_leave_a_manifest_over_other_shards(workdir, tiny_chat_target, tmp_path):
     rng = random.Random(KILL_SEED)
     violations, mixed, outcomes = [], 0, []
+    write_config(workdir, run_config(tiny_chat_target, shard_size=KILL_SHARD_SIZE))
     for trial in range(KILL_TRIALS):
         change = change_config(workdir, tiny_chat_target, trial, rng)
         before = shard_identities(workdir)
@@ -216,4 +221,4 @@ def test_interrupted_rebuilds_never_leave_a_manifest_over_other_shards(workdir, 
 
     snakemake(workdir, "--rerun-incomplete")
     assert manifest_over_other_shards(workdir) == []
-    assert_whole(workdir)
+    assert_whole(workdir, KILL_NUM_SHARDS)
