@@ -110,6 +110,53 @@ def without(*patterns: str) -> Callable[[Path], None]:
     return edit
 
 
+def truncated(name: str) -> Callable[[Path], None]:
+    """An edit of a model copy that cuts file `name` to half its size, as an interrupted copy leaves it."""
+
+    def edit(model: Path) -> None:
+        path = model / name
+        with open(path, "r+b") as handle:
+            handle.truncate(path.stat().st_size // 2)
+
+    return edit
+
+
+def edited_weights(edit_tensors: Callable[[dict], None], **config: object) -> Callable[[Path], None]:
+    """An edit of a model copy that rewrites its weights through `edit_tensors` and sets `config` keys."""
+
+    def edit(model: Path) -> None:
+        from safetensors.numpy import load_file, save_file
+
+        tensors = load_file(model / "model.safetensors")
+        edit_tensors(tensors)
+        save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+        settings = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**settings, **config}))
+
+    return edit
+
+
+def token_added_at(token_id: int) -> Callable[[Path], None]:
+    """An edit of a model copy whose tokenizer gains a special token with id `token_id`."""
+
+    def edit(model: Path) -> None:
+        tokenizer = json.loads((model / "tokenizer.json").read_text())
+        tokenizer["added_tokens"].append({**tokenizer["added_tokens"][-1], "id": token_id, "content": "<|extra|>"})
+        (model / "tokenizer.json").write_text(json.dumps(tokenizer))
+
+    return edit
+
+
+def index_naming(*files: str) -> Callable[[Path], None]:
+    """An edit of a model copy that adds a safetensors index whose weight map names `files`."""
+
+    def edit(model: Path) -> None:
+        weight_map = {f"tensor.{number}": name for number, name in enumerate(files)}
+        (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+    return edit
+
+
 def shallow_text_config(model: Path) -> None:
     """A multimodal-style config: the decoder's depth (4) on text_config, another at the top level."""
     config = json.loads((model / "config.json").read_text())
@@ -166,6 +213,48 @@ CASES = [
         "model_without_tokenizer",
         r"target_model '.*/target' has no tokenizer",
         prepare=model_copy(without("tokenizer*")),
+    ),
+    # The target's files, at DAG build, without torch (eagle3_cache.checkpoint_files).
+    Case(
+        "weights_cut_short",
+        r"target/model\.safetensors: \d+ bytes, its header describes \d+ \(cut short\); copy the file again",
+        prepare=model_copy(truncated("model.safetensors")),
+    ),
+    Case(
+        "index_names_a_missing_file",
+        r"model\.safetensors\.index\.json: names model-00002-of-00002\.safetensors, which the directory lacks",
+        prepare=model_copy(index_naming("model.safetensors", "model-00002-of-00002.safetensors")),
+    ),
+    Case(
+        "untied_model_without_head",
+        r"config\.json: tie_word_embeddings is false, but no weight file of target_model has lm_head\.weight",
+        prepare=model_copy(edited_weights(lambda tensors: tensors.pop("lm_head.weight"), tie_word_embeddings=False)),
+    ),
+    Case(
+        "tied_head_of_another_shape",
+        r"lm_head\.weight is \[8, 32\], but config\.json ties it to model\.embed_tokens\.weight, which is \[\d+, 32\]",
+        prepare=model_copy(
+            edited_weights(
+                lambda tensors: tensors.update({"lm_head.weight": tensors["lm_head.weight"][:8]}),
+                tie_word_embeddings=True,
+            )
+        ),
+    ),
+    Case(
+        "tokenizer_of_another_model",
+        r"tokenizer\.json: token ids go up to 5000, but model\.embed_tokens\.weight in model\.safetensors has \d+ rows",
+        prepare=model_copy(token_added_at(5000)),
+    ),
+    Case(
+        "model_without_chat_template",
+        r"target_model '.*/target' has no chat template \(none in tokenizer_config\.json",
+        prepare=model_copy(without("chat_template.jinja")),
+    ),
+    Case(
+        "seq_length_beyond_context",
+        r"seq_length 100000 is longer than the target's context of 256 positions \(max_position_embeddings, with "
+        r"its rope scaling, in its config\.json\); set seq_length to at most 256",
+        run={"seq_length": 100000},
     ),
     Case(
         "revision_of_a_local_dir",

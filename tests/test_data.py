@@ -416,7 +416,7 @@ def rule_job(tmp_path: Path, run_settings: dict | None = None, **params) -> Simp
         mask_reasoning_content=False,
         mask_generation_prompt=False,
     )
-    checked = {"aux_layer_ids": None, "draft_vocab_size": None, **(run_settings or {})}
+    checked = {"aux_layer_ids": None, "draft_vocab_size": None, "seq_length": 32, **(run_settings or {})}
     return SimpleNamespace(
         params=Namedlist(fromdict={**defaults, **params}),
         output=SimpleNamespace(tokenized=str(tmp_path / "results" / "tokenized.h5")),

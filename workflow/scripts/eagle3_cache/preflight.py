@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import ctypes
 import glob
-import json
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .checkpoint_files import check_checkpoint_files, check_seq_length, read_json
 from .errors import CacheConfigError
 from .layout import (
     DEMO_MODEL,
@@ -36,9 +36,11 @@ AUX_LAYER_COUNT = 3
 
 
 def check_run(settings: Mapping[str, Any]) -> None:
-    """Refuse settings that name a missing or unusable model or data, or layers and ids the model lacks."""
+    """Refuse settings that name a missing or unusable model or data, or layers, ids and positions the model
+    lacks."""
     config = local_model_config(settings["target_model"], settings["revision"])
     if config is not None:
+        check_checkpoint_files(Path(settings["target_model"]), config)
         check_model_config(config, settings)
     check_input_data(settings["input_data"], settings["split"])
 
@@ -85,16 +87,13 @@ def local_model_config(target_model: str, revision: str | None) -> dict[str, Any
         raise CacheConfigError(
             f"{named} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer into it too"
         )
-    try:
-        return json.loads(config_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CacheConfigError(f"{config_file}: not valid JSON ({error}); restore it from the checkpoint") from error
+    return read_json(config_file)
 
 
 def check_model_config(config: Mapping[str, Any], settings: Mapping[str, Any]) -> None:
-    """aux_layer_ids within the target's depth and draft_vocab_size within its vocabulary, as its config
-    (a config.json's content, or `PretrainedConfig.to_dict()`) states them; what it does not state is left
-    to the shard job, which checks the loaded model."""
+    """aux_layer_ids within the target's depth, draft_vocab_size within its vocabulary and seq_length within
+    its context, as its config (a config.json's content, or `PretrainedConfig.to_dict()`) states them; what
+    it does not state is left to the shard job, which checks the loaded model."""
     text_config = {**config, **(config.get("text_config") or {})}
     depth = text_config.get("num_hidden_layers")
     if isinstance(depth, int):
@@ -102,6 +101,7 @@ def check_model_config(config: Mapping[str, Any], settings: Mapping[str, Any]) -
     vocab_size = text_config.get("vocab_size")
     if isinstance(vocab_size, int):
         check_draft_vocab_size(settings["draft_vocab_size"], vocab_size)
+    check_seq_length(config, settings["seq_length"])
 
 
 def default_aux_layer_ids(num_layers: int) -> list[int]:
