@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import json
 import os
@@ -12,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from eagle3_cache import gpu_lease
 from eagle3_cache.errors import CacheConfigError
-from eagle3_cache.gpu_lease import lease_gpus
+from eagle3_cache.gpu_lease import lease_gpus, visible_gpu_ids
 
 SCRIPTS_DIR = Path(__file__).resolve().parents[1] / "workflow" / "scripts"
 
@@ -24,9 +26,11 @@ import json, sys, time
 from pathlib import Path
 
 sys.path.append(sys.argv[5])
-from eagle3_cache.gpu_lease import lease_gpus
+from eagle3_cache import gpu_lease
+from eagle3_cache.gpu_lease import lease_gpus, visible_gpu_ids
 
-count, lock_dir, go_file, hold_s = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), float(sys.argv[4])
+count, go_file, hold_s = int(sys.argv[1]), Path(sys.argv[3]), float(sys.argv[4])
+lock_dir = None if sys.argv[2] == "default" else sys.argv[2]
 print("ready", flush=True)
 while not go_file.exists():
     time.sleep(0.01)
@@ -40,9 +44,15 @@ with lease_gpus(count, lock_dir, poll_s=0.02, timeout_s=60) as gpus:
 """
 
 
-def start_holder(count: int, lock_dir: Path, go_file: Path, hold_s: float, visible: str):
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible}
+def start_holder(
+    count: int, lock_dir: Path | str, go_file: Path, hold_s: float, visible: str, slurm_job: str | None = None
+):
+    """A holder process; lock_dir "default" leases in the default folder (under TMPDIR, which the tests set)."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible, "TMPDIR": str(go_file.parent)}
     env.pop("SLURM_JOB_ID", None)
+    env.pop("SLURM_JOB_GPUS", None)
+    if slurm_job is not None:
+        env["SLURM_JOB_ID"] = slurm_job
     args = [count, lock_dir, go_file, hold_s, SCRIPTS_DIR]
     return subprocess.Popen(
         [sys.executable, "-c", HOLDER, *map(str, args)],
@@ -81,6 +91,43 @@ def test_concurrent_jobs_never_share_a_gpu(tmp_path):
     assert max(end for _, _, end in leases) - min(start for _, start, _ in leases) > 0.8
 
 
+def held(holders: list[subprocess.Popen]) -> list[tuple[str, float, float]]:
+    """What each started holder held (its visible devices) and when, once the go file is there."""
+    leases = []
+    for holder in holders:
+        out, _ = holder.communicate(timeout=120)
+        assert holder.returncode == 0
+        lease, end = (json.loads(line) for line in out.splitlines())
+        leases.append((lease["visible"], lease["start"], end["end"]))
+    return leases
+
+
+def started(holders: list[subprocess.Popen], go_file: Path) -> list[subprocess.Popen]:
+    for holder in holders:
+        assert holder.stdout.readline().strip() == "ready"
+    go_file.touch()
+    return holders
+
+
+def test_jobs_inside_one_slurm_allocation_each_lease_their_own_gpu(tmp_path):
+    """A local run under `salloc --gpus=4`: every job sees the allocation's four GPUs and takes one."""
+    go_file = tmp_path / "go"
+    holders = started([start_holder(1, "default", go_file, 0.5, "0,1,2,3", slurm_job="77") for _ in range(2)], go_file)
+    (first, start_a, end_a), (second, start_b, end_b) = held(holders)
+    assert {first, second} <= {"0", "1", "2", "3"} and first != second
+    assert start_a < end_b and start_b < end_a, "the two jobs did not run side by side"
+    assert (tmp_path / f"eagle3-cache-gpu-locks-{os.getuid()}-slurm-77").is_dir()
+
+
+def test_separate_slurm_jobs_numbering_their_gpus_from_zero_do_not_wait_for_each_other(tmp_path):
+    """Two sbatch jobs on one node, each given one GPU that it sees as 0: other GPUs, so no waiting."""
+    go_file = tmp_path / "go"
+    holders = started([start_holder(1, "default", go_file, 0.5, "0", slurm_job=job) for job in ("81", "82")], go_file)
+    (first, start_a, end_a), (second, start_b, end_b) = held(holders)
+    assert first == second == "0"
+    assert start_a < end_b and start_b < end_a, "one job waited for another job's GPU"
+
+
 def test_sigkilled_holder_releases_its_gpu(tmp_path, no_slurm):
     go_file = tmp_path / "go"
     go_file.touch()
@@ -108,22 +155,54 @@ def test_lease_sets_and_restores_visible_devices(tmp_path, no_slurm, monkeypatch
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "4,7"
 
 
-@pytest.mark.parametrize(
-    "scheduler_env",
-    [
-        {"CUDA_VISIBLE_DEVICES": "3"},
-        {"SLURM_JOB_GPUS": "3"},
-    ],
-)
-def test_slurm_assignment_is_used_as_is(tmp_path, monkeypatch, scheduler_env):
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+def test_a_job_in_a_one_gpu_allocation_leases_that_gpu(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "1234")
-    for name, value in scheduler_env.items():
-        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
     with lease_gpus(1, tmp_path / "locks") as gpus:
         assert gpus == ["3"]
-        assert os.environ.get("CUDA_VISIBLE_DEVICES") == scheduler_env.get("CUDA_VISIBLE_DEVICES")
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "3" and os.environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert "CUDA_DEVICE_ORDER" not in os.environ
+    assert (tmp_path / "locks" / "gpu-3.lock").exists()
+
+
+def test_slurm_job_gpus_alone_are_used_as_they_are(tmp_path, monkeypatch):
+    """Only the node's indices to go by, which this process may number otherwise: nothing to lease."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    monkeypatch.setenv("SLURM_JOB_GPUS", "3")
+    with lease_gpus(1, tmp_path / "locks") as gpus:
+        assert gpus == ["3"]
+        assert "CUDA_VISIBLE_DEVICES" not in os.environ
     assert not (tmp_path / "locks").exists()
+
+
+REAL_CDLL = ctypes.CDLL
+
+
+def failing_nvml(name, *args, **kwargs):
+    if name == gpu_lease.NVML_LIBRARY:
+        raise OSError(f"{name}: cannot open shared object file")
+    return REAL_CDLL(name, *args, **kwargs)
+
+
+def test_without_nvml_the_gpus_are_counted_without_initialising_cuda(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(gpu_lease.ctypes, "CDLL", failing_nvml)
+    proc = tmp_path / "gpus"
+    for address in ("0000:07:00.0", "0000:0a:00.0"):
+        (proc / address).mkdir(parents=True)
+    monkeypatch.setattr(gpu_lease, "NVIDIA_PROC_GPUS", proc)
+
+    def cuda_count():
+        raise AssertionError("torch.cuda.device_count may initialise CUDA before the lease")
+
+    monkeypatch.setattr(gpu_lease.torch.cuda, "device_count", cuda_count)
+    assert visible_gpu_ids() == ["0", "1"]
+    with lease_gpus(1, tmp_path / "locks") as gpus:
+        assert gpus == ["0"] and os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+    monkeypatch.setattr(gpu_lease, "NVIDIA_PROC_GPUS", tmp_path / "absent")
+    assert visible_gpu_ids() == []
 
 
 def test_slurm_assignment_smaller_than_the_job_is_an_error(tmp_path, monkeypatch):

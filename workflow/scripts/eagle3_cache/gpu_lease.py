@@ -9,6 +9,7 @@ in any way (SIGKILL included), so a crashed job never strands a GPU.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import logging
 import os
@@ -25,6 +26,9 @@ from .errors import CacheConfigError
 
 log = logging.getLogger(__name__)
 
+NVML_LIBRARY = "libnvidia-ml.so.1"
+NVIDIA_PROC_GPUS = Path("/proc/driver/nvidia/gpus")
+ROCM_DEVICE = Path("/dev/kfd")
 # Without `--resources gpu=N` more jobs start than there are GPUs and the extra ones
 # queue here, possibly for several shards' time; the timeout only catches a wait
 # that can never end.
@@ -32,8 +36,11 @@ DEFAULT_TIMEOUT_S = 6 * 3600.0
 
 
 def default_lock_dir() -> Path:
-    """Per-user folder for the lock files, shared by every workflow on this machine."""
-    return Path(tempfile.gettempdir()) / f"eagle3-cache-gpu-locks-{os.getuid()}"
+    """Per-user folder for the lock files, shared by every workflow on this machine. Inside a SLURM job, one
+    per job: the jobs run inside one allocation share its GPUs, while another job's ids, which SLURM may
+    number from 0 on the same node, name other GPUs."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return Path(tempfile.gettempdir()) / f"eagle3-cache-gpu-locks-{os.getuid()}{f'-slurm-{job}' if job else ''}"
 
 
 def visible_gpu_ids() -> list[str]:
@@ -41,9 +48,35 @@ def visible_gpu_ids() -> list[str]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return [gpu.strip() for gpu in visible.split(",") if gpu.strip()]
-    # NVML-based: counting does not initialise CUDA, so CUDA_VISIBLE_DEVICES
-    # set afterwards still takes effect in this process.
-    return [str(index) for index in range(torch.cuda.device_count())]
+    return [str(index) for index in range(present_gpu_count())]
+
+
+def present_gpu_count() -> int:
+    """The NVIDIA GPUs of this machine, counted without initialising CUDA (CUDA_VISIBLE_DEVICES set after
+    CUDA starts is ignored): NVML, else the driver's entries under /proc; torch's count on ROCm."""
+    count = nvml_gpu_count()
+    if count is not None:
+        return count
+    if NVIDIA_PROC_GPUS.is_dir():
+        return sum(1 for _ in NVIDIA_PROC_GPUS.iterdir())
+    if ROCM_DEVICE.exists():
+        return torch.cuda.device_count()
+    return 0
+
+
+def nvml_gpu_count() -> int | None:
+    """The GPU count NVML reports, or None when NVML is missing or fails."""
+    try:
+        nvml = ctypes.CDLL(NVML_LIBRARY)
+    except OSError:
+        return None
+    if nvml.nvmlInit_v2() != 0:
+        return None
+    try:
+        count = ctypes.c_uint(0)
+        return count.value if nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) == 0 else None
+    finally:
+        nvml.nvmlShutdown()
 
 
 def slurm_assigned_gpus() -> list[str] | None:
@@ -97,16 +130,19 @@ def try_lease(count: int, candidates: Sequence[str], lock_dir: Path, stack: cont
 
 @contextlib.contextmanager
 def scoped_visible_devices(gpus: Sequence[str]) -> Iterator[None]:
-    """Set CUDA_VISIBLE_DEVICES to `gpus`, restoring the previous value on exit."""
-    previous = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    """Set CUDA_VISIBLE_DEVICES to `gpus`, numbered as nvidia-smi and NVML number them (PCI bus order, not
+    CUDA's default fastest-first), restoring both variables on exit."""
+    settings = {"CUDA_VISIBLE_DEVICES": ",".join(gpus), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    previous = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     try:
         yield
     finally:
-        if previous is None:
-            del os.environ["CUDA_VISIBLE_DEVICES"]
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = previous
+        for name, value in previous.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 @contextlib.contextmanager
@@ -124,8 +160,10 @@ def lease_gpus(
     Call it before anything initialises CUDA: it points CUDA_VISIBLE_DEVICES at the
     leased ids, so the job sees them as cuda:0.. . Yields [] (no lease) when
     `device` is "cpu", `count` is 0 or no GPU is present. Inside a SLURM job with
-    GPUs, yields the scheduler's assignment untouched. When every candidate is
-    leased it waits, and raises CacheConfigError after `timeout_s`.
+    GPUs, leases among the scheduler's assignment, which the jobs of one allocation
+    (a local run under `salloc`) share; with only SLURM_JOB_GPUS to go by, yields
+    it untouched. When every candidate is leased it waits, and raises
+    CacheConfigError after `timeout_s`.
     """
     if device == "cpu" or count == 0:
         yield []
@@ -138,8 +176,11 @@ def lease_gpus(
                 f"gpus_per_job is {count}: remove the gpu override for this rule from "
                 "the SLURM profile, or lower gpus_per_job in the config."
             )
-        yield assigned
-        return
+        if "CUDA_VISIBLE_DEVICES" not in os.environ:
+            # SLURM_JOB_GPUS holds the node's indices, which may not be how this process numbers its GPUs.
+            yield assigned
+            return
+        candidates = assigned
     candidates = list(candidates) if candidates is not None else visible_gpu_ids()
     if not candidates:
         yield []
