@@ -388,6 +388,13 @@ CASES = [
         r"data/conversations\.jsonl, line 8: starts with an assistant turn",
         prepare=data_line(8, messages(("assistant", "hello"), ("user", "hi"), ("assistant", "yes"))),
     ),
+    Case(
+        "no_sample_supervised",
+        r"input_data 'data/cut\.jsonl': none of its 3 samples has a supervised token at seq_length 32 "
+        r"\(mask_reasoning_content False, mask_generation_prompt False\), so the cache would train nothing: "
+        r"data/cut\.jsonl, line 1 \(cut at seq_length before its first assistant token\)",
+        prepare=data_file("cut.jsonl", f"{LONG_SYSTEM}\n" * 3),
+    ),
     # Kept, with a warning naming it: a sample that truncation leaves without supervision.
     Case(
         "sample_without_supervision",

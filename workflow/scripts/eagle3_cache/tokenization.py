@@ -84,6 +84,9 @@ def write_tokenized_store(
     unsupervised: list[str] = []
     samples = watched(iter_conversations(rows), chat, unsupervised)
     write_tokenized(output, header, with_progress(samples, len(rows)), len(rows))
+    if len(unsupervised) == len(rows):
+        Path(output).unlink()
+        raise CacheConfigError(no_supervision_error(header, unsupervised))
     log_summary(output)
     if unsupervised:
         log.warning(unsupervised_warning(unsupervised, seq_length))
@@ -117,6 +120,19 @@ def unsupervised_warning(unsupervised: list[str], seq_length: int) -> str:
         f"{len(unsupervised)} samples have no supervised token, so nothing trains on them (kept, as Automodel "
         f"does): {named}{more}. Raise seq_length (now {seq_length}), shorten what precedes their assistant "
         "turns, or remove them"
+    )
+
+
+def no_supervision_error(header: TokenizedHeader, unsupervised: list[str]) -> str:
+    """One line for data of which no sample has a supervised token: the cache would train nothing."""
+    masks = ", ".join(
+        f"{name} {getattr(header, name)}" for name in ("mask_reasoning_content", "mask_generation_prompt")
+    )
+    return (
+        f"input_data {header.source['input_data']!r}: none of its {len(unsupervised)} samples has a supervised token "
+        f"at seq_length {header.seq_length} ({masks}), so the cache would train nothing: "
+        f"{'; '.join(unsupervised[:NAMED_UNSUPERVISED])}. Raise seq_length, shorten what precedes the assistant "
+        "turns, or turn off a masking setting that removes them"
     )
 
 
