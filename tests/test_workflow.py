@@ -73,7 +73,7 @@ def test_2_batch_size_and_the_plan_check_change_nothing(workdir, tiny_chat_targe
 def test_3_draft_vocab_size_reruns_vocab_and_everything_after(workdir, tiny_chat_target):
     write_config(workdir, run_config(tiny_chat_target, draft_vocab_size=48))
     jobs = jobs_run(snakemake(workdir).stdout)
-    assert jobs == {"select_vocab", "plan"} | AFTER_SHARDS | every_shard()
+    assert jobs == {"select_vocab", "plan", "target_embeddings"} | AFTER_SHARDS | every_shard()
     manifest = json.loads((cache_dir(workdir) / "manifest.json").read_text())
     assert manifest["draft_vocab_size"] == 48
 
@@ -82,7 +82,7 @@ def test_3_draft_vocab_size_reruns_vocab_and_everything_after(workdir, tiny_chat
 def test_4_seq_length_reruns_from_tokenization(workdir, tiny_chat_target):
     write_config(workdir, run_config(tiny_chat_target, seq_length=24))
     jobs = jobs_run(snakemake(workdir).stdout)
-    assert jobs == {"tokenize", "select_vocab", "plan"} | AFTER_SHARDS | every_shard()
+    assert jobs == {"tokenize", "select_vocab", "plan", "target_embeddings"} | AFTER_SHARDS | every_shard()
 
 
 @pytest.mark.slow
@@ -123,7 +123,7 @@ def test_7_new_shard_size_leaves_exactly_the_new_shard_set(workdir, tiny_chat_ta
         num_shards = -(-NUM_CONVERSATIONS // shard_size)
         write_config(workdir, run_config(tiny_chat_target, shard_size=shard_size))
         jobs = jobs_run(snakemake(workdir).stdout)
-        assert jobs == {"plan"} | AFTER_SHARDS | every_shard(num_shards)
+        assert jobs == {"plan", "target_embeddings"} | AFTER_SHARDS | every_shard(num_shards)
         assert_complete_cache(workdir, num_shards)
         assert_automodel_reads(cache_dir(workdir), shard_size)
 
@@ -201,7 +201,7 @@ mount -t tmpfs -o size=256k tmpfs results || exit 90
 cp logs/tiny/plan.log refused-plan.log
 "$0" "$@" results/tiny/plan.json --configfile config/anyway.yaml > anyway.out 2>&1; echo $? > anyway.rc
 cp results/tiny/plan.json anyway-plan.json
-find results -name 'shard-*' > shards.txt
+find results/tiny/shards -type f > cache-files.txt
 """
 
 
@@ -221,11 +221,11 @@ def test_a_cache_bigger_than_the_disk_stops_before_the_first_shard(tmp_path, tin
     refused = (workdir / "refused.out").read_text()
     assert (workdir / "refused.rc").read_text().strip() != "0", refused[-6000:]
     jobs = jobs_run(refused)
-    assert {"tokenize", "plan"} <= jobs and not jobs & every_shard(), jobs
+    assert {"tokenize", "plan"} <= jobs and not jobs & (every_shard() | {"target_embeddings"}), jobs
     message = next(line for line in refused.splitlines() if "the cache needs" in line)
     assert "runs.tiny.target_probs_topk: 64" in message and "plan.check_free_space: false" in message
     assert message in (workdir / "refused-plan.log").read_text()
-    assert (workdir / "shards.txt").read_text() == ""
+    assert (workdir / "cache-files.txt").read_text() == ""
 
     assert (workdir / "anyway.rc").read_text().strip() == "0", (workdir / "anyway.out").read_text()[-6000:]
     plan = json.loads((workdir / "anyway-plan.json").read_text())

@@ -27,6 +27,10 @@ rule compute_shard:
 rule target_embeddings:
     input:
         model=model_input,
+        # Waits for the disk plan, like every job that writes into the cache directory. A plain input (an
+        # ancient() one leaves a run after a new plan with the plan alone): the plan changes only with
+        # settings that rerun every shard anyway.
+        plan=rules.plan.output.plan,
     output:
         embeddings=f"{CACHE_DIR}/{layout.EMBEDDINGS_FILE}",
     log:

@@ -32,6 +32,8 @@ rule compute_specforge_shard:
 rule specforge_vocab_mapping:
     input:
         selection=rules.select_vocab.output.selection,
+        # Waits for the disk plan, like every job that writes into the cache directory.
+        plan=rules.plan.output.plan,
     output:
         mapping=f"{CACHE_DIR}/{layout.VOCAB_MAPPING_FILE}",
     log:
