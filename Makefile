@@ -30,9 +30,11 @@ demo: $(RUNTIME_STAMP)
 	@echo "Cache:             results/demo/shards/"
 	@echo "Validation report: results/demo/validation_report.html"
 
-# On every core (pytest-xdist): the tests that share a finished run, a cluster or the converted demo model
-# stay on one worker (tests/conftest.py), so that each is built once.
-PYTEST_PARALLEL := -n auto --dist loadgroup
+# On the cores (pytest-xdist), at most 4 workers: each imports torch and transformers, and the tests that
+# share a finished run, a cluster or the converted demo model stay on one worker (tests/conftest.py), so
+# that each is built once. PYTEST_WORKERS=1 runs the suite serially.
+PYTEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
+PYTEST_PARALLEL = -n $(PYTEST_WORKERS) --dist loadgroup
 
 test: $(TEST_STAMP)
 	$(BIN)/pytest $(PYTEST_PARALLEL) --durations=25
