@@ -70,6 +70,11 @@ def whole_file_tensors(path: Path) -> dict[str, tuple[int, ...]]:
     return {name: tuple(entry["shape"]) for name, entry in entries.items()}
 
 
+def text_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A model's config with its `text_config` (a multimodal model's decoder) laid over it."""
+    return {**config, **(config.get("text_config") or {})}
+
+
 def check_checkpoint_files(model_dir: Path, config: Mapping[str, Any]) -> None:
     """Refuse a local checkpoint whose files would load into a model other than the one they describe."""
     tensors = checked_tensors(model_dir)
@@ -95,7 +100,7 @@ def check_output_head(
     """An untied model needs its head's weights: without them transformers draws a random head, and every
     cached distribution would be noise. A tied one's stored head, if any, has the embedding's shape."""
     head = stored_tensor(tensors, (HEAD_SUFFIX,))
-    tied = {**config, **(config.get("text_config") or {})}.get("tie_word_embeddings")
+    tied = text_config(config).get("tie_word_embeddings")
     if head is None and tied is False:
         raise CacheConfigError(
             f"{model_dir / 'config.json'}: tie_word_embeddings is false, but no weight file of target_model has "
@@ -157,9 +162,9 @@ def check_chat_template(model_dir: Path) -> None:
 def context_length(config: Mapping[str, Any]) -> int | None:
     """The longest sequence the model's positions cover: max_position_embeddings, or what its rope scaling
     stretches the original context to, whichever is longer; None when the config states neither."""
-    text_config = {**config, **(config.get("text_config") or {})}
-    declared = text_config.get("max_position_embeddings")
-    scaling = text_config.get("rope_scaling") or text_config.get("rope_parameters") or {}
+    decoder = text_config(config)
+    declared = decoder.get("max_position_embeddings")
+    scaling = decoder.get("rope_scaling") or decoder.get("rope_parameters") or {}
     factor = scaling.get("factor") if isinstance(scaling, Mapping) else None
     original = scaling.get("original_max_position_embeddings", declared) if isinstance(scaling, Mapping) else None
     stretched = int(factor * original) if isinstance(factor, int | float) and isinstance(original, int) else None

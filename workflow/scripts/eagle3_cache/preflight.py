@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoint_files import check_checkpoint_files, check_seq_length, read_json
+from .checkpoint_files import check_checkpoint_files, check_seq_length, read_json, text_config
 from .errors import CacheConfigError
 from .layout import (
     DEMO_MODEL,
@@ -94,11 +94,11 @@ def check_model_config(config: Mapping[str, Any], settings: Mapping[str, Any]) -
     """aux_layer_ids within the target's depth, draft_vocab_size within its vocabulary and seq_length within
     its context, as its config (a config.json's content, or `PretrainedConfig.to_dict()`) states them; what
     it does not state is left to the shard job, which checks the loaded model."""
-    text_config = {**config, **(config.get("text_config") or {})}
-    depth = text_config.get("num_hidden_layers")
+    decoder = text_config(config)
+    depth = decoder.get("num_hidden_layers")
     if isinstance(depth, int):
         resolved_aux_layer_ids(settings["aux_layer_ids"], depth)
-    vocab_size = text_config.get("vocab_size")
+    vocab_size = decoder.get("vocab_size")
     if isinstance(vocab_size, int):
         check_draft_vocab_size(settings["draft_vocab_size"], vocab_size)
     check_seq_length(config, settings["seq_length"])

@@ -114,13 +114,17 @@ def watched(
 
 def unsupervised_warning(unsupervised: list[str], seq_length: int) -> str:
     """One line naming the first samples without supervision."""
-    named = "; ".join(unsupervised[:NAMED_UNSUPERVISED])
-    more = f"; and {len(unsupervised) - NAMED_UNSUPERVISED} more" if len(unsupervised) > NAMED_UNSUPERVISED else ""
     return (
         f"{len(unsupervised)} samples have no supervised token, so nothing trains on them (kept, as Automodel "
-        f"does): {named}{more}. Raise seq_length (now {seq_length}), shorten what precedes their assistant "
-        "turns, or remove them"
+        f"does): {first_named(unsupervised)}. Raise seq_length (now {seq_length}), shorten what precedes their "
+        "assistant turns, or remove them"
     )
+
+
+def first_named(unsupervised: list[str]) -> str:
+    """The first NAMED_UNSUPERVISED samples without supervision, and how many more there are."""
+    more = len(unsupervised) - NAMED_UNSUPERVISED
+    return "; ".join(unsupervised[:NAMED_UNSUPERVISED]) + (f"; and {more} more" if more > 0 else "")
 
 
 def no_supervision_error(header: TokenizedHeader, unsupervised: list[str]) -> str:
@@ -131,7 +135,7 @@ def no_supervision_error(header: TokenizedHeader, unsupervised: list[str]) -> st
     return (
         f"input_data {header.source['input_data']!r}: none of its {len(unsupervised)} samples has a supervised token "
         f"at seq_length {header.seq_length} ({masks}), so the cache would train nothing: "
-        f"{'; '.join(unsupervised[:NAMED_UNSUPERVISED])}. Raise seq_length, shorten what precedes the assistant "
+        f"{first_named(unsupervised)}. Raise seq_length, shorten what precedes the assistant "
         "turns, or turn off a masking setting that removes them"
     )
 
