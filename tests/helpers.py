@@ -347,6 +347,9 @@ def build_tiny_cache(
         "seq_length": seq_length,
         "shard_size": shard_size,
         "cache_semantics_version": CACHE_SEMANTICS_VERSION,
+        "target_weights_sha256": None,
+        "data_sha256": None,
+        "model_files_sha256": None,
         "input_data": str(data),
         "split": None,
         "shuffle_seed": 42,
@@ -678,6 +681,13 @@ print(json.dumps(sorted(name for name in sys.argv[3:] if name in sys.modules)))
 
 def run_script_alone(script: str, namespace: SimpleNamespace, tmp_path: Path) -> list[str]:
     """Run `workflow/scripts/<script>` in a fresh interpreter, as Snakemake does; the HEAVY_MODULES it imported."""
+    result = run_script_process(script, namespace, tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def run_script_process(script: str, namespace: SimpleNamespace, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Run `workflow/scripts/<script>` in a fresh interpreter, as Snakemake does, whatever its exit status."""
     given = tmp_path / f"{Path(script).stem}.snakemake.json"
     given.write_text(
         json.dumps(
@@ -686,11 +696,9 @@ def run_script_alone(script: str, namespace: SimpleNamespace, tmp_path: Path) ->
     )
     command = [sys.executable, "-c", RUN_ALONE, str(given), str(REPO / "workflow" / "scripts" / script)]
     path = os.pathsep.join([str(REPO / "workflow" / "scripts")])
-    result = subprocess.run(
+    return subprocess.run(
         [*command, *HEAVY_MODULES], env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True
     )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.splitlines()[-1])
 
 
 def plan_namespace(cache: TinyCache) -> SimpleNamespace:
@@ -713,7 +721,10 @@ def manifest_namespace(cache: TinyCache) -> SimpleNamespace:
     """The `snakemake` object the manifest rule gives write_manifest.py for a tiny cache."""
     return SimpleNamespace(
         input=SimpleNamespace(
-            selection=str(cache.selection), stats=[str(p) for p in cache.stats], tokenized=str(cache.tokenized)
+            selection=str(cache.selection),
+            stats=[str(p) for p in cache.stats],
+            verified=[str(p) for p in cache.verified],
+            tokenized=str(cache.tokenized),
         ),
         output=SimpleNamespace(manifest=str(cache.cache_dir / "manifest.json")),
         log=[str(cache.run_dir / "manifest.log")],

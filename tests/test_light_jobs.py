@@ -4,6 +4,8 @@ the report, each run as Snakemake runs it, in an interpreter of its own, on a ti
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +18,7 @@ from helpers import (
     manifest_namespace,
     plan_namespace,
     run_script_alone,
+    run_script_process,
     validate_namespace,
 )
 
@@ -45,6 +48,49 @@ def test_the_manifest_job_imports_neither_and_commits_the_same_manifest(cache, t
     assert run_script_alone("write_manifest.py", manifest_namespace(cache), tmp_path) == []
     after = read_manifest(cache.cache_dir)
     assert after["shards"] == before["shards"] and after["selected_token_ids"] == before["selected_token_ids"]
+
+
+def replaced_keeping_timestamps(path: Path, data: bytes) -> None:
+    """`path` replaced by a new file (another inode) holding `data`, its size and mtime kept as they were."""
+    stat = path.stat()
+    assert stat.st_size == len(data)
+    path.with_name(path.name + ".new").write_bytes(data)
+    os.replace(path.with_name(path.name + ".new"), path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def first_file(shard: Path) -> Path:
+    return min(shard.iterdir()) if shard.is_dir() else shard
+
+
+def test_the_commit_refuses_a_shard_replaced_since_its_verification(cache, tmp_path):
+    """Same size, same mtime, other bytes: the stat's inode tells, the bytes are hashed, and the commit is
+    refused with one line; the shard's record is removed, so that the next run verifies it again."""
+    target = first_file(cache.shard(1))
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    replaced_keeping_timestamps(target, bytes(data))
+    (cache.cache_dir / "manifest.json").unlink()
+    result = run_script_process("write_manifest.py", manifest_namespace(cache), tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1:] == [
+        f"Error: {cache.cache_dir}: {cache.shard(1).name} changed on disk since verified (other bytes than the "
+        "verification read), so the cache was not committed and their verification records were removed; run the "
+        "workflow again to verify them again (a shard that fails is rebuilt)."
+    ]
+    assert not (cache.cache_dir / "manifest.json").exists()
+    assert [path.exists() for path in cache.verified] == [index != 1 for index in range(len(cache.verified))]
+
+
+def test_the_commit_rehashes_a_copied_shard_and_commits_it(cache, tmp_path):
+    """A copy (new inode) of the same bytes is hashed once, and its record brought up to date."""
+    shard = first_file(cache.shard(0))
+    replaced_keeping_timestamps(shard, shard.read_bytes())
+    stale = json.loads(cache.verified[0].read_text())["stat_sha256"]
+    (cache.cache_dir / "manifest.json").unlink()
+    assert run_script_alone("write_manifest.py", manifest_namespace(cache), tmp_path) == []
+    assert read_manifest(cache.cache_dir)["num_samples"] > 0
+    assert json.loads(cache.verified[0].read_text())["stat_sha256"] != stale
 
 
 def test_the_plan_job_imports_neither(cache, tmp_path):

@@ -188,6 +188,7 @@ def test_a_shard_job_records_positions_per_forward(tiny_llama_dir, store, tmp_pa
         "seq_length": SEQ,
         "shard_size": 4,
         "cache_semantics_version": CACHE_SEMANTICS_VERSION,
+        "target_weights_sha256": None,
         "format": "automodel",
     }
     stats = run_shard_job(

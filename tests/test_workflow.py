@@ -233,6 +233,62 @@ def test_a_cache_bigger_than_the_disk_stops_before_the_first_shard(tmp_path, tin
     assert "the cache does not fit" in (workdir / "anyway.out").read_text()
 
 
+def negate_first_tensor_in_place(weights: Path) -> None:
+    """Flip the sign bit of every value of the file's first tensor, writing into the file as it is."""
+    header_bytes = int.from_bytes(weights.read_bytes()[:8], "little")
+    header = json.loads(weights.read_bytes()[8 : 8 + header_bytes])
+    name = next(name for name in sorted(header) if name != "__metadata__")
+    start, end = (8 + header_bytes + offset for offset in header[name]["data_offsets"])
+    width = {"F32": 4, "BF16": 2, "F16": 2}[header[name]["dtype"]]
+    with open(weights, "r+b") as handle:
+        handle.seek(start)
+        values = bytearray(handle.read(end - start))
+        for index in range(width - 1, len(values), width):
+            values[index] ^= 0x80
+        handle.seek(start)
+        handle.write(values)
+
+
+@pytest.mark.slow
+def test_10_data_and_weights_rewritten_in_place_rerun_what_they_shape(tmp_path, tiny_chat_target):
+    """A folder of Parquet files and a model folder, each rewritten in place (same names, sizes and
+    inodes; the folders' timestamps do not move): tokenization reruns for the data, and only what the
+    target computes for the weights."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    model = Path(shutil.copytree(tiny_chat_target, tmp_path / "model"))
+    (tmp_path / "workdir").mkdir()
+    workdir = new_workdir(tmp_path / "workdir", run_config(model, input_data="data/parquet"))
+    parts = workdir / "data" / "parquet"
+    parts.mkdir()
+    rows = [json.loads(line) for line in (workdir / "data" / "conversations.jsonl").read_text().splitlines()]
+    for index, part in enumerate((rows[::2], rows[1::2])):
+        pq.write_table(pa.Table.from_pylist(part), parts / f"part-{index}.parquet")
+    snakemake(workdir)
+    manifest = json.loads((cache_dir(workdir) / "manifest.json").read_text())
+
+    folder_mtime = parts.stat().st_mtime_ns
+    answers = [{**row, "messages": [row["messages"][0], {"role": "assistant", "content": "other"}]} for row in rows]
+    with open(parts / "part-1.parquet", "r+b") as handle:
+        handle.truncate(0)
+        pq.write_table(pa.Table.from_pylist(answers[1::2]), handle)
+    assert parts.stat().st_mtime_ns == folder_mtime
+    jobs = jobs_run(snakemake(workdir).stdout)
+    assert {"tokenize", "select_vocab", "plan"} | AFTER_SHARDS | every_shard() <= jobs
+    rerun = json.loads((cache_dir(workdir) / "manifest.json").read_text())
+    assert rerun["input_sha256"]["data_sha256"] != manifest["input_sha256"]["data_sha256"]
+
+    weights = next(model.glob("*.safetensors"))
+    before = digest(shard_path(workdir, 0)), weights.stat().st_ino
+    negate_first_tensor_in_place(weights)
+    assert weights.stat().st_ino == before[1]
+    jobs = jobs_run(snakemake(workdir).stdout)
+    assert jobs == {"target_embeddings"} | AFTER_SHARDS | every_shard()
+    assert digest(shard_path(workdir, 0)) != before[0]
+    assert jobs_run(snakemake(workdir).stdout) == set()
+
+
 @pytest.mark.slow
 def test_9_a_bare_snakemake_after_a_code_only_edit_plans_nothing(workdir):
     for script in (workdir / "workflow" / "scripts").glob("*.py"):

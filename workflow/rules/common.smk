@@ -8,7 +8,7 @@ from snakemake.logging import logger
 # The rule scripts' package, appended so that it never shadows an installed module.
 sys.path.append(str(Path(workflow.basedir, "workflow", "scripts")))
 
-from eagle3_cache import CACHE_SEMANTICS_VERSION, layout, startup
+from eagle3_cache import CACHE_SEMANTICS_VERSION, input_digest, layout, startup
 from eagle3_cache.errors import stopping_on_config_errors
 
 CACHE_DIR = "results/{run}/shards"
@@ -56,17 +56,49 @@ def run_params(
 
 
 def data_input(wildcards) -> list[str]:
-    """The local data file, so that editing it reruns tokenization (nothing for a hub id)."""
+    """The local data file or folder (nothing for a hub id): it must exist, and a file added to the
+    folder or removed from it reruns tokenization."""
     input_data = run_settings(wildcards.run)["input_data"]
     return [input_data] if layout.is_local_data(input_data) else []
 
 
 def model_input(wildcards) -> list[str]:
-    """The local model directory (nothing for a hub id); for the demo model this
-    makes its conversion run first."""
+    """The demo model's folder, so that its conversion runs first. A local model folder is tracked by its
+    content instead (the digests below), which its timestamp does not follow."""
     target_model = run_settings(wildcards.run)["target_model"]
-    is_local = target_model == layout.DEMO_MODEL or Path(target_model).is_dir()
-    return [target_model] if is_local else []
+    return [target_model] if target_model == layout.DEMO_MODEL else []
+
+
+# Files' sha256 beside their size, mtime and inode: only files that changed are read again.
+INPUT_HASHES = input_digest.FileHashes()
+
+
+def local_model_dir(run: str) -> str | None:
+    """The run's model folder when it is the user's own (not a hub id, not the demo model a rule makes)."""
+    target_model = run_settings(run)["target_model"]
+    is_users = target_model != layout.DEMO_MODEL and Path(target_model).is_dir()
+    return target_model if is_users else None
+
+
+def data_sha256(wildcards) -> str | None:
+    """The local data's content digest: a file rewritten in place reruns tokenization."""
+    input_data = run_settings(wildcards.run)["input_data"]
+    if not layout.is_local_data(input_data):
+        return None
+    return input_digest.data_sha256(input_data, INPUT_HASHES)
+
+
+def model_files_sha256(wildcards) -> str | None:
+    """The digest of what tokenization reads from a local model folder (all but the weights)."""
+    model_dir = local_model_dir(wildcards.run)
+    return model_dir and input_digest.model_files_sha256(model_dir, INPUT_HASHES)
+
+
+def target_weights_sha256(wildcards) -> str | None:
+    """The digest of a local model folder's weights: rewritten in place, they rerun what the target
+    computes and nothing before it."""
+    model_dir = local_model_dir(wildcards.run)
+    return model_dir and input_digest.weights_sha256(model_dir, INPUT_HASHES)
 
 
 def gpus_per_job(wildcards) -> int:

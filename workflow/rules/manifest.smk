@@ -25,6 +25,11 @@ rule manifest:
         "../../envs/eagle3-cache.yaml"
     params:
         **run_params(layout.MANIFEST_SETTINGS),
+        **{
+            layout.DATA_DIGEST: data_sha256,
+            layout.MODEL_FILES_DIGEST: model_files_sha256,
+            layout.WEIGHTS_DIGEST: target_weights_sha256,
+        },
         cache_semantics_version=CACHE_SEMANTICS_VERSION,
         cache_dir=subpath(output.manifest, parent=True),
         num_shards=lambda wildcards: run_num_shards(wildcards.run),

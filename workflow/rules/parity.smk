@@ -19,6 +19,7 @@ rule parity:
         gpu=parity_gpus,
     params:
         **run_params(layout.PARITY_SETTINGS),
+        **{layout.WEIGHTS_DIGEST: target_weights_sha256},
         num_samples=config["validation"]["num_samples"],
         seed=config["validation"]["seed"],
         cache_dir=CACHE_DIR,

@@ -19,6 +19,7 @@ rule compute_shard:
         gpu=gpus_per_job,
     params:
         **run_params(layout.SHARD_SETTINGS),
+        **{layout.WEIGHTS_DIGEST: target_weights_sha256},
         cache_semantics_version=CACHE_SEMANTICS_VERSION,
     script:
         "../scripts/compute_shard.py"
@@ -39,5 +40,6 @@ rule target_embeddings:
         "../../envs/eagle3-cache.yaml"
     params:
         **run_params(layout.TARGET_SETTINGS),
+        **{layout.WEIGHTS_DIGEST: target_weights_sha256},
     script:
         "../scripts/target_embeddings.py"

@@ -24,6 +24,7 @@ rule compute_specforge_shard:
         gpu=gpus_per_job,
     params:
         **run_params(layout.SHARD_SETTINGS),
+        **{layout.WEIGHTS_DIGEST: target_weights_sha256},
         cache_semantics_version=CACHE_SEMANTICS_VERSION,
     script:
         "../scripts/compute_shard.py"

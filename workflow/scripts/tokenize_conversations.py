@@ -2,11 +2,13 @@
 
 from eagle3_cache.data import checked_rows
 from eagle3_cache.errors import reported_errors
+from eagle3_cache.layout import INPUT_DIGESTS
 from eagle3_cache.logs import logged_wall_split, setup_logging
 
 snakemake = snakemake  # noqa: F821 (injected by Snakemake's script directive)
 log = setup_logging(snakemake.log[0])
-params = dict(snakemake.params.items())
+# The input digests only make Snakemake rerun this job when the data or tokenizer files change.
+params = {name: value for name, value in snakemake.params.items() if name not in INPUT_DIGESTS}
 
 with reported_errors(), logged_wall_split(log):
     rows = checked_rows(params["input_data"], params["split"], params["shuffle_seed"])

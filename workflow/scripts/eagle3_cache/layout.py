@@ -181,6 +181,12 @@ PLAN_SETTINGS = (
     "shard_size",
     "format",
 )
+# Content digests of a run's local inputs (input_digest), handed to the rules they shape as params, so
+# that a file rewritten in place reruns them. None for a hub id and for the demo model, which a rule makes.
+DATA_DIGEST = "data_sha256"
+MODEL_FILES_DIGEST = "model_files_sha256"
+WEIGHTS_DIGEST = "target_weights_sha256"
+INPUT_DIGESTS = (DATA_DIGEST, MODEL_FILES_DIGEST, WEIGHTS_DIGEST)
 # The manifest records every setting that shaped the cache.
 MANIFEST_SETTINGS = tuple(dict.fromkeys((*TOKENIZE_SETTINGS, *SELECT_VOCAB_SETTINGS, *SHARD_SETTINGS)))
 # What a committed shard's layout follows from, besides the target's width and the draft vocabulary.

@@ -23,7 +23,15 @@ from typing import Any
 from .atomic import fsync_directory, write_json_atomic
 from .cache_dir import FORMAT_VERSION, leftover_temp_files, shard_indices_in
 from .errors import CacheConfigError
-from .layout import MANIFEST_FILE, VALIDATION_JSON, VALIDATION_REPORT, num_shards, samples_in_shard, shard_file_name
+from .layout import (
+    INPUT_DIGESTS,
+    MANIFEST_FILE,
+    VALIDATION_JSON,
+    VALIDATION_REPORT,
+    num_shards,
+    samples_in_shard,
+    shard_file_name,
+)
 from .provenance import ids_fingerprint, package_versions, producer, settings_fingerprint
 from .token_store import TokenizedInfo
 
@@ -131,6 +139,7 @@ def provenance_fields(settings: Mapping[str, Any], stats: Sequence[Mapping[str, 
         "target_model_identity": stats[0]["model_identity"],
         "tokenizer_sha256": info.tokenizer_hash,
         "chat_template_sha256": info.chat_template_hash,
+        "input_sha256": {name: settings[name] for name in INPUT_DIGESTS},
         "settings_fingerprint": settings_fingerprint(settings),
         "producer": producer(),
         "packages": package_versions(),

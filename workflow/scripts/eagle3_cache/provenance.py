@@ -11,10 +11,10 @@ from importlib import metadata
 from typing import Any
 
 from . import CACHE_SEMANTICS_VERSION, __version__
-from .layout import SHARD_SETTINGS
+from .layout import SHARD_SETTINGS, WEIGHTS_DIGEST
 
-# The shard rule's params: its settings and the cache semantics version.
-SHARD_SETTING_KEYS = (*SHARD_SETTINGS, "cache_semantics_version")
+# The shard rule's params: its settings, the target's weights by content and the cache semantics version.
+SHARD_SETTING_KEYS = (*SHARD_SETTINGS, WEIGHTS_DIGEST, "cache_semantics_version")
 RECORDED_PACKAGES = ("torch", "transformers", "safetensors", "h5py", "datasets", "tokenizers", "numpy", "snakemake")
 
 

@@ -23,6 +23,7 @@ from .cache_dir import CacheProblem, readable_manifest
 from .errors import CacheConfigError
 from .layout import samples_in_shard, shard_index
 from .scan_summary import ScanSummary
+from .shard_stat import files_sha256, stat_sha256
 from .specforge_cache import (
     SNAKEMAKE_TIMESTAMP,
     cache_entry_problems,
@@ -70,7 +71,7 @@ def verify_specforge_shard(
     shard_dir: Path, stats: Mapping[str, Any], tokens: TokenBlock, first_sample: int
 ) -> ShardVerification:
     """Everything wrong with a committed shard directory: against its job's file records and its tokenized rows."""
-    started = time.perf_counter()
+    started, stat = time.perf_counter(), stat_sha256(shard_dir)
     scan = ScanSummary()
     problems: list[str] = []
     records = stats["files"]
@@ -91,8 +92,11 @@ def verify_specforge_shard(
         problems += [f"{record['file']}: {problem}" for problem in found]
     # With no problem, every file's size and sha256 are its record's: the records' digest is the bytes'.
     sha256 = records_sha256(records) if not problems else ""
+    content = files_sha256((record["file"], record["sha256"]) for record in records) if not problems else None
     seconds = time.perf_counter() - started
-    return ShardVerification(shard_index(shard_dir), shard_dir.name, total, sha256, problems, scan.to_json(), seconds)
+    return ShardVerification(
+        shard_index(shard_dir), shard_dir.name, total, sha256, problems, scan.to_json(), seconds, stat, content
+    )
 
 
 def verify_committed_specforge_shard(

@@ -15,7 +15,7 @@ from torch import nn
 from .checkpoint_tensors import NotReadableDirectly, read_input_embeddings
 from .errors import CacheConfigError
 from .hub import loading
-from .layout import WEIGHT_SUFFIXES
+from .input_digest import checkpoint_weight_files
 from .preflight import check_device, resolved_aux_layer_ids
 from .provenance import file_sha256
 from .shard_format import DTYPES
@@ -178,9 +178,8 @@ def local_checkpoint_fingerprint(model_dir: Path) -> str:
 
     It covers config.json's bytes; each weight file's name and size (`*.safetensors`, `*.bin`,
     `*.pt`, `*.gguf`, `*.index.json`); each safetensors file's JSON header (tensor names, dtypes,
-    shapes, offsets) and each index file's bytes. It does not read the weight values: weights
-    rewritten in place with the same names, dtypes and shapes keep the fingerprint. Pin a hub
-    `revision`, or keep local checkpoints immutable.
+    shapes, offsets) and each index file's bytes. It does not read the weight values, which the
+    workflow tracks by content (`input_digest`, the `target_weights_sha256` param) before any job.
     """
     config = model_dir / "config.json"
     description = {
@@ -188,13 +187,6 @@ def local_checkpoint_fingerprint(model_dir: Path) -> str:
         "weight_files": [weight_file_description(path) for path in checkpoint_weight_files(model_dir)],
     }
     return hashlib.sha256(json.dumps(description).encode()).hexdigest()
-
-
-def checkpoint_weight_files(model_dir: Path) -> list[Path]:
-    """A checkpoint directory's weight files and weight indexes, by name."""
-    weight_suffixes = (*WEIGHT_SUFFIXES, ".pt", ".gguf")
-    files = [p for p in model_dir.iterdir() if p.suffix in weight_suffixes or p.name.endswith(".index.json")]
-    return sorted(files, key=lambda p: p.name)
 
 
 def weight_file_description(path: Path) -> list[str | int | None]:

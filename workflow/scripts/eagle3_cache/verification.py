@@ -29,6 +29,7 @@ from .scan import ShardScan
 from .scan_summary import ScanSummary
 from .shard_format import DTYPES, TORCH_DTYPES
 from .shard_layout import FieldSpec, ShardLayout, safetensors_header
+from .shard_stat import files_sha256, stat_sha256
 from .token_store import TokenBlock, read_token_block, read_tokenized_info
 from .vocab_selection import read_vocab_selection
 
@@ -52,6 +53,10 @@ class ShardVerification:
     problems: list[str]
     scan: dict[str, Any]
     seconds: float
+    # The files as the read found them (`shard_stat`), which the commit point compares: their stat as
+    # the read began, and their bytes (None when a problem left them unread).
+    stat_sha256: str | None
+    content_sha256: str | None
 
     @property
     def failures(self) -> list[str]:
@@ -103,7 +108,7 @@ def verify_shard(
     path: Path, layout: ShardLayout, *, first_sample: int, tokens: TokenBlock, recorded_sha256: str
 ) -> ShardVerification:
     """Everything wrong with a committed shard: against its layout, its tokenized rows, the sha256 recorded at write."""
-    started = time.perf_counter()
+    started, stat = time.perf_counter(), stat_sha256(path)
     num_samples = tokens.input_ids.shape[0]
     scan = ShardScan(first_sample, tokens, layout.draft_vocab_size, DTYPES[layout.dtype])
     size, expected_size = path.stat().st_size, layout.shard_bytes(num_samples)
@@ -115,7 +120,10 @@ def verify_shard(
     if not problems and sha256 != recorded_sha256:
         problems.append("sha256 differs from the one recorded when it was written (changed on disk)")
     seconds = time.perf_counter() - started
-    return ShardVerification(shard_index(path), path.name, size, sha256, problems, scan.summary.to_json(), seconds)
+    content = files_sha256([(path.name, sha256)]) if sha256 else None
+    return ShardVerification(
+        shard_index(path), path.name, size, sha256, problems, scan.summary.to_json(), seconds, stat, content
+    )
 
 
 def verify_committed_shard(
