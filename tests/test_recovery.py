@@ -118,6 +118,44 @@ def test_a_truncated_shard_is_reported_taken_out_and_rebuilt(workdir):
     assert_whole(workdir)
 
 
+def damaged_in_place(path: Path, how: str) -> None:
+    """Truncated, or its middle bytes overwritten (same size), as a failing disk or a stray write leaves it."""
+    with open(path, "r+b") as handle:
+        if how == "truncated":
+            handle.truncate(path.stat().st_size // 2)
+        else:
+            handle.seek(path.stat().st_size // 2)
+            handle.write(b"\xff" * 16)
+
+
+@pytest.mark.parametrize(
+    ("damaged", "rebuilt"),
+    [
+        ({"vocab_selection.pt": "overwritten"}, {"select_vocab"}),
+        ({"tokenized.h5": "truncated", "plan.json": "truncated"}, {"tokenize", "plan"}),
+    ],
+    ids=["vocab-selection", "tokenized-and-plan"],
+)
+def test_a_damaged_product_is_rebuilt_alone_and_costs_no_finished_shard(workdir, damaged, rebuilt):
+    """Found as the workflow starts, set aside, rebuilt alone; rebuilt identical, it gets its first mtime
+    back, so the next plain run has nothing to do: every shard kept, same file, same mtime."""
+    shards = [shard_path(workdir, i) for i in range(NUM_SHARDS)]
+    kept = [(path.stat().st_ino, path.stat().st_mtime_ns, digest(path)) for path in shards]
+    for name, how in damaged.items():
+        damaged_in_place(run_dir(workdir) / name, how)
+
+    first = snakemake(workdir)
+    assert jobs_run(first.stdout) == rebuilt
+    for name in damaged:
+        assert f"results/{RUN}/{name} is damaged" in first.stdout
+        assert (run_dir(workdir) / f"{name}.damaged").exists()
+    assert "Run the workflow again to go on" in first.stdout
+    second = snakemake(workdir)
+    assert jobs_run(second.stdout) == set(), second.stdout
+    assert [(path.stat().st_ino, path.stat().st_mtime_ns, digest(path)) for path in shards] == kept
+    assert_whole(workdir)
+
+
 def test_the_scrub_reverifies_every_shard_and_recommits(workdir):
     jobs = jobs_run(snakemake(workdir, "--forcerun", "verify_shard", "--dry-run").stdout)
     assert jobs == every_shard(rules=("verify_shard",)) | {"manifest", "validate"}

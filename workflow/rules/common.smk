@@ -20,12 +20,36 @@ with stopping_on_config_errors():
     ):
         logger.warning(note)
 startup.make_cache_dirs(CACHE_DIR, config["runs"])
+# A product damaged since it was written (products.py) is set aside before Snakemake looks at it, and
+# this run rebuilds it alone (the Snakefile makes it the default target): had the shards that read it
+# run now, Snakemake would first have deleted them. Not in a cluster job, which re-reads this file
+# while other jobs run.
+REBUILD_FIRST, damage_notes = (
+    ([], [])
+    if workflow.remote_exec
+    else startup.set_aside_damaged_products(config["runs"])
+)
+for note in damage_notes:
+    logger.warning(note)
 
 
 onstart:
     if workflow.local_exec:
         with stopping_on_config_errors():
             startup.check_before_local_jobs(config, workflow.dag.needrun_jobs())
+
+
+# Snakemake touches every output after its job; a product rebuilt identical gets its mtime back.
+onsuccess:
+    startup.settle_products(config["runs"])
+    if REBUILD_FIRST:
+        logger.warning(
+            f"Rebuilt {', '.join(REBUILD_FIRST)} (found damaged). Run the workflow again to go on."
+        )
+
+
+onerror:
+    startup.settle_products(config["runs"])
 
 
 wildcard_constraints:

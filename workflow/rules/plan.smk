@@ -3,7 +3,7 @@ rule plan:
         tokenized=rules.tokenize.output.tokenized,
         model=model_input,
     output:
-        plan="results/{run}/plan.json",
+        plan=layout.PLAN,
     log:
         "logs/{run}/plan.log",
     localrule: True

@@ -3,7 +3,7 @@ checkpoint tokenize:
         data=data_input,
         model=model_input,
     output:
-        tokenized="results/{run}/tokenized.h5",
+        tokenized=layout.TOKENIZED,
     log:
         "logs/{run}/tokenize.log",
     conda:

@@ -2,8 +2,8 @@ rule select_vocab:
     input:
         tokenized=rules.tokenize.output.tokenized,
     output:
-        selection="results/{run}/vocab_selection.pt",
-        counts="results/{run}/vocab_counts.npy",
+        selection=layout.VOCAB_SELECTION,
+        counts=layout.VOCAB_COUNTS,
     log:
         "logs/{run}/select_vocab.log",
     conda:

@@ -2,6 +2,7 @@
 
 from eagle3_cache.errors import reported_errors
 from eagle3_cache.logs import logged_wall_split, setup_logging
+from eagle3_cache.products import record_product
 from eagle3_cache.vocab import build_vocab_selection
 
 snakemake = snakemake  # noqa: F821 (injected by Snakemake's script directive)
@@ -14,6 +15,8 @@ with reported_errors(), logged_wall_split(log):
         snakemake.output.selection,
         snakemake.output.counts,
     )
+    for product in snakemake.output:
+        record_product(product, snakemake.input)
     total = int(vocab.counts.sum())
     covered = int(vocab.counts[vocab.selected.numpy()].sum())
     log.info(

@@ -4,6 +4,7 @@ from eagle3_cache.data import checked_rows
 from eagle3_cache.errors import reported_errors
 from eagle3_cache.layout import INPUT_DIGESTS
 from eagle3_cache.logs import logged_wall_split, setup_logging
+from eagle3_cache.products import record_product
 
 snakemake = snakemake  # noqa: F821 (injected by Snakemake's script directive)
 log = setup_logging(snakemake.log[0])
@@ -21,3 +22,4 @@ with reported_errors(), logged_wall_split(log):
         run_settings=snakemake.config["runs"][snakemake.wildcards.run],
         **params,
     )
+    record_product(snakemake.output.tokenized, snakemake.input)

@@ -37,6 +37,7 @@ def nearest_existing_directory(path: str | os.PathLike) -> Path:
 def keeps_holes(directory: Path, block_size: int) -> bool:
     """Whether a file here keeps its never-written blocks as holes: a probe with one block written of many."""
     # Named as a temp file, so that the manifest job removes one a killed plan job left in the cache directory.
+    before = directory.stat()
     handle, name = tempfile.mkstemp(prefix=".sparse-probe-", suffix=temp_path_for("probe").suffix, dir=directory)
     try:
         os.ftruncate(handle, PROBE_BLOCKS * block_size)
@@ -46,6 +47,9 @@ def keeps_holes(directory: Path, block_size: int) -> bool:
     finally:
         os.close(handle)
         os.unlink(name)
+        # The cache directory's mtime says when a cache file came or went (the manifest rule's input):
+        # the probe leaves it as it found it.
+        os.utime(directory, ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
 def measure_filesystem(cache_dir: str | os.PathLike) -> Filesystem:

@@ -117,6 +117,16 @@ def names_local_path(name: str) -> bool:
     return path.exists() or not is_hub_id(name) or (len(path.parts) > 1 and Path(path.parts[0]).is_dir())
 
 
+# --- What a run makes from its inputs before any shard ---------------------------------------
+
+# The tokenize, select_vocab and plan rules' outputs; each is recorded as written (products.py).
+TOKENIZED = "results/{run}/tokenized.h5"
+VOCAB_SELECTION = "results/{run}/vocab_selection.pt"
+VOCAB_COUNTS = "results/{run}/vocab_counts.npy"
+PLAN = "results/{run}/plan.json"
+PRODUCTS = (TOKENIZED, VOCAB_SELECTION, VOCAB_COUNTS, PLAN)
+
+
 # --- Local input data: anything else is a hub dataset id --------------------------------------
 
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")

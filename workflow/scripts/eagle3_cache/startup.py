@@ -16,7 +16,9 @@ import jsonschema
 
 from .errors import CacheConfigError
 from .hub import check_run_sources
+from .layout import PRODUCTS
 from .preflight import check_device, check_run, ignored_settings_note
+from .products import damage, set_aside, settle
 
 CONFIG_README = "config/README.md"
 
@@ -66,6 +68,31 @@ def make_cache_dirs(cache_dir: str, runs: Iterable[str]) -> None:
     rule (see manifest.smk). No rule makes it, and Snakemake looks for inputs before any job runs."""
     for run in runs:
         Path(cache_dir.format(run=run)).mkdir(parents=True, exist_ok=True)
+
+
+def set_aside_damaged_products(runs: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Every run's products (layout.PRODUCTS) that differ from what their producer wrote, each moved aside
+    so that it is rebuilt: their paths, and a note on each for the caller to print."""
+    damaged, notes = [], []
+    for product in run_products(runs):
+        if problem := damage(product):
+            damaged.append(product)
+            notes.append(
+                f"{product} is damaged ({problem}): moved aside to {set_aside(product).name}. This run rebuilds "
+                "it alone, before any job reads it; then run the workflow again to go on (what was made from "
+                "it is kept if it comes out identical)."
+            )
+    return damaged, notes
+
+
+def run_products(runs: Iterable[str]) -> list[str]:
+    """Every run's products (layout.PRODUCTS)."""
+    return [pattern.format(run=run) for run in runs for pattern in PRODUCTS]
+
+
+def settle_products(runs: Iterable[str]) -> None:
+    """Once a run's jobs are over: every product its recorded mtime (see products.settle)."""
+    settle(run_products(runs))
 
 
 def check_before_local_jobs(config: Mapping[str, Any], jobs: Iterable[Any]) -> None:
