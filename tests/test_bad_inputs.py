@@ -408,6 +408,8 @@ CASES = [
 
 # One case per level, through the command line: the schema and a run's check at DAG build, the hub check
 # before the first job, a bad row in the tokenize job, and a warning that lets the run finish.
+# How far from the end of a failed run's output its Error: line may be (Snakemake's footer is four lines).
+LAST_LINES = 6
 END_TO_END = {"unknown_key", "model_without_weights", "hub_model_offline", "not_utf8", "sample_without_supervision"}
 TOKENIZE_SCRIPT = REPO / "workflow" / "scripts" / "tokenize_conversations.py"
 
@@ -530,6 +532,9 @@ def test_bad_input_stops_snakemake_with_one_line_and_changes_nothing(
         first = first_error_line(output)
         assert first is not None and first.startswith("Error: "), output[-4000:]
         assert re.search(case.message, first), first
+        # And again where the eye lands: among the last lines, below Snakemake's job tables.
+        last = output.strip().splitlines()[-LAST_LINES:]
+        assert any(line.startswith("Error: ") and re.search(case.message, line) for line in last), "\n".join(last)
     else:
         assert result.returncode == 0, output[-4000:]
         assert any(re.search(case.message, line) for line in output.splitlines()), output[-4000:]

@@ -34,12 +34,12 @@ from eagle3_cache.disk_space import Filesystem, keeps_holes, measure_filesystem,
 from eagle3_cache.errors import CacheConfigError
 from eagle3_cache.layout import EMBEDDINGS_FILE, VOCAB_MAPPING_FILE, shard_dir_name, shard_file_name
 from eagle3_cache.pipeline import write_batch_rows
-from eagle3_cache.report_html import format_bytes
 from eagle3_cache.shard_format import TORCH_DTYPES, ShardWriter, write_target_embeddings
 from eagle3_cache.shard_layout import TOKEN_FIELDS, ShardLayout, embeddings_header, stored_safetensors_header
 from eagle3_cache.specforge_format import sample_tensors, serialized, write_vocab_mapping
 from eagle3_cache.specforge_shard import ShardDirectoryWriter
 from eagle3_cache.specforge_sizes import bytes_per_token, sample_file_bytes
+from eagle3_cache.units import format_bytes
 from helpers import REPO, random_token_block, write_token_store
 
 SEQ = 256

@@ -3,6 +3,7 @@ the hub, and how a job reports a user's error."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import time
@@ -135,6 +136,31 @@ def test_a_job_reports_a_user_error_in_one_line_and_keeps_the_traceback_in_its_l
     assert "Traceback" not in capsys.readouterr().err
     assert "Traceback" in log_path.read_text()
     logging.getLogger().handlers.clear()
+
+
+def test_a_disk_that_fills_mid_job_is_one_line_naming_the_filesystem_and_its_free_space(tmp_path, monkeypatch):
+    """As the shard writer's thread raises it: an unnamed ENOSPC, handed on as the cause of another error."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results").mkdir()
+    log_path = tmp_path / "job.log"
+    setup_logging(str(log_path))
+    with pytest.raises(SystemExit) as stopped, reported_errors():
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as full:
+            raise RuntimeError("writer failed") from full
+    line = stopped.value.code
+    assert line.startswith(
+        "Error: No space left on device while writing this job's outputs: the filesystem mounted at /"
+    )
+    assert " free. Nothing this job wrote was committed" in line and "\n" not in line
+    assert "Traceback" in log_path.read_text()
+    logging.getLogger().handlers.clear()
+
+
+def test_other_failures_keep_their_traceback():
+    with pytest.raises(OSError), reported_errors():
+        raise OSError(errno.EACCES, "Permission denied", "results/x")
 
 
 def test_a_config_json_that_is_not_json_is_named(tmp_path):

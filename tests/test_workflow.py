@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from eagle3_cache.layout import MANIFEST_FILE
 from helpers import (
     AFTER_SHARDS,
     HUB_MODEL,
@@ -194,7 +195,8 @@ def private_tmpfs_prefix(probe: Path) -> list[str] | None:
     return None
 
 
-# Inside the private mount namespace: a 256 KiB results/, a full run, then the plan alone with the check off.
+# Inside the private mount namespace: a 256 KiB results/, a full run, then the plan alone with the check off,
+# then the whole run with the check off, which fills the disk.
 SMALL_DISK_SCRIPT = """
 mount -t tmpfs -o size=256k tmpfs results || exit 90
 "$0" "$@" > refused.out 2>&1; echo $? > refused.rc
@@ -202,6 +204,8 @@ cp logs/tiny/plan.log refused-plan.log
 "$0" "$@" results/tiny/plan.json --configfile config/anyway.yaml > anyway.out 2>&1; echo $? > anyway.rc
 cp results/tiny/plan.json anyway-plan.json
 find results/tiny/shards -type f > cache-files.txt
+"$0" "$@" --configfile config/anyway.yaml > full.out 2>&1; echo $? > full.rc
+find results/tiny/shards -type f > full-cache-files.txt
 """
 
 
@@ -231,6 +235,17 @@ def test_a_cache_bigger_than_the_disk_stops_before_the_first_shard(tmp_path, tin
     plan = json.loads((workdir / "anyway-plan.json").read_text())
     assert not plan["fits"] and plan["required_bytes"] > plan["filesystem"]["free_bytes"]
     assert "the cache does not fit" in (workdir / "anyway.out").read_text()
+
+    full = (workdir / "full.out").read_text()
+    assert (workdir / "full.rc").read_text().strip() != "0", full[-6000:]
+    last = full.strip().splitlines()[-6:]
+    filled = next((line for line in last if line.startswith("Error: No space left on device while writing")), None)
+    assert filled is not None, full[-6000:]
+    assert f"the filesystem mounted at {workdir.resolve() / 'results'} has" in filled
+    assert "Nothing this job wrote was committed" in filled
+    assert "Traceback" not in full
+    left = (workdir / "full-cache-files.txt").read_text().split()
+    assert not any(name.endswith((MANIFEST_FILE, ".tmp")) for name in left), left
 
 
 def negate_first_tensor_in_place(weights: Path) -> None:

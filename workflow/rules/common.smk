@@ -8,7 +8,13 @@ from snakemake.logging import logger
 # The rule scripts' package, appended so that it never shadows an installed module.
 sys.path.append(str(Path(workflow.basedir, "workflow", "scripts")))
 
-from eagle3_cache import CACHE_SEMANTICS_VERSION, input_digest, layout, startup
+from eagle3_cache import (
+    CACHE_SEMANTICS_VERSION,
+    failures,
+    input_digest,
+    layout,
+    startup,
+)
 from eagle3_cache.errors import stopping_on_config_errors
 
 CACHE_DIR = "results/{run}/shards"
@@ -48,8 +54,11 @@ onsuccess:
         )
 
 
+# Each failed job's one-line error again, below Snakemake's job tables where the eye lands.
 onerror:
     startup.settle_products(config["runs"])
+    for line in failures.failure_lines(log):
+        logger.error(line)
 
 
 wildcard_constraints:

@@ -37,7 +37,6 @@ from .layout import (
     shard_dir_name,
     shard_file_name,
 )
-from .report_html import format_bytes
 from .shard_layout import (
     TOKEN_FIELDS,
     ShardLayout,
@@ -47,6 +46,7 @@ from .shard_layout import (
 )
 from .specforge_sizes import sample_file_bytes, vocab_mapping_bytes
 from .token_store import read_tokenized_info
+from .units import format_bytes
 
 # A bound on a manifest: everything but the draft ids and the shard records, with room to spare,
 # then per shard record, per file record (the specforge format's: name, tokens, size, sha256), and per

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
+import shutil
 import sys
 from collections.abc import Iterator
+from pathlib import Path
+
+from .units import format_bytes
 
 
 class CacheConfigError(ValueError):
@@ -21,19 +27,55 @@ def error_line(message: object) -> str:
     return "Error: " + " ".join(str(message).split())
 
 
+# Where the jobs write, when a failed write does not name its file.
+RESULTS_DIR = "results"
+
+
+def disk_full(error: BaseException) -> OSError | None:
+    """The out-of-space (or over-quota) error that `error` is or was raised from; None for another."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def mount_point(path: Path) -> Path:
+    """The mount point of the filesystem holding `path` (its nearest existing directory)."""
+    path = next(p for p in (path, *path.parents) if p.is_dir()).resolve()
+    return next(p for p in (path, *path.parents) if os.path.ismount(p))
+
+
+def disk_full_message(error: OSError) -> str:
+    """What a job that ran out of space says: the filesystem, its free space now, and that nothing was committed."""
+    written = Path(error.filename) if error.filename else Path(RESULTS_DIR)
+    filesystem = mount_point(written.parent if error.filename else written)
+    free = shutil.disk_usage(filesystem).free
+    what = error.filename or "this job's outputs"
+    return (
+        f"{error.strerror} while writing {what}: the filesystem "
+        f"mounted at {filesystem} has {format_bytes(free)} free. Nothing this job wrote was committed (an unfinished "
+        "file is only ever a temp file, and it was removed); free space there, then run the workflow again."
+    )
+
+
 @contextlib.contextmanager
 def reported_errors() -> Iterator[None]:
-    """Around a rule script's work: a CacheConfigError ends the job (exit status 1) with its message as one
-    line on stderr, the first the user reads about it, and its traceback only in the job's log file."""
+    """Around a rule script's work: a CacheConfigError, or a disk that filled, ends the job (exit status 1)
+    with one line on stderr, the first the user reads about it, and its traceback only in the job's log file."""
     try:
         yield
-    except CacheConfigError as error:
+    except Exception as error:
+        full = disk_full(error)
+        if not isinstance(error, CacheConfigError) and full is None:
+            raise
+        message = str(error) if full is None else disk_full_message(full)
         logger = logging.getLogger(__name__)
-        record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, str(error), (), sys.exc_info())
+        record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, message, (), sys.exc_info())
         for handler in logging.getLogger().handlers:
             if isinstance(handler, logging.FileHandler):
                 handler.handle(record)
-        sys.exit(error_line(error))
+        sys.exit(error_line(message))
 
 
 @contextlib.contextmanager

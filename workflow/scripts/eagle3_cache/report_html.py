@@ -25,6 +25,7 @@ from markupsafe import Markup
 from .provenance import producer
 from .results import CheckResult, ValidationReport, listed
 from .svg import svg_bar_chart, svg_column_chart, svg_line_chart
+from .units import format_bytes
 
 TEMPLATES = Path(__file__).parent / "templates"
 # The headline numbers under the verdict: (check, figure, label).
@@ -41,16 +42,6 @@ HEADLINE = (
 
 
 # --- Formatting -----------------------------------------------------------------------------------
-
-
-def format_bytes(size: float) -> str:
-    """`1.23 GB` (decimal units, as disks are sold)."""
-    units = ("B", "kB", "MB", "GB", "TB", "PB")
-    power = 0
-    while abs(size) >= 1000 and power < len(units) - 1:
-        size /= 1000
-        power += 1
-    return f"{size:,.0f} B" if power == 0 else f"{size:.3g} {units[power]}"
 
 
 def format_seconds(seconds: float) -> str:

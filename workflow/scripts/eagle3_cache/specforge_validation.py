@@ -21,7 +21,6 @@ from typing import Any
 from .cache_dir import CacheProblem, readable_manifest, verification_problems
 from .disk_plan import planned_figures, planned_summary, read_plan
 from .layout import VOCAB_MAPPING_FILE
-from .report_html import format_bytes
 from .results import CheckResult, listed, problems_summary
 from .scan_summary import ScanSummary
 from .shard_layout import ShardLayout
@@ -29,6 +28,7 @@ from .specforge_cache import cache_entry_problems, manifest_record_problems, map
 from .specforge_layout import HIDDEN_KEYS, target_dir_problems
 from .specforge_sizes import bytes_per_token
 from .token_store import TokenizedInfo
+from .units import format_bytes
 from .validation import CacheReads, Check, allocated_bytes, verified_figures
 
 # The Automodel fields written at every position of a row, padding included.

@@ -34,12 +34,13 @@ from .cost import cost_check
 from .disk_plan import planned_figures, planned_summary, read_plan
 from .layout import EMBEDDINGS_FILE, MANIFEST_FILE, ROW_ORDER_SETTINGS, applied_settings, shard_file_name
 from .manifest import read_shard_stats
-from .report_html import format_bytes, render_html
+from .report_html import render_html
 from .results import TITLES, CheckResult, ValidationReport, problems_summary
 from .scan_summary import MIN_DRAFT_SHARE, ScanSummary, merged_scans, sanity_check, supervision_check
 from .shard_layout import ShardLayout
 from .specforge_sizes import specforge_files_bytes
 from .token_store import TokenizedInfo, read_tokenized_info
+from .units import format_bytes
 from .vocab_selection import read_vocab_selection
 
 log = logging.getLogger(__name__)
