@@ -29,7 +29,7 @@ from snakemake.iocontainers import Namedlist
 
 from eagle3_cache import startup
 from eagle3_cache.errors import CacheConfigError, error_line
-from eagle3_cache.layout import TOKENIZE_SETTINGS, applied_settings
+from eagle3_cache.layout import CACHE_DIR, TOKENIZE_SETTINGS, applied_settings
 from helpers import (
     CONFIG_SCHEMA,
     HUB_MODEL,
@@ -162,6 +162,22 @@ def shallow_text_config(model: Path) -> None:
     config = json.loads((model / "config.json").read_text())
     config["text_config"] = {"num_hidden_layers": 4}
     (model / "config.json").write_text(json.dumps(config))
+
+
+def template_raising(message: str) -> Callable[[Path], None]:
+    """An edit of a model copy whose chat template raises on every conversation, as templates that refuse a
+    role do."""
+
+    def edit(model: Path) -> None:
+        (model / "chat_template.jinja").write_text(f"{{{{ raise_exception({message!r}) }}}}")
+
+    return edit
+
+
+def results_as_a_file(workdir: Path, target: Path) -> dict:
+    """A `prepare` that leaves a file where the results directory goes."""
+    (workdir / "results").write_text("")
+    return {}
 
 
 def messages(*turns: tuple[str, object]) -> str:
@@ -395,6 +411,29 @@ CASES = [
         r"data/cut\.jsonl, line 1 \(cut at seq_length before its first assistant token\)",
         prepare=data_file("cut.jsonl", f"{LONG_SYSTEM}\n" * 3),
     ),
+    Case(
+        "text_the_tokenizer_cannot_encode",
+        r"data/conversations\.jsonl, line 3: messages\[0\]\.content holds text that is not valid Unicode",
+        prepare=data_line(
+            3, r'{"messages": [{"role": "user", "content": "a\ud800b"}, {"role": "assistant", "content": "c"}]}'
+        ),
+    ),
+    Case(
+        "chat_template_that_raises",
+        r"data/conversations\.jsonl, line 1: the chat template of target_model '.*/target' failed on it "
+        r"\(TemplateError: no system messages\)",
+        prepare=model_copy(template_raising("no system messages")),
+    ),
+    Case(
+        "integral_float",
+        r"config runs\.tiny\.seq_length: 32\.0 is a float; write it as an integer \(32\)",
+        run={"seq_length": 32.0},
+    ),
+    Case(
+        "results_not_a_directory",
+        r"cannot create the cache directory results/tiny/shards \(.*\); make results/ a writable directory",
+        prepare=results_as_a_file,
+    ),
     # Kept, with a warning naming it: a sample that truncation leaves without supervision.
     Case(
         "sample_without_supervision",
@@ -456,6 +495,7 @@ def tokenize_job(workdir: Path, config: dict) -> SimpleNamespace:
     for path in (tokenized, log):
         path.parent.mkdir(parents=True, exist_ok=True)
     return SimpleNamespace(
+        input=Namedlist(),
         params=Namedlist(fromdict=params),
         output=SimpleNamespace(tokenized=str(tokenized)),
         log=[str(log)],
@@ -469,6 +509,7 @@ def first_refusal(workdir: Path) -> str | None:
     config = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
     try:
         startup.checked_config(config, CONFIG_SCHEMA)
+        startup.make_cache_dirs(CACHE_DIR, config["runs"])
         startup.check_before_local_jobs(config, [SimpleNamespace(wildcards={"run": RUN})])
     except CacheConfigError as error:
         return error_line(error)

@@ -10,6 +10,7 @@ import time
 
 import pytest
 from huggingface_hub import constants
+from safetensors import SafetensorError
 
 from eagle3_cache.errors import CacheConfigError, reported_errors
 from eagle3_cache.hub import check_hub_access, hub_reachable, loading
@@ -118,10 +119,15 @@ def test_offline_a_model_must_be_cached(monkeypatch, tmp_path):
     check_hub_access("target_model", str(tmp_path))  # a local path: nothing to fetch
 
 
-def test_load_errors_name_the_setting(tmp_path):
-    with pytest.raises(CacheConfigError, match="could not be loaded: no weights found$"):
+@pytest.mark.parametrize(
+    "failure",
+    [OSError("no weights found\nmore details"), RuntimeError("no weights found"), SafetensorError("no weights found")],
+    ids=["missing", "damaged-pickle", "damaged-safetensors"],
+)
+def test_load_errors_name_the_setting(tmp_path, failure):
+    with pytest.raises(CacheConfigError, match=r"could not be loaded \(\w+: no weights found\); check that its files"):
         with loading("target_model", str(tmp_path)):
-            raise OSError("no weights found\nmore details")
+            raise failure
 
 
 # --- Reporting -----------------------------------------------------------------------------------

@@ -92,3 +92,22 @@ def test_a_local_target_is_identified_by_its_fingerprint_and_a_hub_target_by_its
     assert local["weight_files_sha256"] == local_checkpoint_fingerprint(tiny_llama_dir)
     hub = model_identity("org/not-a-local-dir", "main", tiny_llama)
     assert "weight_files_sha256" not in hub and hub["config_sha256"] == local["config_sha256"]
+
+
+def test_a_checkpoint_missing_a_tensor_is_refused_once_loaded(tiny_chat_target, tmp_path):
+    """What a hub checkpoint gets after download: a tensor transformers would initialise at random is named."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from eagle3_cache.target import load_target
+
+    model = shutil.copytree(tiny_chat_target, tmp_path / "model")
+    weights = load_file(model / "model.safetensors")
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        CacheConfigError, match=r"lacks 1 tensor\(s\) the model needs \(model\.layers\.1\.mlp\.down_proj"
+    ):
+        load_target(str(model), revision=None, trust_remote_code=False, device=torch.device("cpu"))
+    load_target(str(tiny_chat_target), revision=None, trust_remote_code=False, device=torch.device("cpu"))

@@ -17,15 +17,13 @@ from eagle3_cache import (
 )
 from eagle3_cache.errors import stopping_on_config_errors
 
-CACHE_DIR = "results/{run}/shards"
-
 # The schema fills in the defaults, then every run is checked before anything is planned.
 with stopping_on_config_errors():
     for note in startup.checked_config(
         config, Path(workflow.basedir, "workflow", "schemas", "config.schema.yaml")
     ):
         logger.warning(note)
-startup.make_cache_dirs(CACHE_DIR, config["runs"])
+    startup.make_cache_dirs(layout.CACHE_DIR, config["runs"])
 # A product damaged since it was written (products.py) is set aside before Snakemake looks at it, and
 # this run rebuilds it alone (the Snakefile makes it the default target): had the shards that read it
 # run now, Snakemake would first have deleted them. Not in a cluster job, which re-reads this file

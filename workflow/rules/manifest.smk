@@ -15,9 +15,9 @@ rule manifest:
         # this input, deleting any cache file makes this job outdated whatever the target, and
         # the jobs that remake what is missing run first. The manifest is touched after it is
         # renamed into place, so its own commit does not count as a change.
-        cache_dir=CACHE_DIR,
+        cache_dir=layout.CACHE_DIR,
     output:
-        manifest=f"{CACHE_DIR}/{layout.MANIFEST_FILE}",
+        manifest=f"{layout.CACHE_DIR}/{layout.MANIFEST_FILE}",
     log:
         "logs/{run}/manifest.log",
     localrule: True

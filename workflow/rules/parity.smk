@@ -22,6 +22,6 @@ rule parity:
         **{layout.WEIGHTS_DIGEST: target_weights_sha256},
         num_samples=config["validation"]["num_samples"],
         seed=config["validation"]["seed"],
-        cache_dir=CACHE_DIR,
+        cache_dir=layout.CACHE_DIR,
     script:
         "../scripts/live_parity.py"

@@ -11,6 +11,6 @@ rule plan:
         "../../envs/eagle3-cache.yaml"
     params:
         **run_params(layout.PLAN_SETTINGS),
-        cache_dir=CACHE_DIR,
+        cache_dir=layout.CACHE_DIR,
     script:
         "../scripts/plan_disk.py"

@@ -6,7 +6,7 @@ rule compute_shard:
         # Waits for the disk plan, which stops a run whose cache would not fit.
         plan=rules.plan.output.plan,
     output:
-        shard=f"{CACHE_DIR}/{layout.SHARD_FILE}",
+        shard=f"{layout.CACHE_DIR}/{layout.SHARD_FILE}",
         stats="results/{run}/shard_stats/shard-{shard}.json",
     log:
         "logs/{run}/compute_shard-{shard}.log",
@@ -33,7 +33,7 @@ rule target_embeddings:
         # settings that rerun every shard anyway.
         plan=rules.plan.output.plan,
     output:
-        embeddings=f"{CACHE_DIR}/{layout.EMBEDDINGS_FILE}",
+        embeddings=f"{layout.CACHE_DIR}/{layout.EMBEDDINGS_FILE}",
     log:
         "logs/{run}/target_embeddings.log",
     conda:

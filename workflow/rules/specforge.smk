@@ -11,7 +11,7 @@ rule compute_specforge_shard:
         # Waits for the disk plan, which stops a run whose cache would not fit.
         plan=rules.plan.output.plan,
     output:
-        shard=directory(f"{CACHE_DIR}/{layout.SHARD_DIR}"),
+        shard=directory(f"{layout.CACHE_DIR}/{layout.SHARD_DIR}"),
         stats="results/{run}/shard_stats/shard-{shard}.specforge.json",
     log:
         "logs/{run}/compute_specforge_shard-{shard}.log",
@@ -36,7 +36,7 @@ rule specforge_vocab_mapping:
         # Waits for the disk plan, like every job that writes into the cache directory.
         plan=rules.plan.output.plan,
     output:
-        mapping=f"{CACHE_DIR}/{layout.VOCAB_MAPPING_FILE}",
+        mapping=f"{layout.CACHE_DIR}/{layout.VOCAB_MAPPING_FILE}",
     log:
         "logs/{run}/specforge_vocab_mapping.log",
     localrule: True

@@ -239,9 +239,9 @@ def content_text(content: Any, where: str) -> str:
     """Message content as text: a string, None (empty), or a list of parts whose text parts are kept, joined
     with spaces; anything else is refused rather than stringified into the training text."""
     if content is None or isinstance(content, str):
-        return content or ""
+        return unicode_text(content or "", where)
     if isinstance(content, list) and all(isinstance(part, Mapping) for part in content):
-        return " ".join(part["text"] for part in content if isinstance(part.get("text"), str))
+        return unicode_text(" ".join(part["text"] for part in content if isinstance(part.get("text"), str)), where)
     raise CacheConfigError(
         f'{where} is {shown(content)}; give a string, or a list of parts like {{"type": "text", "text": "..."}}'
     )
@@ -259,7 +259,20 @@ def reasoning_text(reasoning: Any, where: str) -> str:
         return ""
     if not isinstance(reasoning, str):
         raise CacheConfigError(f"{where} must be a string, got {shown(reasoning)}")
-    return reasoning
+    return unicode_text(reasoning, where)
+
+
+def unicode_text(text: str, where: str) -> str:
+    """`text`, refused if no tokenizer can encode it: JSON's escapes allow an unpaired surrogate."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = repr(error.object[error.start : error.end])
+        raise CacheConfigError(
+            f"{where} holds text that is not valid Unicode (the unpaired surrogate {bad} at character "
+            f"{error.start}, which JSON allows and no tokenizer encodes); fix or remove the sample"
+        ) from error
+    return text
 
 
 def row_tools(row: Mapping[str, Any], where: str) -> list[dict[str, Any]] | None:

@@ -9,13 +9,16 @@ login node and its compute nodes often reach different networks.
 from __future__ import annotations
 
 import contextlib
+import pickle
 import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from .errors import CacheConfigError
+from safetensors import SafetensorError
+
+from .errors import CacheConfigError, disk_full
 from .layout import MODEL_CONFIG_FILE, names_local_path
 
 # Long enough for a slow proxy, short against huggingface_hub's retries.
@@ -78,13 +81,24 @@ def hub_reachable(endpoint: str) -> bool:
     return True
 
 
+# What transformers raises for files it cannot use: missing or unreachable (OSError), not a checkpoint it
+# knows (ValueError), weights that cannot be read (a damaged pickle or safetensors file, a tensor of
+# another shape: RuntimeError).
+UNLOADABLE = (OSError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError)
+
+
 @contextlib.contextmanager
 def loading(setting: str, name: str, *, revision: str | None = None) -> Iterator[None]:
-    """Around loading `name` with transformers: refused at once when it cannot be fetched, and an OSError
-    from the load (no such repo, a gated one, a missing file) as a CacheConfigError naming it."""
+    """Around loading `name` with transformers: refused at once when it cannot be fetched, and a failure of
+    the load (no such repo, a gated one, a missing file, a damaged one) as a CacheConfigError naming it."""
     check_hub_access(setting, name, revision=revision)
     try:
         yield
-    except OSError as error:
+    except UNLOADABLE as error:
+        if disk_full(error):
+            raise
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CacheConfigError(f"{setting} {name!r} could not be loaded: {first_line}") from error
+        raise CacheConfigError(
+            f"{setting} {name!r} could not be loaded ({type(error).__name__}: {first_line}); check that its "
+            "files are whole, or download it again"
+        ) from error

@@ -119,6 +119,8 @@ def names_local_path(name: str) -> bool:
 
 # --- What a run makes from its inputs before any shard ---------------------------------------
 
+# A run's cache directory: what trainers read.
+CACHE_DIR = "results/{run}/shards"
 # The tokenize, select_vocab and plan rules' outputs; each is recorded as written (products.py).
 TOKENIZED = "results/{run}/tokenized.h5"
 VOCAB_SELECTION = "results/{run}/vocab_selection.pt"

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import yaml
 
 from .errors import CacheConfigError
 from .hub import check_run_sources
@@ -36,6 +37,8 @@ def checked_config(config: dict[str, Any], schema: str | Path) -> list[str]:
         validate(config, str(schema))
     except WorkflowError as error:
         raise CacheConfigError(schema_violation(error.__context__) or str(error)) from error
+    if violation := schema_violation(strict_type_error(config, schema)):
+        raise CacheConfigError(violation)
     notes = []
     for run, settings in config["runs"].items():
         with named_run(run):
@@ -44,6 +47,18 @@ def checked_config(config: dict[str, Any], schema: str | Path) -> list[str]:
         if note:
             notes.append(f"runs.{run}: {note}")
     return notes
+
+
+def strict_type_error(config: Mapping[str, Any], schema: str | Path) -> jsonschema.ValidationError | None:
+    """The schema's first type error once a float is no integer: JSON Schema takes 32.0 for one, which
+    the code cannot use as a length or an index (YAML reads `32.0` as a float)."""
+    loaded = yaml.safe_load(Path(schema).read_text())
+    validator = jsonschema.validators.validator_for(loaded)
+    integers = validator.TYPE_CHECKER.redefine(
+        "integer", lambda checker, value: isinstance(value, int) and not isinstance(value, bool)
+    )
+    strict = jsonschema.validators.extend(validator, type_checker=integers)(loaded)
+    return jsonschema.exceptions.best_match(strict.iter_errors(config))
 
 
 def schema_violation(cause: BaseException | None) -> str | None:
@@ -56,6 +71,8 @@ def schema_violation(cause: BaseException | None) -> str | None:
         known = sorted(cause.schema.get("properties", {}))
         unknown = sorted(set(cause.instance) - set(known))
         problem = f"unknown key {', '.join(map(repr, unknown))}; the known keys are {', '.join(known)}"
+    elif cause.validator == "type" and isinstance(cause.instance, float) and cause.instance.is_integer():
+        problem = f"{cause.instance} is a float; write it as an integer ({int(cause.instance)})"
     else:
         problem = cause.message
         if isinstance(cause.schema, dict) and cause.schema.get("description"):
@@ -67,7 +84,14 @@ def make_cache_dirs(cache_dir: str, runs: Iterable[str]) -> None:
     """Create every run's cache directory (`cache_dir` with its {run} filled in), an input of the manifest
     rule (see manifest.smk). No rule makes it, and Snakemake looks for inputs before any job runs."""
     for run in runs:
-        Path(cache_dir.format(run=run)).mkdir(parents=True, exist_ok=True)
+        path = Path(cache_dir.format(run=run))
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise CacheConfigError(
+                f"cannot create the cache directory {path} ({error.strerror}); make {path.parts[0]}/ a writable "
+                "directory (or a link to one)"
+            ) from error
 
 
 def set_aside_damaged_products(runs: Iterable[str]) -> tuple[list[str], list[str]]:

@@ -106,14 +106,28 @@ def load_target(
     else:
         device_map = {"": str(device)}  # straight to the GPU, never a full copy in host RAM
     with loading("target_model", model_id, revision=revision):
-        model = AutoModelForCausalLM.from_pretrained(
+        model, loaded = AutoModelForCausalLM.from_pretrained(
             model_id,
             revision=revision,
             trust_remote_code=trust_remote_code,
             dtype=computes_in,
             device_map=device_map,
+            output_loading_info=True,
         )
+    check_nothing_missing(model_id, loaded["missing_keys"])
     return model.eval()
+
+
+def check_nothing_missing(model_id: str, missing: Sequence[str]) -> None:
+    """Refuse a target that transformers completed with freshly initialised tensors (a hub checkpoint is
+    checked here, once downloaded; a local one is also checked from its files before any job)."""
+    if missing:
+        named = ", ".join(sorted(missing)[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CacheConfigError(
+            f"target_model {model_id!r}: its checkpoint lacks {len(missing)} tensor(s) the model needs ({named}), "
+            "which would be random, and so would every cached value; use a complete checkpoint (or one whose "
+            "config.json ties what it does not store)"
+        )
 
 
 def num_hidden_layers(model: nn.Module) -> int:

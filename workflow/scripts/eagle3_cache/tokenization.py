@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import jinja2
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from .chat import ChatTokenizer, chat_template_hash, special_token_ids, tokenizer_hash
@@ -105,7 +106,14 @@ def watched(
 ) -> Iterator[TokenizedSample]:
     """Each conversation tokenized; each left without a supervised token is named in `unsupervised`, with why."""
     for conversation in conversations:
-        sample = chat(conversation)
+        try:
+            sample = chat(conversation)
+        except jinja2.TemplateError as error:
+            raise CacheConfigError(
+                f"{conversation.where}: the chat template of target_model {chat.tokenizer.name_or_path!r} failed "
+                f"on it ({type(error).__name__}: {error}); fix or remove the sample, or use a template that "
+                "renders it"
+            ) from error
         if sample.num_supervised == 0:
             why = "cut at seq_length before its first assistant token" if sample.truncated else "nothing supervised"
             unsupervised.append(f"{conversation.where} ({why})")
