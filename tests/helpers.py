@@ -658,6 +658,13 @@ class Params(SimpleNamespace):
         return vars(self).items()
 
 
+class Files(SimpleNamespace):
+    """A rule's input or output files for a script run by hand: attributes, and iteration as Snakemake's have."""
+
+    def __iter__(self):
+        return iter(vars(self).values())
+
+
 # What the light jobs (manifest, plan, report) must not import.
 HEAVY_MODULES = ("torch", "transformers")
 # The `snakemake` object arrives as JSON, so that building it imports nothing of the test suite's.
@@ -669,9 +676,14 @@ class Params(SimpleNamespace):
     def items(self):
         return vars(self).items()
 
+class Files(SimpleNamespace):
+    def __iter__(self):
+        return iter(vars(self).values())
+
 given = json.loads(open(sys.argv[1]).read())
 namespace = SimpleNamespace(
-    **{key: SimpleNamespace(**value) for key, value in given.items() if key in ("input", "output", "wildcards")},
+    **{key: Files(**value) for key, value in given.items() if key in ("input", "output")},
+    wildcards=SimpleNamespace(**given.get("wildcards", {})),
     params=Params(**given["params"]), log=given["log"], config=given.get("config", {}),
 )
 runpy.run_path(sys.argv[2], init_globals={"snakemake": namespace})
@@ -708,8 +720,8 @@ def plan_namespace(cache: TinyCache) -> SimpleNamespace:
 
     settings = {**cache.settings, "draft_vocab_size": read_manifest(cache.cache_dir)["draft_vocab_size"]}
     return SimpleNamespace(
-        input=SimpleNamespace(tokenized=str(cache.tokenized)),
-        output=SimpleNamespace(plan=str(cache.run_dir / "plan.json")),
+        input=Files(tokenized=str(cache.tokenized)),
+        output=Files(plan=str(cache.run_dir / "plan.json")),
         log=[str(cache.run_dir / "plan.log")],
         params=Params(**{key: settings[key] for key in PLAN_SETTINGS}, cache_dir=str(cache.cache_dir)),
         config={"plan": {"margin": 0.05, "check_free_space": False}},

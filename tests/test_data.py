@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import runpy
 from pathlib import Path
 from types import SimpleNamespace
@@ -418,6 +419,7 @@ def rule_job(tmp_path: Path, run_settings: dict | None = None, **params) -> Simp
     )
     checked = {"aux_layer_ids": None, "draft_vocab_size": None, "seq_length": 32, **(run_settings or {})}
     return SimpleNamespace(
+        input=Namedlist(),
         params=Namedlist(fromdict={**defaults, **params}),
         output=SimpleNamespace(tokenized=str(tmp_path / "results" / "tokenized.h5")),
         log=[str(tmp_path / "tokenize.log")],
@@ -433,6 +435,16 @@ def model_dir(tmp_path, make_chat_tokenizer) -> Path:
     make_chat_tokenizer().save_pretrained(path)
     tiny_llama_config(vocab_size=384).save_pretrained(path)
     return path
+
+
+def test_a_tokenizer_with_ids_past_the_vocabulary_is_refused_as_tokenization_starts(tmp_path, model_dir, capsys):
+    """What a hub model gets (a local one is refused earlier, from its files)."""
+    tiny_llama_config(vocab_size=100).save_pretrained(model_dir)
+    data_path = write_jsonl(tmp_path / "chats.jsonl", [{"messages": chat("Hi", "Yo")}])
+    snakemake = rule_job(tmp_path, target_model=str(model_dir), input_data=str(data_path))
+    printed = run_failing_tokenize_script(snakemake, capsys)
+    expected = r"Error: target_model '.*': its tokenizer has ids up to \d+, but its config's vocab_size is 100"
+    assert re.search(expected, printed)
 
 
 def test_tokenize_rule_script(tmp_path, model_dir):

@@ -103,3 +103,24 @@ def test_the_report_job_imports_neither_and_passes(cache, tmp_path):
     assert run_script_alone("plan_disk.py", plan_namespace(cache), tmp_path) == []
     assert run_script_alone("validate.py", validate_namespace(cache, strict=True), tmp_path) == []
     assert json.loads((cache.run_dir / "validation.json").read_text())["passed"]
+
+
+def test_a_damaged_shard_stats_file_is_named_with_what_to_do(cache):
+    from eagle3_cache.errors import CacheConfigError
+    from eagle3_cache.manifest import read_shard_stats
+
+    cache.stats[1].write_text('{"shard": 1, "sha2')
+    with pytest.raises(
+        CacheConfigError, match=r"shard-000001.*: not valid JSON .*; delete it and run the workflow again"
+    ):
+        read_shard_stats(cache.stats)
+
+
+def test_a_damaged_verification_record_is_verified_again(cache):
+    from eagle3_cache.shard_stat import unverified_shards
+
+    cache.verified[0].write_text("{")
+    assert unverified_shards(cache.cache_dir, cache.verified) == [
+        "shard-000000.json (an unreadable verification record)"
+    ]
+    assert not cache.verified[0].exists() and all(path.exists() for path in cache.verified[1:])

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from snakemake.iocontainers import Namedlist
 
 from eagle3_cache import vocab
 from eagle3_cache.errors import CacheConfigError
@@ -106,9 +107,9 @@ def test_malformed_selection_file_is_refused(tmp_path):
 
 def test_select_vocab_rule_script(tmp_path):
     store = token_store(tmp_path / "tokenized.h5", [([5, 6, 7, 5], [1, 1, 1, 1])], vocab_size=10)
-    outputs = SimpleNamespace(selection=str(tmp_path / "sel.pt"), counts=str(tmp_path / "counts.npy"))
+    outputs = Namedlist(fromdict={"selection": str(tmp_path / "sel.pt"), "counts": str(tmp_path / "counts.npy")})
     snakemake = SimpleNamespace(
-        input=SimpleNamespace(tokenized=str(store)),
+        input=Namedlist(fromdict={"tokenized": str(store)}),
         output=outputs,
         params=SimpleNamespace(draft_vocab_size=4),
         log=[str(tmp_path / "select_vocab.log")],

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import CacheConfigError
+
 
 def temp_path_for(path: str | os.PathLike) -> Path:
     """The temporary name `path` is written under before it is moved into place."""
@@ -93,3 +95,11 @@ def torch_save_atomic(path: str | os.PathLike, obj: Any) -> None:
 
     with atomic_output(path) as tmp:
         torch.save(obj, tmp)
+
+
+def read_json_file(path: str | os.PathLike, remedy: str) -> Any:
+    """A JSON file's contents, or a CacheConfigError naming it and saying what to do (`remedy`)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CacheConfigError(f"{path}: not valid JSON ({error}); {remedy}") from error

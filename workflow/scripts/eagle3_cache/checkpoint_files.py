@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .atomic import read_json_file
 from .errors import CacheConfigError
 
 HEADER_LENGTH_BYTES = 8
@@ -116,10 +117,7 @@ def check_output_head(
 
 def read_json(path: Path) -> dict[str, Any]:
     """A checkpoint's JSON file, or an error naming it."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CacheConfigError(f"{path}: not valid JSON ({error}); restore it from the checkpoint") from error
+    return read_json_file(path, "restore it from the checkpoint")
 
 
 def tokenizer_max_id(model_dir: Path) -> int | None:

@@ -13,14 +13,13 @@ rule writes a new one once every shard is back.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .atomic import fsync_directory, write_json_atomic
+from .atomic import fsync_directory, read_json_file, write_json_atomic
 from .cache_dir import FORMAT_VERSION, leftover_temp_files, shard_indices_in
 from .errors import CacheConfigError
 from .layout import (
@@ -66,9 +65,13 @@ def commit_manifest(path: str | os.PathLike, manifest: Mapping[str, Any]) -> Non
     os.utime(path)
 
 
+# A shard's stats or verification record that cannot be read: removing it reruns the job that writes it.
+RECORD_REMEDY = "delete it and run the workflow again, which rewrites it (a shard's stats: by recomputing the shard)"
+
+
 def read_shard_stats(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     """Per-shard JSON records (the shard stats, the verification records), in shard order."""
-    stats = [json.loads(Path(p).read_text()) for p in paths]
+    stats = [read_json_file(p, RECORD_REMEDY) for p in paths]
     return sorted(stats, key=lambda s: s["shard"])
 
 

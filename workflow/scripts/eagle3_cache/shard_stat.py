@@ -64,7 +64,12 @@ def unverified_shards(cache_dir: Path, record_paths: Sequence[Path]) -> list[str
     """
     unverified = []
     for record_path in record_paths:
-        record = json.loads(record_path.read_text())
+        try:
+            record = json.loads(record_path.read_text())
+        except ValueError:  # damaged: verified again, like a changed shard
+            record_path.unlink()
+            unverified.append(f"{record_path.name} (an unreadable verification record)")
+            continue
         shard = cache_dir / record["file"]
         stat = stat_sha256(shard)
         if stat is not None and stat == record.get("stat_sha256"):

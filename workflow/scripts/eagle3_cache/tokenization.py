@@ -43,7 +43,21 @@ def tokenize_dataset(
         if run_settings is not None:
             check_model_config(config.to_dict(), run_settings)
         tokenizer = AutoTokenizer.from_pretrained(target_model, revision=revision, trust_remote_code=trust_remote_code)
-    write_tokenized_store(output, tokenizer, target_vocab_size(config, target_model), **options)
+    vocab_size = target_vocab_size(config, target_model)
+    check_tokenizer_fits(tokenizer, vocab_size, target_model)
+    write_tokenized_store(output, tokenizer, vocab_size, **options)
+
+
+def check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, vocab_size: int, target_model: str) -> None:
+    """Refuse a tokenizer with ids past the model's vocabulary: such a token would index past the embedding
+    in the first shard job (a local checkpoint's files are checked before any job; a hub model's here)."""
+    largest = max(tokenizer.get_vocab().values(), default=-1)
+    if largest >= vocab_size:
+        raise CacheConfigError(
+            f"target_model {target_model!r}: its tokenizer has ids up to {largest}, but its config's vocab_size is "
+            f"{vocab_size}, so a token past it would index past the embedding; use the tokenizer this model "
+            "was trained with"
+        )
 
 
 def write_tokenized_store(

@@ -11,7 +11,6 @@ cache (the manifest retired first), so the next run rebuilds it; one that passes
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 import time
@@ -22,9 +21,10 @@ from typing import IO, Any
 
 import torch
 
+from .atomic import read_json_file
 from .cache_dir import shard_layout_problems
 from .layout import MANIFEST_FILE, samples_in_shard, shard_index
-from .manifest import retire_commit
+from .manifest import RECORD_REMEDY, retire_commit
 from .scan import ShardScan
 from .scan_summary import ScanSummary
 from .shard_format import DTYPES, TORCH_DTYPES
@@ -130,7 +130,7 @@ def verify_committed_shard(
     shard_path: Path, *, stats_path: Path, selection_path: Path, tokenized_path: Path, settings: Mapping[str, Any]
 ) -> ShardVerification:
     """What the `verify_shard` job checks: the shard against the settings, its stats and its tokenized rows."""
-    stats = json.loads(Path(stats_path).read_text())
+    stats = read_json_file(stats_path, RECORD_REMEDY)
     selected, _ = read_vocab_selection(selection_path)
     layout = ShardLayout(
         seq_length=settings["seq_length"],
