@@ -164,9 +164,18 @@ def test_a_disk_that_fills_mid_job_is_one_line_naming_the_filesystem_and_its_fre
     logging.getLogger().handlers.clear()
 
 
+def test_a_file_the_job_may_not_open_is_one_line():
+    with pytest.raises(SystemExit) as stopped, reported_errors():
+        raise OSError(errno.EROFS, "Read-only file system", "results/tiny/plan.json.tmp")
+    assert stopped.value.code == (
+        "Error: cannot open results/tiny/plan.json.tmp (Read-only file system); make it readable, and results/ "
+        "writable, for the user that runs the workflow"
+    )
+
+
 def test_other_failures_keep_their_traceback():
     with pytest.raises(OSError), reported_errors():
-        raise OSError(errno.EACCES, "Permission denied", "results/x")
+        raise OSError(errno.EIO, "Input/output error", "results/x")
 
 
 def test_a_config_json_that_is_not_json_is_named(tmp_path):

@@ -31,13 +31,23 @@ def error_line(message: object) -> str:
 RESULTS_DIR = "results"
 
 
-def disk_full(error: BaseException) -> OSError | None:
-    """The out-of-space (or over-quota) error that `error` is or was raised from; None for another."""
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# A file the job may not open as it must: a read-only filesystem, or permissions.
+NO_ACCESS = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def os_error(error: BaseException | None, errnos: tuple[int, ...]) -> OSError | None:
+    """The OSError with one of `errnos` that `error` is or was raised from; None for another."""
     while error is not None:
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(error, OSError) and error.errno in errnos:
             return error
         error = error.__cause__ or error.__context__
     return None
+
+
+def disk_full(error: BaseException) -> OSError | None:
+    """The out-of-space (or over-quota) error that `error` is or was raised from; None for another."""
+    return os_error(error, DISK_FULL)
 
 
 def mount_point(path: Path) -> Path:
@@ -59,17 +69,33 @@ def disk_full_message(error: OSError) -> str:
     )
 
 
+def user_error_message(error: Exception) -> str | None:
+    """The one line for a failure the user must fix: a CacheConfigError, a disk that filled, a file the
+    job may not open; None for another (a bug, which keeps its traceback)."""
+    if isinstance(error, CacheConfigError):
+        return str(error)
+    if full := disk_full(error):
+        return disk_full_message(full)
+    denied = os_error(error, NO_ACCESS)
+    if denied is not None and denied.filename:
+        return (
+            f"cannot open {denied.filename} ({denied.strerror}); make it readable, and {RESULTS_DIR}/ writable, "
+            "for the user that runs the workflow"
+        )
+    return None
+
+
 @contextlib.contextmanager
 def reported_errors() -> Iterator[None]:
-    """Around a rule script's work: a CacheConfigError, or a disk that filled, ends the job (exit status 1)
-    with one line on stderr, the first the user reads about it, and its traceback only in the job's log file."""
+    """Around a rule script's work: a failure the user must fix (`user_error_message`) ends the job (exit
+    status 1) with one line on stderr, the first the user reads about it, and its traceback only in the
+    job's log file."""
     try:
         yield
     except Exception as error:
-        full = disk_full(error)
-        if not isinstance(error, CacheConfigError) and full is None:
+        message = user_error_message(error)
+        if message is None:
             raise
-        message = str(error) if full is None else disk_full_message(full)
         logger = logging.getLogger(__name__)
         record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, message, (), sys.exc_info())
         for handler in logging.getLogger().handlers:
