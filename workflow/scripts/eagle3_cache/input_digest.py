@@ -81,7 +81,7 @@ class FileHashes:
         self.changed = False
 
 
-def files_sha256(hashes: FileHashes, root: Path, files: Iterable[Path]) -> str:
+def tree_sha256(hashes: FileHashes, root: Path, files: Iterable[Path]) -> str:
     """sha256 over the files' paths relative to `root` and their contents' sha256."""
     listing = [[path.relative_to(root).as_posix(), hashes.sha256(path)] for path in files]
     hashes.save()
@@ -92,17 +92,17 @@ def data_sha256(input_data: str, hashes: FileHashes) -> str:
     """sha256 of a local data file, or of every visible file of a data folder."""
     path = Path(input_data)
     if path.is_dir():
-        return files_sha256(hashes, path, visible_files(path))
-    return files_sha256(hashes, path.parent, [path])
+        return tree_sha256(hashes, path, visible_files(path))
+    return tree_sha256(hashes, path.parent, [path])
 
 
 def model_files_sha256(model_dir: str, hashes: FileHashes) -> str:
     """sha256 of what tokenization reads from a model folder: every visible file but the weights."""
     root = Path(model_dir)
-    return files_sha256(hashes, root, [p for p in visible_files(root) if not is_weight_file(p)])
+    return tree_sha256(hashes, root, [p for p in visible_files(root) if not is_weight_file(p)])
 
 
 def weights_sha256(model_dir: str, hashes: FileHashes) -> str:
     """sha256 of a model folder's weight files and indexes."""
     root = Path(model_dir)
-    return files_sha256(hashes, root, checkpoint_weight_files(root))
+    return tree_sha256(hashes, root, checkpoint_weight_files(root))
