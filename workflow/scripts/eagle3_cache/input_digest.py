@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .layout import WEIGHT_SUFFIXES
@@ -57,18 +58,21 @@ class FileHashes:
             return {}
         return known if isinstance(known, dict) else {}
 
-    def sha256(self, path: Path) -> str:
-        """The file's sha256, from the store when the file is unchanged since it was hashed."""
-        stat = path.stat()
-        key = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
-        name = str(path.resolve())
+    def sha256s(self, paths: Sequence[Path]) -> list[str]:
+        """Each file's sha256, from the store where the file is unchanged since it was hashed; the others
+        are read side by side (sha256 runs outside the GIL), one thread per core."""
+        keys = [stat_key(path) for path in paths]
+        names = [str(path.resolve()) for path in paths]
+        stale = [i for i, name in enumerate(names) if not self.knows(name, keys[i])]
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            for i, digest in zip(stale, pool.map(file_sha256, [paths[i] for i in stale]), strict=True):
+                self.known[names[i]] = [*keys[i], digest]
+        self.changed |= bool(stale)
+        return [self.known[name][3] for name in names]
+
+    def knows(self, name: str, key: list[int]) -> bool:
         entry = self.known.get(name)
-        if isinstance(entry, list) and entry[:3] == key:
-            return entry[3]
-        digest = file_sha256(path)
-        self.known[name] = [*key, digest]
-        self.changed = True
-        return digest
+        return isinstance(entry, list) and entry[:3] == key
 
     def save(self) -> None:
         """Write the store through a temp file (concurrent writers lose entries, never corrupt it)."""
@@ -81,9 +85,17 @@ class FileHashes:
         self.changed = False
 
 
-def tree_sha256(hashes: FileHashes, root: Path, files: Iterable[Path]) -> str:
+def stat_key(path: Path) -> list[int]:
+    """What says a file is unchanged since it was hashed: its size, mtime and inode."""
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+
+
+def tree_sha256(hashes: FileHashes, root: Path, files: Sequence[Path]) -> str:
     """sha256 over the files' paths relative to `root` and their contents' sha256."""
-    listing = [[path.relative_to(root).as_posix(), hashes.sha256(path)] for path in files]
+    listing = [
+        [path.relative_to(root).as_posix(), digest] for path, digest in zip(files, hashes.sha256s(files), strict=True)
+    ]
     hashes.save()
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
