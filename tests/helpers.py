@@ -351,6 +351,7 @@ def build_tiny_cache(
         "data_sha256": None,
         "model_files_sha256": None,
         "input_data": str(data),
+        "data_revision": None,
         "split": None,
         "shuffle_seed": 42,
         "mask_reasoning_content": False,

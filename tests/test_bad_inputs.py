@@ -278,6 +278,11 @@ CASES = [
         run={"revision": "main"},
     ),
     Case(
+        "data_revision_of_a_local_file",
+        r"input_data 'data/conversations\.jsonl' is local, which has no revisions: remove `data_revision: v1`",
+        run={"data_revision": "v1"},
+    ),
+    Case(
         "aux_layer_beyond_depth",
         r"runs\.tiny: aux_layer_ids must be 3 distinct layer ids in \[0, 7\] for this 8-layer target; got \[1, 2, 99\]",
         run={"aux_layer_ids": [1, 2, 99]},

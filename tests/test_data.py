@@ -410,6 +410,7 @@ def rule_job(tmp_path: Path, run_settings: dict | None = None, **params) -> Simp
 
     defaults = dict(
         revision=None,
+        data_revision=None,
         trust_remote_code=False,
         split="train",
         shuffle_seed=42,
@@ -561,3 +562,21 @@ def test_parity_parquet_shuffle_and_slice(tmp_path, automodel_eagle3, make_chat_
     ours = tokenize_to_store(tmp_path / "t.h5", make_chat_tokenizer(), folder, 32, **source)
     theirs = automodel_rows(automodel_eagle3, make_chat_tokenizer(), folder, 32, **source)
     assert_same_rows(ours, theirs)
+
+
+def test_a_hub_dataset_is_read_at_its_data_revision(monkeypatch):
+    """The revision reaches `datasets.load_dataset` (the hub itself is not reached: no network in tests)."""
+    import datasets as hf_datasets
+
+    from eagle3_cache import data
+
+    asked = {}
+
+    def load_dataset(path, **options):
+        asked.update(path=path, **options)
+        return hf_datasets.Dataset.from_list([{"messages": chat("Hi", "Yo")}])
+
+    monkeypatch.setattr(hf_datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(data, "check_hub_access", lambda *args, **kwargs: None)
+    rows = data.checked_rows("org/chats", "train", None, data_revision="0123abc")
+    assert len(rows) == 1 and asked["path"] == "org/chats" and asked["revision"] == "0123abc"

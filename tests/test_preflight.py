@@ -25,7 +25,9 @@ UNREACHABLE_HUB = "http://127.0.0.1:9"
 
 def run_settings(**overrides) -> dict:
     """A run's settings with the schema's defaults."""
-    defaults = dict(revision=None, split=None, shuffle_seed=42, aux_layer_ids=None, draft_vocab_size=None)
+    defaults = dict(
+        revision=None, data_revision=None, split=None, shuffle_seed=42, aux_layer_ids=None, draft_vocab_size=None
+    )
     return {**defaults, **run_config("org/model")["runs"]["tiny"], **overrides}
 
 

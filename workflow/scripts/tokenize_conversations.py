@@ -12,7 +12,7 @@ log = setup_logging(snakemake.log[0])
 params = {name: value for name, value in snakemake.params.items() if name not in INPUT_DIGESTS}
 
 with reported_errors(), logged_wall_split(log):
-    rows = checked_rows(params["input_data"], params["split"], params["shuffle_seed"])
+    rows = checked_rows(params["input_data"], params["split"], params["shuffle_seed"], params["data_revision"])
     # Imported once the data is known good: transformers and torch take seconds to import.
     from eagle3_cache.tokenization import tokenize_dataset
 

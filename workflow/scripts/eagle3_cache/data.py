@@ -70,9 +70,11 @@ class Rows(Sequence):
         return iter(self.items)
 
 
-def checked_rows(input_data: str, split: str | None, shuffle_seed: int | None) -> Rows:
+def checked_rows(
+    input_data: str, split: str | None, shuffle_seed: int | None, data_revision: str | None = None
+) -> Rows:
     """The rows, every one checked to make a conversation, so that a bad row stops the job before any work."""
-    rows = load_rows(input_data, split, shuffle_seed)
+    rows = load_rows(input_data, split, shuffle_seed, data_revision)
     if not rows:
         raise CacheConfigError(f"input_data {input_data!r} holds no rows; check the file (or split)")
     for _ in iter_conversations(rows):
@@ -80,15 +82,16 @@ def checked_rows(input_data: str, split: str | None, shuffle_seed: int | None) -
     return rows
 
 
-def load_rows(input_data: str, split: str | None, shuffle_seed: int | None) -> Rows:
-    """The dataset rows in cache order (see the module docstring for each source's order)."""
+def load_rows(input_data: str, split: str | None, shuffle_seed: int | None, data_revision: str | None = None) -> Rows:
+    """The dataset rows in cache order (see the module docstring for each source's order); a hub dataset
+    at `data_revision` (its default branch for None)."""
     check_input_data(input_data, split)
     if is_json_file(input_data):
         if split is not None or shuffle_seed is not None:
             log.info("%s is a local JSON file: split and shuffle_seed are recorded but not applied", input_data)
         return read_json_rows(Path(input_data))
     base_split, window = parse_split(split)
-    dataset = load_base_split(input_data, base_split)
+    dataset = load_base_split(input_data, base_split, data_revision)
     if shuffle_seed is not None:
         dataset = dataset.shuffle(seed=shuffle_seed)
     if window is not None:
@@ -97,23 +100,25 @@ def load_rows(input_data: str, split: str | None, shuffle_seed: int | None) -> R
     return Rows(dataset, lambda index: f"{input_data}, row {index} (0-based, {order})")
 
 
-def load_base_split(input_data: str, base_split: str | None) -> Dataset:
-    """A whole split of a Parquet file or folder (default "train") or of a hub dataset."""
+def load_base_split(input_data: str, base_split: str | None, data_revision: str | None = None) -> Dataset:
+    """A whole split of a Parquet file or folder (default "train") or of a hub dataset (at `data_revision`)."""
     path = Path(input_data)
     if path.is_file() and path.suffix.lower() == PARQUET_SUFFIX:
         return load_hf_dataset("parquet", base_split or "train", data_files=str(path))
     if path.is_dir():
         return load_hf_dataset(str(path), base_split or "train")
-    check_hub_access("input_data", input_data, repo_type="dataset")
-    return load_hf_dataset(input_data, base_split)
+    check_hub_access("input_data", input_data, revision=data_revision, repo_type="dataset")
+    return load_hf_dataset(input_data, base_split, revision=data_revision)
 
 
-def load_hf_dataset(path: str, split: str, data_files: str | None = None) -> Dataset:
+def load_hf_dataset(path: str, split: str, data_files: str | None = None, revision: str | None = None) -> Dataset:
     """`datasets.load_dataset` with its failures turned into a message naming the input."""
     from datasets import VerificationMode, load_dataset
 
     try:
-        return load_dataset(path, split=split, data_files=data_files, verification_mode=VerificationMode.NO_CHECKS)
+        return load_dataset(
+            path, split=split, data_files=data_files, revision=revision, verification_mode=VerificationMode.NO_CHECKS
+        )
     except (FileNotFoundError, ValueError, ConnectionError) as error:
         raise CacheConfigError(
             f"input_data {data_files or path!r}, split {split!r}: could not load the dataset ({error}). "

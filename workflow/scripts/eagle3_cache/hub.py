@@ -51,7 +51,7 @@ def check_hub_access(setting: str, name: str, *, revision: str | None = None, re
 def check_run_sources(settings: Mapping[str, Any]) -> None:
     """The run's target_model and input_data, where they are hub ids, can be fetched."""
     check_hub_access("target_model", settings["target_model"], revision=settings["revision"])
-    check_hub_access("input_data", settings["input_data"], repo_type="dataset")
+    check_hub_access("input_data", settings["input_data"], revision=settings["data_revision"], repo_type="dataset")
 
 
 def download_command(name: str, repo_type: str) -> str:

@@ -164,6 +164,7 @@ TARGET_SETTINGS = ("target_model", "revision", "trust_remote_code")
 TOKENIZE_SETTINGS = (
     *TARGET_SETTINGS,
     "input_data",
+    "data_revision",
     "split",
     "shuffle_seed",
     "seq_length",

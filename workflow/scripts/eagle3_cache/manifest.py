@@ -136,6 +136,7 @@ def provenance_fields(settings: Mapping[str, Any], stats: Sequence[Mapping[str, 
     """Beyond Automodel's fields (its reader ignores them): what built the cache, and each shard's record."""
     return {
         "revision": settings["revision"],
+        "data_revision": settings["data_revision"],
         "trust_remote_code": settings["trust_remote_code"],
         "format": settings["format"],
         "compute_dtype": settings["compute_dtype"],

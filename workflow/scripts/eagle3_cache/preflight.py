@@ -43,6 +43,7 @@ def check_run(settings: Mapping[str, Any]) -> None:
         check_checkpoint_files(Path(settings["target_model"]), config)
         check_model_config(config, settings)
     check_input_data(settings["input_data"], settings["split"])
+    check_data_revision(settings["input_data"], settings["data_revision"])
 
 
 def ignored_settings_note(settings: Mapping[str, Any]) -> str | None:
@@ -139,6 +140,15 @@ def check_draft_vocab_size(draft_vocab_size: int | None, vocab_size: int) -> Non
 
 
 # --- The input data -----------------------------------------------------------------------------
+
+
+def check_data_revision(input_data: str, data_revision: str | None) -> None:
+    """A revision names a commit of a hub dataset; a local file has none (it is tracked by its content)."""
+    if data_revision is not None and is_local_data(input_data):
+        raise CacheConfigError(
+            f"input_data {input_data!r} is local, which has no revisions: remove `data_revision: {data_revision}` "
+            "(a local file is tracked by its content)"
+        )
 
 
 def check_input_data(input_data: str, split: str | None) -> None:

@@ -69,6 +69,7 @@ def write_tokenized_store(
     split: str | None,
     shuffle_seed: int | None,
     seq_length: int,
+    data_revision: str | None = None,
     mask_reasoning_content: bool = False,
     mask_generation_prompt: bool = False,
     rows: Rows | None = None,
@@ -94,7 +95,7 @@ def write_tokenized_store(
         mask_generation_prompt=mask_generation_prompt,
     )
     if rows is None:
-        rows = checked_rows(input_data, split, shuffle_seed)
+        rows = checked_rows(input_data, split, shuffle_seed, data_revision)
     log.info("Tokenizing %d samples from %s at seq_length %d", len(rows), input_data, seq_length)
     unsupervised: list[str] = []
     samples = watched(iter_conversations(rows), chat, unsupervised)
