@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from .layout import RESULTS_DIR
 from .units import format_bytes
 
 
@@ -25,10 +26,6 @@ class ShardScanError(RuntimeError):
 def error_line(message: object) -> str:
     """What a run stopped by a user's error prints: `Error: ` and the message, on one line."""
     return "Error: " + " ".join(str(message).split())
-
-
-# Where the jobs write, when a failed write does not name its file.
-RESULTS_DIR = "results"
 
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .layout import WEIGHT_SUFFIXES
+from .layout import RESULTS_DIR, WEIGHT_SUFFIXES
 from .provenance import file_sha256
 
-HASHES_FILE = Path("results", ".input_sha256.json")
+HASHES_FILE = Path(RESULTS_DIR, ".input_sha256.json")
 
 # Weight files and weight indexes; the rest of a model folder (config, tokenizer, chat template) is
 # what tokenization reads.

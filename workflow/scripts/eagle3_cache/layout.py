@@ -120,12 +120,14 @@ def names_local_path(name: str) -> bool:
 # --- What a run makes from its inputs before any shard ---------------------------------------
 
 # A run's cache directory: what trainers read.
-CACHE_DIR = "results/{run}/shards"
+RESULTS_DIR = "results"
+RUN_DIR = f"{RESULTS_DIR}/{{run}}"
+CACHE_DIR = f"{RUN_DIR}/shards"
 # The tokenize, select_vocab and plan rules' outputs; each is recorded as written (products.py).
-TOKENIZED = "results/{run}/tokenized.h5"
-VOCAB_SELECTION = "results/{run}/vocab_selection.pt"
-VOCAB_COUNTS = "results/{run}/vocab_counts.npy"
-PLAN = "results/{run}/plan.json"
+TOKENIZED = f"{RUN_DIR}/tokenized.h5"
+VOCAB_SELECTION = f"{RUN_DIR}/vocab_selection.pt"
+VOCAB_COUNTS = f"{RUN_DIR}/vocab_counts.npy"
+PLAN = f"{RUN_DIR}/plan.json"
 PRODUCTS = (TOKENIZED, VOCAB_SELECTION, VOCAB_COUNTS, PLAN)
 
 

@@ -27,6 +27,7 @@ DAMAGED_SUFFIX = ".damaged"
 
 
 def record_path(path: str | os.PathLike) -> Path:
+    """Where a product's record is kept: a hidden file beside it."""
     path = Path(path)
     return path.with_name(f".{path.name}.written.json")
 
@@ -54,9 +55,10 @@ def newest_mtime_ns(paths: Sequence[str | os.PathLike]) -> int:
 
 
 def write_record(path: Path, sha256: str, identity: str, mtime_ns: int) -> None:
+    """Record the product as it is now, with `mtime_ns` as its own mtime."""
     stat = path.stat()
-    record = {"sha256": sha256, "identity": identity, "size": stat.st_size, "mtime_ns": mtime_ns}
-    write_json_atomic(record_path(path), {**record, "inode": stat.st_ino})
+    record = {"sha256": sha256, "identity": identity, "size": stat.st_size, "inode": stat.st_ino, "mtime_ns": mtime_ns}
+    write_json_atomic(record_path(path), record)
 
 
 def record_product(path: str | os.PathLike, inputs: Sequence[str | os.PathLike], identity: str | None = None) -> None:
