@@ -382,3 +382,22 @@ def test_the_report_renders_in_headless_chromium(cache, target_model, tmp_path):
     command = ["chromium", *CHROMIUM_FLAGS, f"--screenshot={screenshot}", html_path.as_uri()]
     subprocess.run(command, check=True, timeout=120, capture_output=True)
     assert screenshot.stat().st_size > 10_000
+
+
+def test_the_cost_check_gives_the_fixed_cost_share_of_shard_job_time():
+    """Start and imports plus the model load, over all the shard jobs' time (start included)."""
+    from eagle3_cache.cost import cost_check
+    from eagle3_cache.results import CheckResult
+
+    def stats(shard: int, start: float, load: float, total: float) -> dict:
+        seconds = {"start": start, "load": load, "total": total, "forward": total - load}
+        return {"shard": shard, "num_samples": 4, "seconds": seconds, "real_tokens": 100}
+
+    shards = [stats(0, 1.0, 3.0, 16.0), stats(1, 1.0, 3.0, 20.0)]
+    shards[0]["computed_tokens"] = shards[1]["computed_tokens"] = 10
+    shards[0]["padded_tokens"] = shards[1]["padded_tokens"] = 20
+    parity = CheckResult("parity", True, "", {"gpu_seconds": 0.0})
+    check = cost_check(shards, [], 2, [], parity)
+    assert check.figures["fixed_share"] == pytest.approx(8 / 38)
+    assert check.figures["load_share"] == pytest.approx(6 / 38)
+    assert "fixed cost (start and imports, model load) is 21% of shard-job time (the load alone 16%)" in check.summary

@@ -7,13 +7,15 @@ import torch
 
 from eagle3_cache.errors import reported_errors
 from eagle3_cache.gpu_lease import lease_gpus
-from eagle3_cache.logs import logged_wall_split, setup_logging
+from eagle3_cache.logs import logged_wall_split, process_age_seconds, setup_logging
 from eagle3_cache.manifest import retire_commit
 from eagle3_cache.pipeline import compute_shard, run_shard_job
 from eagle3_cache.specforge_shard import compute_specforge_shard
 from eagle3_cache.target import resolve_device
 
 snakemake = snakemake  # noqa: F821 (injected by Snakemake's script directive)
+# The job's fixed cost before its work: the interpreter, Snakemake's preamble and the imports.
+start_seconds = process_age_seconds()
 log = setup_logging(snakemake.log[0])
 # The two shard rules share this script; the run's format decides what it writes.
 COMPUTE = {"automodel": compute_shard, "specforge": compute_specforge_shard}
@@ -40,6 +42,7 @@ with reported_errors(), logged_wall_split(log):
             shard_path=snakemake.output.shard,
             stats_path=snakemake.output.stats,
             compute=COMPUTE[snakemake.params.format],
+            start_seconds=start_seconds,
         )
 
     phases = ", ".join(f"{name} {seconds:.2f}s" for name, seconds in sorted(stats["seconds"].items()))

@@ -342,12 +342,14 @@ def run_shard_job(
     stats_path: str | Path,
     tokens_per_forward: int | None = None,
     compute: ShardComputer = compute_shard,
+    start_seconds: float | None = None,
 ) -> dict[str, Any]:
     """What a shard job does once it holds its devices: load the target, write the shard and its stats.
 
     `settings` are the shard rule's params; `batch_size` and `tokens_per_forward` are not among them,
-    since they change speed and memory only. `compute` writes the shard in its output format. Returns
-    the stats written to `stats_path`.
+    since they change speed and memory only. `compute` writes the shard in its output format;
+    `start_seconds`, the process's start and imports, is recorded beside the load. Returns the stats
+    written to `stats_path`.
     """
     started = time.perf_counter()
     model = load_target(
@@ -381,6 +383,8 @@ def run_shard_job(
     )
     result = compute(model, spec, layout, job)
     result.seconds["load"] = load_seconds
+    if start_seconds is not None:
+        result.seconds["start"] = start_seconds
     result.seconds["total"] = time.perf_counter() - started
     stats = {
         **asdict(result),
