@@ -104,13 +104,6 @@ def model_input(wildcards) -> list[str]:
 INPUT_HASHES = input_digest.FileHashes()
 
 
-def local_model_dir(run: str) -> str | None:
-    """The run's model folder when it is the user's own (not a hub id, not the demo model a rule makes)."""
-    target_model = run_settings(run)["target_model"]
-    is_users = target_model != layout.DEMO_MODEL and Path(target_model).is_dir()
-    return target_model if is_users else None
-
-
 def data_sha256(wildcards) -> str | None:
     """The local data's content digest: a file rewritten in place reruns tokenization."""
     input_data = run_settings(wildcards.run)["input_data"]
@@ -121,15 +114,17 @@ def data_sha256(wildcards) -> str | None:
 
 def model_files_sha256(wildcards) -> str | None:
     """The digest of what tokenization reads from a local model folder (all but the weights)."""
-    model_dir = local_model_dir(wildcards.run)
+    model_dir = input_digest.users_model_dir(
+        run_settings(wildcards.run)["target_model"]
+    )
     return model_dir and input_digest.model_files_sha256(model_dir, INPUT_HASHES)
 
 
 def target_weights_sha256(wildcards) -> str | None:
     """The digest of a local model folder's weights: rewritten in place, they rerun what the target
     computes and nothing before it."""
-    model_dir = local_model_dir(wildcards.run)
-    return model_dir and input_digest.weights_sha256(model_dir, INPUT_HASHES)
+    target_model = run_settings(wildcards.run)["target_model"]
+    return input_digest.target_weights_sha256(target_model, INPUT_HASHES)
 
 
 def gpus_per_job(wildcards) -> int:

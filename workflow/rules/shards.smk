@@ -7,7 +7,7 @@ rule compute_shard:
         plan=rules.plan.output.plan,
     output:
         shard=f"{layout.CACHE_DIR}/{layout.SHARD_FILE}",
-        stats="results/{run}/shard_stats/shard-{shard}.json",
+        stats=layout.SHARD_STATS[layout.AUTOMODEL_FORMAT],
     log:
         "logs/{run}/compute_shard-{shard}.log",
     benchmark:

@@ -12,7 +12,7 @@ rule compute_specforge_shard:
         plan=rules.plan.output.plan,
     output:
         shard=directory(f"{layout.CACHE_DIR}/{layout.SHARD_DIR}"),
-        stats="results/{run}/shard_stats/shard-{shard}.specforge.json",
+        stats=layout.SHARD_STATS[layout.SPECFORGE_FORMAT],
     log:
         "logs/{run}/compute_specforge_shard-{shard}.log",
     benchmark:

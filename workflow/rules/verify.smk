@@ -5,7 +5,7 @@ rule verify_shard:
         selection=rules.select_vocab.output.selection,
         tokenized=rules.tokenize.output.tokenized,
     output:
-        verified="results/{run}/verified/shard-{shard}.json",
+        verified=layout.VERIFIED,
     log:
         "logs/{run}/verify_shard-{shard}.log",
     conda:

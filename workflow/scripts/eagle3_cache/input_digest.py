@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .layout import RESULTS_DIR, WEIGHT_SUFFIXES
+from .layout import DEMO_MODEL, RESULTS_DIR, WEIGHT_SUFFIXES
 from .provenance import file_sha256
 
 HASHES_FILE = Path(RESULTS_DIR, ".input_sha256.json")
@@ -118,3 +118,15 @@ def weights_sha256(model_dir: str, hashes: FileHashes) -> str:
     """sha256 of a model folder's weight files and indexes."""
     root = Path(model_dir)
     return tree_sha256(hashes, root, checkpoint_weight_files(root))
+
+
+def users_model_dir(target_model: str) -> str | None:
+    """`target_model` when it is the user's own model folder: not a hub id, and not the demo model, which a
+    rule makes (Snakemake tracks that one as a rule's output)."""
+    return target_model if target_model != DEMO_MODEL and Path(target_model).is_dir() else None
+
+
+def target_weights_sha256(target_model: str, hashes: FileHashes) -> str | None:
+    """The weights digest the shard rules get: of the user's model folder, None otherwise."""
+    model_dir = users_model_dir(target_model)
+    return model_dir and weights_sha256(model_dir, hashes)

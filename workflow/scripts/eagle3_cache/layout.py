@@ -129,6 +129,13 @@ VOCAB_SELECTION = f"{RUN_DIR}/vocab_selection.pt"
 VOCAB_COUNTS = f"{RUN_DIR}/vocab_counts.npy"
 PLAN = f"{RUN_DIR}/plan.json"
 PRODUCTS = (TOKENIZED, VOCAB_SELECTION, VOCAB_COUNTS, PLAN)
+# A shard's verification record.
+VERIFIED = f"{RUN_DIR}/verified/shard-{{shard}}.json"
+# Each shard job's stats, per format (the shard rules' outputs beside the shard).
+SHARD_STATS = {
+    AUTOMODEL_FORMAT: f"{RUN_DIR}/shard_stats/shard-{{shard}}.json",
+    SPECFORGE_FORMAT: f"{RUN_DIR}/shard_stats/shard-{{shard}}.specforge.json",
+}
 
 
 # --- Local input data: anything else is a hub dataset id --------------------------------------
