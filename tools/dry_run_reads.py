@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOW_FILES = ("Snakefile", "workflow", "profiles")
+WORKFLOW_FILES = ("Snakefile", "workflow", "profiles", "envs")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN, VOCAB = 4096, 32, 32, 8, 14336, 128256
@@ -47,6 +47,7 @@ CONFIG = {
     "torch_dtype": "bfloat16",
 }
 FILES = 4
+RUN = "llama8b"
 # Prints the bytes this process read when it ends, whatever snakemake's exit status.
 MEASURED_SNAKEMAKE = """
 import atexit, sys
@@ -119,7 +120,9 @@ def sparse_checkpoint(model: Path, tokenizer: Path) -> int:
     return total
 
 
-def workdir_for(workdir: Path, model: Path) -> None:
+def workdir_for(workdir: Path, model: Path, conversations: list[dict] | None = None, **settings: object) -> None:
+    """A copy of the workflow running `model` on `conversations` (one short exchange by default), with the
+    run's other `settings`."""
     workdir.mkdir(parents=True)
     for name in WORKFLOW_FILES:
         source = REPO / name
@@ -128,11 +131,13 @@ def workdir_for(workdir: Path, model: Path) -> None:
         else:
             shutil.copy2(source, workdir / name)
     (workdir / "config").mkdir()
-    config = {"runs": {"llama8b": {"target_model": str(model), "input_data": "data/conversations.jsonl"}}}
-    (workdir / "config" / "config.yaml").write_text(json.dumps(config))
+    run = {"target_model": str(model), "input_data": "data/conversations.jsonl", **settings}
+    (workdir / "config" / "config.yaml").write_text(json.dumps({"runs": {RUN: run}}))
     (workdir / "data").mkdir()
-    chat = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]}
-    (workdir / "data" / "conversations.jsonl").write_text(json.dumps(chat) + "\n")
+    chats = conversations or [
+        {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]}
+    ]
+    (workdir / "data" / "conversations.jsonl").write_text("".join(json.dumps(chat) + "\n" for chat in chats))
 
 
 def measured_dry_run(workdir: Path) -> tuple[int, float]:
