@@ -34,6 +34,12 @@ def nearest_existing_directory(path: str | os.PathLike) -> Path:
     return next(p for p in (path, *path.parents) if p.is_dir())
 
 
+def mount_point(path: str | os.PathLike) -> Path:
+    """The mount point of the filesystem holding `path` (or its closest existing parent)."""
+    directory = nearest_existing_directory(path).resolve()
+    return next(p for p in (directory, *directory.parents) if os.path.ismount(p))
+
+
 def keeps_holes(directory: Path, block_size: int) -> bool:
     """Whether a file here keeps its never-written blocks as holes: a probe with one block written of many."""
     # Named as a temp file, so that the manifest job removes one a killed plan job left in the cache directory.

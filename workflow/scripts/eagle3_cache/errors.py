@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import os
 import shutil
 import sys
 from collections.abc import Iterator
@@ -47,14 +46,11 @@ def disk_full(error: BaseException) -> OSError | None:
     return os_error(error, DISK_FULL)
 
 
-def mount_point(path: Path) -> Path:
-    """The mount point of the filesystem holding `path` (its nearest existing directory)."""
-    path = next(p for p in (path, *path.parents) if p.is_dir()).resolve()
-    return next(p for p in (path, *path.parents) if os.path.ismount(p))
-
-
 def disk_full_message(error: OSError) -> str:
     """What a job that ran out of space says: the filesystem, its free space now, and that nothing was committed."""
+    # Imported here: disk_space imports atomic, which imports this module.
+    from .disk_space import mount_point
+
     written = Path(error.filename) if error.filename else Path(RESULTS_DIR)
     filesystem = mount_point(written.parent if error.filename else written)
     free = shutil.disk_usage(filesystem).free

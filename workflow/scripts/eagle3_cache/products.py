@@ -41,12 +41,16 @@ def read_record(path: str | os.PathLike) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+def is_recorded_file(stat: os.stat_result, record: dict[str, Any] | None) -> bool:
+    """Whether `record` describes the file `stat` is of: the same inode and size (its mtime aside, which
+    Snakemake touches)."""
+    return record is not None and [stat.st_size, stat.st_ino] == [record.get("size"), record.get("inode")]
+
+
 def own_mtime_ns(path: Path) -> int:
     """A file's mtime; for a recorded product, the recorded one (Snakemake may have touched it since)."""
     stat, record = path.stat(), read_record(path)
-    if record is not None and [stat.st_size, stat.st_ino] == [record.get("size"), record.get("inode")]:
-        return record["mtime_ns"]
-    return stat.st_mtime_ns
+    return record["mtime_ns"] if is_recorded_file(stat, record) else stat.st_mtime_ns
 
 
 def newest_mtime_ns(paths: Sequence[str | os.PathLike]) -> int:
@@ -83,10 +87,7 @@ def settle(paths: Sequence[str | os.PathLike]) -> None:
     it after its job. Run once the jobs are over, in the process that ran them."""
     for path in map(Path, paths):
         record = read_record(path)
-        if record is None or not path.is_file():
-            continue
-        stat = path.stat()
-        if [stat.st_size, stat.st_ino] == [record.get("size"), record.get("inode")]:
+        if path.is_file() and is_recorded_file(path.stat(), record):
             os.utime(path, ns=(record["mtime_ns"], record["mtime_ns"]))
 
 
@@ -98,7 +99,7 @@ def damage(path: str | os.PathLike) -> str | None:
     if record is None or not path.is_file():
         return None
     stat = path.stat()
-    if [stat.st_size, stat.st_mtime_ns, stat.st_ino] == [record.get(k) for k in ("size", "mtime_ns", "inode")]:
+    if is_recorded_file(stat, record) and stat.st_mtime_ns == record.get("mtime_ns"):
         return None
     if stat.st_size != record.get("size"):
         return f"{stat.st_size} bytes where {record.get('size')} were written"

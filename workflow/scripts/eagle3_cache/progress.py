@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import CACHE_SEMANTICS_VERSION
+from .errors import stopping_on_config_errors
 from .failures import failure_lines
 from .input_digest import FileHashes, target_weights_sha256
 from .layout import (
@@ -191,7 +192,8 @@ def main() -> None:
     parser.add_argument("--watch", type=float, help="print again every this many seconds")
     parser.add_argument("--window", type=float, default=600.0, help="seconds the recent rate is taken over")
     args = parser.parse_args()
-    config = checked_run_config()
+    with stopping_on_config_errors():
+        config = checked_run_config()
     while True:
         print("\n".join(report(config, time.time(), args.window)), flush=True)
         if not args.watch:
