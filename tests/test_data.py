@@ -15,6 +15,7 @@ import pytest
 import torch
 from datasets import Dataset
 
+from eagle3_cache import chat as chat_module
 from eagle3_cache import data
 from eagle3_cache.chat import ChatTokenizer, chat_template_hash, special_token_ids, tokenizer_hash
 from eagle3_cache.data import Conversation, Rows, conversation_from_row, iter_conversations, load_rows
@@ -308,6 +309,44 @@ def test_real_smollm2_template(smollm2_tokenizer):
     assert supervised_text(smollm2_tokenizer, sample) == "<|im_start|>assistant\n4<|im_end|>\n"
     # pad == eos there, so one trailing <|im_end|> is content.
     assert rendered.endswith("<|im_end|>\n<|im_end|>")
+
+
+
+@pytest.mark.parametrize("seq_length", [40, 512])
+@pytest.mark.parametrize("options", [{}, {"mask_generation_prompt": True, "mask_reasoning_content": True}], ids=str)
+def test_prefixes_read_off_the_one_encoding_equal_prefixes_encoded_alone(
+    smollm2_tokenizer, monkeypatch, seq_length, options
+):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        *chat("What is 2+2?", "4", reasoning_content="add them"),
+        *chat("  and  3+3?\n", "\n6 "),
+        *chat("Thanks", "You are welcome."),
+    ]
+    located = ChatTokenizer(smollm2_tokenizer, seq_length, **options)
+    assert located.added_tokens, "SmolLM2's tokenizer is fast and has added tokens"
+    read_off = []
+    monkeypatch.setattr(
+        chat_module._Renders, "prefix", recording(chat_module._Renders.prefix, lambda renders: renders.starts, read_off)
+    )
+    sample = located(conversation(messages))
+    assert read_off and all(read_off), "every prefix was read off the one encoding"
+    encoded_alone = ChatTokenizer(smollm2_tokenizer, seq_length, **options)
+    encoded_alone.added_tokens = {}
+    alone = encoded_alone(conversation(messages))
+    assert np.array_equal(sample.input_ids, alone.input_ids)
+    assert np.array_equal(sample.loss_mask, alone.loss_mask)
+    assert sample.num_supervised > 0
+
+
+def recording(method, fact, facts: list):
+    """`method`, appending `bool(fact(self))` to `facts` at each call."""
+
+    def recorded(self, *args, **kwargs):
+        facts.append(bool(fact(self)))
+        return method(self, *args, **kwargs)
+
+    return recorded
 
 
 # --- The token store ---------------------------------------------------------------------------

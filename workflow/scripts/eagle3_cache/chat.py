@@ -7,10 +7,17 @@ The rows match what Automodel's ChatDataset yields for EAGLE-3 (`padding="max_le
 Every mask is built in the coordinates of the untruncated render and then cut to `seq_length`.
 Automodel builds them from renders truncated at `seq_length`; because truncation keeps the head,
 both give the same masks, and one untruncated render serves the full, prefix and probe renders.
+
+Each conversation is encoded once. A prefix render (the messages before an assistant turn) is
+rendered as text only and located in the full encoding by its characters, when its end meets an
+added token there (`<|im_start|>`, `<|eot_id|>`): a fast tokenizer splits text at added tokens
+before anything else, so the prefix alone encodes to exactly the full encoding's tokens before it.
+Elsewhere the prefix is encoded on its own, as Automodel does.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
@@ -89,6 +96,14 @@ def padding_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return pad
 
 
+def added_token_texts(tokenizer: PreTrainedTokenizerBase) -> dict[int, str]:
+    """The added tokens' ids and texts, which a fast tokenizer splits text at first; none for a slow
+    tokenizer, which gives no character offsets."""
+    if not tokenizer.is_fast:
+        return {}
+    return {token_id: token.content for token_id, token in tokenizer.added_tokens_decoder.items()}
+
+
 def content_length(input_ids: np.ndarray, pad_id: int, eos_id: int | None) -> int:
     """Positions before the trailing pad run; when pad is eos, one trailing eos is content."""
     content = np.flatnonzero(input_ids != pad_id)
@@ -151,6 +166,7 @@ class ChatTokenizer:
         self.pad_token_id = padding_token_id(tokenizer)
         self.eos_token_id = tokenizer.eos_token_id
         self.has_generation_tags = GENERATION_TAG.search(template) is not None
+        self.added_tokens = added_token_texts(tokenizer)
         self.template_mentions_reasoning = "reasoning_content" in template
         # A template that reads enable_thinking may open an assistant turn either way, so both
         # prompts are tried; others get no such keyword.
@@ -159,7 +175,9 @@ class ChatTokenizer:
         self._warned: set[str] = set()
 
     def __call__(self, conversation: Conversation) -> TokenizedSample:
-        renders = _Renders(self.tokenizer, conversation, with_assistant_mask=self.has_generation_tags)
+        renders = _Renders(
+            self.tokenizer, conversation, with_assistant_mask=self.has_generation_tags, added_tokens=self.added_tokens
+        )
         if renders.assistant_mask is not None:
             mask = np.asarray(renders.assistant_mask, dtype=bool)
         else:
@@ -282,13 +300,24 @@ class _Renders:
     """Untruncated renders of one conversation: the whole of it, and prefixes rendered once each."""
 
     def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, conversation: Conversation, with_assistant_mask: bool
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        conversation: Conversation,
+        with_assistant_mask: bool,
+        added_tokens: dict[int, str],
     ) -> None:
         self.tokenizer = tokenizer
         self.where = conversation.where
         self.messages = conversation.messages
         self.tools = conversation.tools
-        encoding = self.encode(self.messages, return_assistant_tokens_mask=with_assistant_mask)
+        self.added_tokens = added_tokens
+        if with_assistant_mask or not self.added_tokens:
+            encoding = self.encode(self.messages, return_assistant_tokens_mask=with_assistant_mask)
+            self.text, self.starts = "", []
+        else:
+            self.text = self.render(self.messages)
+            encoding = tokenizer(self.text, add_special_tokens=False, return_offsets_mapping=True)
+            self.starts = [start for start, _ in encoding["offset_mapping"]]
         self.full: list[int] = list(encoding["input_ids"])
         # From the template's {% generation %} blocks, when asked for.
         self.assistant_mask: list[int] | None = encoding.get("assistant_masks")
@@ -301,8 +330,24 @@ class _Renders:
         if count == len(self.messages):
             return self.full
         if count not in self._prefixes:
-            self._prefixes[count] = self.ids(self.messages[:count])
+            located = self.located_prefix_length(count)
+            self._prefixes[count] = self.full[:located] if located is not None else self.ids(self.messages[:count])
         return self._prefixes[count]
+
+    def located_prefix_length(self, count: int) -> int | None:
+        """The token count of the first `count` messages' render, read off the full encoding where its
+        end meets an added token there (see the module docstring); None where it does not."""
+        if not self.starts:
+            return None
+        text = self.render(self.messages[:count])
+        end = len(text)
+        if not self.text.startswith(text):
+            return None
+        index = bisect.bisect_left(self.starts, end)
+        if index == len(self.full) or self.starts[index] != end:
+            return None
+        token = self.added_tokens.get(self.full[index])
+        return index if token is not None and self.text.startswith(token, end) else None
 
     def generation_prompt(self, count: int, mode: dict[str, Any]) -> list[int]:
         return self.ids(self.messages[:count], add_generation_prompt=True, **mode)
@@ -313,6 +358,9 @@ class _Renders:
 
     def ids(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
         return list(self.encode(messages, **template_kwargs)["input_ids"])
+
+    def render(self, messages: list[dict[str, Any]]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tools=self.tools, tokenize=False)
 
     def encode(self, messages: list[dict[str, Any]], **kwargs: Any) -> Any:
         return self.tokenizer.apply_chat_template(messages, tools=self.tools, tokenize=True, return_dict=True, **kwargs)
