@@ -311,7 +311,6 @@ def test_real_smollm2_template(smollm2_tokenizer):
     assert rendered.endswith("<|im_end|>\n<|im_end|>")
 
 
-
 @pytest.mark.parametrize("seq_length", [40, 512])
 @pytest.mark.parametrize("options", [{}, {"mask_generation_prompt": True, "mask_reasoning_content": True}], ids=str)
 def test_prefixes_read_off_the_one_encoding_equal_prefixes_encoded_alone(
