@@ -180,6 +180,61 @@ def tokenize_to_store(
     return path
 
 
+def run_tokenize_jobs(workdir: Path, config: dict, run: str) -> Path:
+    """The tokenize rules' scripts, run in this process in Snakemake's order on the run's data, their files
+    under `workdir`: the index, each part, the join. The run's store; a script's failure is its SystemExit."""
+    import runpy
+
+    from snakemake.iocontainers import Namedlist
+
+    from eagle3_cache import layout
+    from eagle3_cache.data_parts import read_index
+
+    settings = layout.applied_settings(config["runs"][run])
+    scripts = Path(__file__).resolve().parents[1] / "workflow" / "scripts"
+
+    def job(script: str, log: str, output: dict, params: dict, inputs: dict, **wildcards) -> None:
+        paths = {name: str(workdir / pattern.format(run=run, **wildcards)) for name, pattern in output.items()}
+        log_path = workdir / "logs" / run / log
+        for path in [*paths.values(), log_path]:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        namespace = SimpleNamespace(
+            input=Namedlist(fromdict=inputs),
+            params=Namedlist(fromdict=params),
+            output=Namedlist(fromdict=paths),
+            log=[str(log_path)],
+            config=config,
+            wildcards=SimpleNamespace(run=run, **wildcards),
+        )
+        runpy.run_path(str(scripts / script), init_globals={"snakemake": namespace})
+
+    index = workdir / layout.TOKENIZE_INDEX.format(run=run)
+    data_params = {name: settings[name] for name in layout.DATA_SETTINGS}
+    part_size = {"tokenize_part_size": settings.get("tokenize_part_size", 20000)}
+    job(
+        "index_conversations.py",
+        "index_conversations.log",
+        {"index": layout.TOKENIZE_INDEX},
+        data_params | part_size,
+        {},
+    )
+    parts = [layout.part_id(number) for number in range(len(read_index(index)["parts"]))]
+    tokenize_params = {name: settings[name] for name in layout.TOKENIZE_SETTINGS}
+    for part in parts:
+        output = {"part": layout.TOKENIZED_PART}
+        job(
+            "tokenize_conversations.py",
+            f"tokenize/part-{part}.log",
+            output,
+            tokenize_params,
+            {"index": str(index)},
+            part=part,
+        )
+    part_paths = [str(workdir / layout.TOKENIZED_PART.format(run=run, part=part)) for part in parts]
+    job("join_tokenized.py", "tokenize.log", {"tokenized": layout.TOKENIZED}, {}, {"parts": part_paths})
+    return workdir / layout.TOKENIZED.format(run=run)
+
+
 # --- A finished cache, built without Snakemake (report and end-to-end tests) -----------------
 
 
@@ -400,6 +455,9 @@ RUN = "tiny"
 NUM_CONVERSATIONS = 10
 SHARD_SIZE = 4
 NUM_SHARDS = 3
+# Tokenized in two parts, the second partial.
+TOKENIZE_PART_SIZE = 6
+TOKENIZATION = {"index_conversations", "tokenize_part-000000", "tokenize_part-000001", "tokenize"}
 
 WORDS = (
     "the model reads every token and writes a short answer about rivers cities numbers "
@@ -428,6 +486,7 @@ def run_config(target_model: str | Path, **overrides) -> dict:
         "seq_length": 32,
         "draft_vocab_size": 64,
         "shard_size": SHARD_SIZE,
+        "tokenize_part_size": TOKENIZE_PART_SIZE,
         "batch_size": 2,
     }
     settings.update(overrides)
@@ -517,11 +576,11 @@ LOCAL_RUN = [
 ]
 
 JOB_HEADER = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):$")
-SHARD_WILDCARD = re.compile(r"^\s+wildcards: .*\bshard=(\d{6})")
+SHARD_WILDCARD = re.compile(r"^\s+wildcards: .*\b(?:shard|part)=(\d{6})")
 
 
-# Rules with one job per shard; jobs_run names their jobs "<rule>-<shard>".
-SHARD_RULES = ("compute_shard", "compute_specforge_shard", "verify_shard")
+# Rules with one job per shard (or tokenized part); jobs_run names their jobs "<rule>-<shard>".
+SHARD_RULES = ("compute_shard", "compute_specforge_shard", "verify_shard", "tokenize_part")
 AUTOMODEL_SHARD_RULES = ("compute_shard", "verify_shard")
 
 

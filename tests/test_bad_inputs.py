@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import runpy
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,21 +24,20 @@ import pytest
 import torch
 import yaml
 from huggingface_hub import constants
-from snakemake.iocontainers import Namedlist
 
 from eagle3_cache import startup
 from eagle3_cache.errors import CacheConfigError, error_line
-from eagle3_cache.layout import CACHE_DIR, TOKENIZE_SETTINGS, applied_settings
+from eagle3_cache.layout import CACHE_DIR
 from helpers import (
     CONFIG_SCHEMA,
     HUB_MODEL,
-    REPO,
     RUN,
     cache_dir,
     digest,
     jobs_run,
     new_workdir,
     run_config,
+    run_tokenize_jobs,
     snakemake,
     write_config,
 )
@@ -455,7 +453,6 @@ CASES = [
 # How far from the end of a failed run's output its Error: line may be (Snakemake's footer is four lines).
 LAST_LINES = 6
 END_TO_END = {"unknown_key", "model_without_weights", "hub_model_offline", "not_utf8", "sample_without_supervision"}
-TOKENIZE_SCRIPT = REPO / "workflow" / "scripts" / "tokenize_conversations.py"
 
 
 def case_id(case: Case) -> str:
@@ -492,23 +489,6 @@ def hub(monkeypatch, tmp_path):
     return monkeypatch
 
 
-def tokenize_job(workdir: Path, config: dict) -> SimpleNamespace:
-    """The `snakemake` object the tokenize rule hands its script for the run, its folders made as Snakemake
-    makes them."""
-    params = {name: applied_settings(config["runs"][RUN])[name] for name in TOKENIZE_SETTINGS}
-    tokenized, log = workdir / "results" / RUN / "tokenized.h5", workdir / "logs" / RUN / "tokenize.log"
-    for path in (tokenized, log):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    return SimpleNamespace(
-        input=Namedlist(),
-        params=Namedlist(fromdict=params),
-        output=SimpleNamespace(tokenized=str(tokenized)),
-        log=[str(log)],
-        config=config,
-        wildcards=SimpleNamespace(run=RUN),
-    )
-
-
 def first_refusal(workdir: Path) -> str | None:
     """The line the first level to refuse the run's config prints, or None when every level passes."""
     config = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
@@ -519,7 +499,7 @@ def first_refusal(workdir: Path) -> str | None:
     except CacheConfigError as error:
         return error_line(error)
     try:
-        runpy.run_path(str(TOKENIZE_SCRIPT), init_globals={"snakemake": tokenize_job(workdir, config)})
+        run_tokenize_jobs(workdir, config, RUN)
     except SystemExit as stopped:
         return str(stopped.code)
     return None

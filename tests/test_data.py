@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-import runpy
 from pathlib import Path
-from types import SimpleNamespace
 
 import datasets
 import h5py
@@ -33,6 +31,7 @@ from helpers import (
     CHATML_TEMPLATE,
     chat,
     numbered_rows,
+    run_tokenize_jobs,
     tiny_llama_config,
     tokenize_to_store,
     write_jsonl,
@@ -441,30 +440,12 @@ def test_a_file_that_is_not_a_store_is_refused(tmp_path):
 # --- The rule script ---------------------------------------------------------------------------
 
 
-def rule_job(tmp_path: Path, run_settings: dict | None = None, **params) -> SimpleNamespace:
-    """The `snakemake` object the tokenize rule hands its script (params as Snakemake's Namedlist); the
-    config's run holds the settings the script checks beyond its params."""
-    from snakemake.iocontainers import Namedlist
-
-    defaults = dict(
-        revision=None,
-        data_revision=None,
-        trust_remote_code=False,
-        split="train",
-        shuffle_seed=42,
-        seq_length=32,
-        mask_reasoning_content=False,
-        mask_generation_prompt=False,
-    )
-    checked = {"aux_layer_ids": None, "draft_vocab_size": None, "seq_length": 32, **(run_settings or {})}
-    return SimpleNamespace(
-        input=Namedlist(),
-        params=Namedlist(fromdict={**defaults, **params}),
-        output=SimpleNamespace(tokenized=str(tmp_path / "results" / "tokenized.h5")),
-        log=[str(tmp_path / "tokenize.log")],
-        config={"runs": {"r": checked}},
-        wildcards=SimpleNamespace(run="r"),
-    )
+def tokenize_run(tmp_path: Path, run_settings: dict | None = None, **settings) -> Path:
+    """The tokenize rules' scripts on a run of `settings` (seq_length 32), in tmp_path; the run's store."""
+    run = {"seq_length": 32, "mask_reasoning_content": False, "mask_generation_prompt": False}
+    run |= {"revision": None, "data_revision": None, "trust_remote_code": False, "split": None, "shuffle_seed": 42}
+    run |= {"aux_layer_ids": None, "draft_vocab_size": None, **settings, **(run_settings or {})}
+    return run_tokenize_jobs(tmp_path, {"runs": {"r": run}}, "r")
 
 
 @pytest.fixture
@@ -480,8 +461,7 @@ def test_a_tokenizer_with_ids_past_the_vocabulary_is_refused_as_tokenization_sta
     """What a hub model gets (a local one is refused earlier, from its files)."""
     tiny_llama_config(vocab_size=100).save_pretrained(model_dir)
     data_path = write_jsonl(tmp_path / "chats.jsonl", [{"messages": chat("Hi", "Yo")}])
-    snakemake = rule_job(tmp_path, target_model=str(model_dir), input_data=str(data_path))
-    printed = run_failing_tokenize_script(snakemake, capsys)
+    printed = run_failing_tokenize_script(capsys, tmp_path, target_model=str(model_dir), input_data=str(data_path))
     expected = r"Error: target_model '.*': its tokenizer has ids up to \d+, but its config's vocab_size is 100"
     assert re.search(expected, printed)
 
@@ -492,19 +472,18 @@ def test_tokenize_rule_script(tmp_path, model_dir):
         {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]},
     ]
     data_path = write_jsonl(tmp_path / "chats.jsonl", rows)
-    snakemake = rule_job(tmp_path, target_model=str(model_dir), input_data=str(data_path))
-    runpy.run_path(str(SCRIPTS / "tokenize_conversations.py"), init_globals={"snakemake": snakemake})
-    info = read_tokenized_info(snakemake.output.tokenized)
+    tokenized = tokenize_run(tmp_path, target_model=str(model_dir), input_data=str(data_path))
+    info = read_tokenized_info(tokenized)
     assert info.num_samples == 2 and info.target_vocab_size == 384
     # A JSON file is read whole: its split and shuffle_seed are not applied, and the store says so.
     assert info.source == {"input_data": str(data_path), "split": None, "shuffle_seed": None}
-    assert "2 samples, 0 truncated" in (tmp_path / "tokenize.log").read_text()
+    assert "2 samples, 0 truncated" in (tmp_path / "logs" / "r" / "tokenize.log").read_text()
 
 
-def run_failing_tokenize_script(snakemake: SimpleNamespace, capsys) -> str:
-    """Run the tokenize script expecting it to stop; returns what it printed on stderr."""
+def run_failing_tokenize_script(capsys, tmp_path: Path, run_settings: dict | None = None, **settings) -> str:
+    """Run the tokenize scripts expecting one to stop; returns what it printed on stderr."""
     with pytest.raises(SystemExit) as stopped:
-        runpy.run_path(str(SCRIPTS / "tokenize_conversations.py"), init_globals={"snakemake": snakemake})
+        tokenize_run(tmp_path, run_settings, **settings)
     assert stopped.value.code != 0
     return capsys.readouterr().err + str(stopped.value.code)
 
@@ -512,20 +491,19 @@ def run_failing_tokenize_script(snakemake: SimpleNamespace, capsys) -> str:
 def test_tokenize_rule_script_names_the_line_of_a_bad_sample_in_one_line(tmp_path, model_dir, capsys):
     rows = [{"messages": chat("Hi", "Yo")}, {"messages": [{"role": "user", "content": "Hi"}]}]
     data_path = write_jsonl(tmp_path / "chats.jsonl", rows)
-    snakemake = rule_job(tmp_path, target_model=str(model_dir), input_data=str(data_path))
-    printed = run_failing_tokenize_script(snakemake, capsys)
+    printed = run_failing_tokenize_script(capsys, tmp_path, target_model=str(model_dir), input_data=str(data_path))
     assert f"Error: {data_path}, line 2 has no assistant turn" in printed
     assert "Traceback" not in printed
-    assert "Traceback" in (tmp_path / "tokenize.log").read_text()
-    assert not (tmp_path / "results").exists() or list((tmp_path / "results").iterdir()) == []
+    assert "Traceback" in (tmp_path / "logs" / "r" / "tokenize" / "part-000000.log").read_text()
+    assert not list((tmp_path / "results" / "r" / "tokenized").glob("*.h5*"))
 
 
 def test_tokenize_rule_script_checks_the_target_config_before_tokenizing(tmp_path, model_dir, capsys):
     data_path = write_jsonl(tmp_path / "chats.jsonl", [{"messages": chat("Hi", "Yo")}])
-    snakemake = rule_job(
-        tmp_path, {"aux_layer_ids": [1, 2, 30]}, target_model=str(model_dir), input_data=str(data_path)
+    printed = run_failing_tokenize_script(
+        capsys, tmp_path, {"aux_layer_ids": [1, 2, 30]}, target_model=str(model_dir), input_data=str(data_path)
     )
-    assert "aux_layer_ids must be 3 distinct layer ids in [0, 7]" in run_failing_tokenize_script(snakemake, capsys)
+    assert "aux_layer_ids must be 3 distinct layer ids in [0, 7]" in printed
 
 
 # --- Parity with Automodel's ChatDataset (the oracle) ------------------------------------------

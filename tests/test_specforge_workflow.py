@@ -21,6 +21,7 @@ from helpers import (
     HUB_MODEL,
     NUM_SHARDS,
     RUN,
+    TOKENIZATION,
     cache_dir,
     every_shard,
     jobs_run,
@@ -86,7 +87,7 @@ def workdir(specforge_run, tmp_path) -> Path:
 @pytest.mark.slow
 def test_first_run_builds_every_step(specforge_run):
     workdir, jobs = specforge_run
-    assert jobs == {"tokenize", "select_vocab", "plan", "specforge_vocab_mapping"} | AFTER_SHARDS | (
+    assert jobs == TOKENIZATION | {"select_vocab", "plan", "specforge_vocab_mapping"} | AFTER_SHARDS | (
         every_specforge_shard()
     )
     assert_complete_specforge_cache(workdir)

@@ -11,11 +11,18 @@ import pytest
 import torch
 from snakemake.iocontainers import Namedlist
 
-from eagle3_cache import vocab
+from eagle3_cache import token_store as token_store_module
 from eagle3_cache.errors import CacheConfigError
-from eagle3_cache.token_store import TokenizedSample, read_tokenized_info, synthetic_header, write_tokenized
+from eagle3_cache.token_store import (
+    TokenizedSample,
+    join_stores,
+    read_supervised_counts,
+    read_tokenized_info,
+    synthetic_header,
+    write_tokenized,
+)
 from eagle3_cache.vocab import (
-    count_supervised_tokens,
+    build_vocab_selection,
     select_draft_vocab,
     store_vocab_selection,
     write_vocab_counts,
@@ -77,16 +84,21 @@ def token_store(path: Path, rows: list[tuple[list[int], list[int]]], vocab_size:
     return path
 
 
-def test_counts_only_loss_masked_unshifted_in_range_ids(tmp_path, monkeypatch):
-    monkeypatch.setattr(vocab, "COUNT_BLOCK_ROWS", 2)
+def test_counts_only_loss_masked_unshifted_in_range_ids_summed_over_parts(tmp_path, monkeypatch):
+    monkeypatch.setattr(token_store_module, "WRITE_ROWS", 2)
     rows = [
         ([5, 6, 7, 5], [1, 0, 1, 1]),
         ([9, 9, 3], [1, 1, 0]),
         ([4, 12], [1, 1]),  # 12 is outside the vocabulary
     ]
-    counts = count_supervised_tokens(token_store(tmp_path / "t.h5", rows, vocab_size=10), 10)
-    assert counts.dtype == np.int64
-    assert counts.tolist() == [0, 0, 0, 0, 1, 2, 0, 1, 0, 2]
+    whole = token_store(tmp_path / "whole.h5", rows, vocab_size=10)
+    parts = [token_store(tmp_path / f"part-{i}.h5", rows[i : i + 2], vocab_size=10) for i in (0, 2)]
+    joined = tmp_path / "joined.h5"
+    join_stores(joined, parts)
+    for store in (whole, joined):
+        counts = read_supervised_counts(store)
+        assert counts.dtype == np.int64
+        assert counts.tolist() == [0, 0, 0, 0, 1, 2, 0, 1, 0, 2]
 
 
 def test_selection_file_round_trip(tmp_path):
@@ -123,7 +135,7 @@ def test_select_vocab_rule_script(tmp_path):
 def test_a_draft_vocabulary_larger_than_the_target_is_refused_not_clamped(tmp_path):
     store = token_store(tmp_path / "tokenized.h5", [([5, 6], [1, 1])], vocab_size=10)
     with pytest.raises(CacheConfigError, match="draft_vocab_size 11 is larger than the target's vocabulary of 10"):
-        vocab.build_vocab_selection(store, 11, tmp_path / "selection.pt")
+        build_vocab_selection(store, 11, tmp_path / "selection.pt")
     assert not (tmp_path / "selection.pt").exists()
 
 

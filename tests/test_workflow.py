@@ -26,6 +26,7 @@ from helpers import (
     REPO,
     RUN,
     RUN_TIMEOUT_S,
+    TOKENIZATION,
     assert_complete_cache,
     cache_dir,
     digest,
@@ -48,7 +49,7 @@ from helpers import (
 @pytest.mark.slow
 def test_first_run_builds_every_step(completed):
     workdir, jobs = completed
-    assert jobs == {"tokenize", "select_vocab", "plan", "target_embeddings"} | AFTER_SHARDS | every_shard()
+    assert jobs == TOKENIZATION | {"select_vocab", "plan", "target_embeddings"} | AFTER_SHARDS | every_shard()
     assert_complete_cache(workdir, NUM_SHARDS)
 
 
@@ -83,7 +84,9 @@ def test_3_draft_vocab_size_reruns_vocab_and_everything_after(workdir, tiny_chat
 def test_4_seq_length_reruns_from_tokenization(workdir, tiny_chat_target):
     write_config(workdir, run_config(tiny_chat_target, seq_length=24))
     jobs = jobs_run(snakemake(workdir).stdout)
-    assert jobs == {"tokenize", "select_vocab", "plan", "target_embeddings"} | AFTER_SHARDS | every_shard()
+    # The index holds which conversations each part has, not how they are tokenized.
+    tokenization = TOKENIZATION - {"index_conversations"}
+    assert jobs == tokenization | {"select_vocab", "plan", "target_embeddings"} | AFTER_SHARDS | every_shard()
 
 
 @pytest.mark.slow
@@ -291,7 +294,7 @@ def test_10_data_and_weights_rewritten_in_place_rerun_what_they_shape(tmp_path, 
         pq.write_table(pa.Table.from_pylist(answers[1::2]), handle)
     assert parts.stat().st_mtime_ns == folder_mtime
     jobs = jobs_run(snakemake(workdir).stdout)
-    assert {"tokenize", "select_vocab", "plan"} | AFTER_SHARDS | every_shard() <= jobs
+    assert TOKENIZATION | {"select_vocab", "plan"} | AFTER_SHARDS | every_shard() <= jobs
     rerun = json.loads((cache_dir(workdir) / "manifest.json").read_text())
     assert rerun["input_sha256"]["data_sha256"] != manifest["input_sha256"]["data_sha256"]
 
@@ -344,6 +347,7 @@ def test_dry_run_before_tokenization_plans_up_to_the_checkpoint(tmp_path, profil
     result = snakemake_static(workdir, "--profile", profile, "-n")
     assert result.returncode == 0, result.stdout
     assert jobs_run(result.stdout) == {
+        "index_conversations",
         "tokenize",
         "select_vocab",
         "plan",

@@ -10,6 +10,7 @@ sys.path.append(str(Path(workflow.basedir, "workflow", "scripts")))
 
 from eagle3_cache import (
     CACHE_SEMANTICS_VERSION,
+    data_parts,
     failures,
     input_digest,
     layout,
@@ -62,6 +63,7 @@ onerror:
 wildcard_constraints:
     run="|".join(re.escape(run) for run in config["runs"]),
     shard=layout.SHARD_ID,
+    part=layout.PART_ID,
 
 
 def run_settings(run: str) -> dict:
@@ -132,14 +134,24 @@ def gpus_per_job(wildcards) -> int:
     return 0 if config["device"] == "cpu" else config["gpus_per_job"]
 
 
-def run_num_shards(run: str) -> int:
-    """The run's number of shards, known once the tokenize checkpoint has run."""
-    tokenized = checkpoints.tokenize.get(run=run).output.tokenized
-    # Imported only now: the module pulls in torch, which a dry run before
-    # tokenization should not pay for.
-    from eagle3_cache.token_store import read_tokenized_info
+def run_index(run: str) -> dict:
+    """The run's tokenization index, known once its checkpoint has run."""
+    return data_parts.read_index(
+        checkpoints.index_conversations.get(run=run).output.index
+    )
 
-    num_samples = read_tokenized_info(tokenized).num_samples
+
+def every_part(wildcards) -> list[str]:
+    """Every tokenized part of the job's run."""
+    parts = range(len(run_index(wildcards.run)["parts"]))
+    return expand(
+        layout.TOKENIZED_PART, run=wildcards.run, part=map(layout.part_id, parts)
+    )
+
+
+def run_num_shards(run: str) -> int:
+    """The run's number of shards."""
+    num_samples = run_index(run)["num_samples"]
     return layout.num_shards(num_samples, run_settings(run)["shard_size"])
 
 

@@ -1,6 +1,8 @@
-"""Rule `tokenize`: conversations -> results/{run}/tokenized.h5 (see eagle3_cache.token_store)."""
+"""Rule `tokenize_part`: one part of the conversations -> results/{run}/tokenized/part-NNNNNN.h5, a tokenized
+store of its rows (see eagle3_cache.token_store)."""
 
 from eagle3_cache.data import checked_rows
+from eagle3_cache.data_parts import read_parts
 from eagle3_cache.errors import reported_errors
 from eagle3_cache.layout import INPUT_DIGESTS
 from eagle3_cache.logs import logged_wall_split, setup_logging
@@ -12,14 +14,15 @@ log = setup_logging(snakemake.log[0])
 params = {name: value for name, value in snakemake.params.items() if name not in INPUT_DIGESTS}
 
 with reported_errors(), logged_wall_split(log):
-    rows = checked_rows(params["input_data"], params["split"], params["shuffle_seed"], params["data_revision"])
+    part = read_parts(snakemake.input.index)[int(snakemake.wildcards.part)]
+    rows = checked_rows(params["input_data"], params["split"], params["shuffle_seed"], params["data_revision"], part)
     # Imported once the data is known good: transformers and torch take seconds to import.
     from eagle3_cache.tokenization import tokenize_dataset
 
     tokenize_dataset(
-        snakemake.output.tokenized,
+        snakemake.output.part,
         rows=rows,
         run_settings=snakemake.config["runs"][snakemake.wildcards.run],
         **params,
     )
-    record_product(snakemake.output.tokenized, snakemake.input)
+    record_product(snakemake.output.part, snakemake.input)

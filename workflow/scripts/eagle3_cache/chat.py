@@ -186,9 +186,9 @@ class ChatTokenizer:
             mask &= ~self.generation_prompt_mask(renders)
         if self.mask_reasoning_content and self.has_reasoning(conversation):
             mask &= ~self.reasoning_mask(renders)
-        return self.fixed_width_sample(renders.full, mask)
+        return self.fixed_width_sample(renders.full, mask, conversation.where)
 
-    def fixed_width_sample(self, full: list[int], mask: np.ndarray) -> TokenizedSample:
+    def fixed_width_sample(self, full: list[int], mask: np.ndarray, where: str = "") -> TokenizedSample:
         """Cut to seq_length keeping the head, right pad, and derive the attention length."""
         kept = min(len(full), self.seq_length)
         input_ids = np.full(self.seq_length, self.pad_token_id, dtype=np.int64)
@@ -200,6 +200,7 @@ class ChatTokenizer:
             loss_mask=loss_mask,
             length=content_length(input_ids, self.pad_token_id, self.eos_token_id),
             truncated=len(full) > self.seq_length,
+            where=where,
         )
 
     def prefix_assistant_mask(self, renders: _Renders) -> np.ndarray:

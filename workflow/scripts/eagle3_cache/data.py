@@ -69,12 +69,35 @@ class Rows(Sequence):
     def __iter__(self) -> Iterator[Mapping[str, Any]]:
         return iter(self.items)
 
+    def window(self, start: int, stop: int) -> Rows:
+        """Rows [start, stop), still named as in the whole dataset."""
+        selected = range(start, stop)
+        items = self.items.select(selected) if hasattr(self.items, "select") else self.items[start:stop]
+        return Rows(items, lambda index: self.where(start + index))
+
+
+@dataclass(frozen=True)
+class Part:
+    """Rows [first_row, first_row + num_rows) of a dataset, tokenized by one job (data_parts.py); in a JSON
+    Lines file, the bytes [byte_start, byte_stop) from line `first_line` hold them."""
+
+    first_row: int
+    num_rows: int
+    byte_start: int | None = None
+    byte_stop: int | None = None
+    first_line: int | None = None
+
 
 def checked_rows(
-    input_data: str, split: str | None, shuffle_seed: int | None, data_revision: str | None = None
+    input_data: str,
+    split: str | None,
+    shuffle_seed: int | None,
+    data_revision: str | None = None,
+    part: Part | None = None,
 ) -> Rows:
-    """The rows, every one checked to make a conversation, so that a bad row stops the job before any work."""
-    rows = load_rows(input_data, split, shuffle_seed, data_revision)
+    """The rows (of `part` only, when given), every one checked to make a conversation, so that a bad row
+    stops the job before any work."""
+    rows = load_rows(input_data, split, shuffle_seed, data_revision, part)
     if not rows:
         raise CacheConfigError(f"input_data {input_data!r} holds no rows; check the file (or split)")
     for _ in iter_conversations(rows):
@@ -82,14 +105,37 @@ def checked_rows(
     return rows
 
 
-def load_rows(input_data: str, split: str | None, shuffle_seed: int | None, data_revision: str | None = None) -> Rows:
-    """The dataset rows in cache order (see the module docstring for each source's order); a hub dataset
-    at `data_revision` (its default branch for None)."""
+def load_rows(
+    input_data: str,
+    split: str | None,
+    shuffle_seed: int | None,
+    data_revision: str | None = None,
+    part: Part | None = None,
+) -> Rows:
+    """The dataset rows in cache order (see the module docstring for each source's order), or those of
+    `part`; a hub dataset at `data_revision` (its default branch for None)."""
+    rows = whole_or_part_rows(input_data, split, shuffle_seed, data_revision, part)
+    if part is None:
+        return rows
+    if part.byte_start is None:
+        rows = rows.window(part.first_row, min(part.first_row + part.num_rows, len(rows)))
+    if len(rows) != part.num_rows:
+        raise CacheConfigError(
+            f"input_data {input_data!r}: its rows from {part.first_row} are not the {part.num_rows} its "
+            "tokenization index found (the data changed while the run went on); run the workflow again"
+        )
+    return rows
+
+
+def whole_or_part_rows(
+    input_data: str, split: str | None, shuffle_seed: int | None, data_revision: str | None, part: Part | None
+) -> Rows:
+    """The whole dataset's rows, or only the part's where the file can be read in part (JSON Lines)."""
     check_input_data(input_data, split)
     if is_json_file(input_data):
         if split is not None or shuffle_seed is not None:
             log.info("%s is a local JSON file: split and shuffle_seed are recorded but not applied", input_data)
-        return read_json_rows(Path(input_data))
+        return read_json_rows(Path(input_data), part)
     base_split, window = parse_split(split)
     dataset = load_base_split(input_data, base_split, data_revision)
     if shuffle_seed is not None:
@@ -126,10 +172,11 @@ def load_hf_dataset(path: str, split: str, data_files: str | None = None, revisi
         ) from error
 
 
-def read_json_rows(path: Path) -> Rows:
-    """Rows of a JSON Lines file, a JSON list, or a single JSON object, in file order."""
+def read_json_rows(path: Path, part: Part | None = None) -> Rows:
+    """Rows of a JSON Lines file (only the part's, given one), a JSON list, or a single JSON object, in file
+    order."""
     if path.suffix.lower() in JSON_LINES_SUFFIXES:
-        return read_json_lines(path)
+        return read_json_lines(path, part)
     raw = path.read_bytes()
     document = parse_json(utf8_text(raw, path), str(path))
     if not isinstance(document, list):
@@ -137,18 +184,36 @@ def read_json_rows(path: Path) -> Rows:
     return Rows(document, lambda index: f"{path}, item {index + 1}")
 
 
-def read_json_lines(path: Path) -> Rows:
-    """Rows of a JSON Lines file, one a non-blank line, each named by its 1-based line number."""
+def read_json_lines(path: Path, part: Part | None = None) -> Rows:
+    """Rows of a JSON Lines file (the part's bytes only, given one), one a non-blank line, each named by
+    its 1-based line number."""
     items, line_numbers = [], []
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            where = f"{path}, line {number}"
-            # A byte order mark may open the file; json.loads refuses it.
-            text = utf8_text(raw.removeprefix(b"\xef\xbb\xbf") if number == 1 else raw, path, number).rstrip("\r\n")
-            if text.strip():
-                items.append(parse_json(text, where))
-                line_numbers.append(number)
+    for number, _, raw in numbered_lines(path, part):
+        text = utf8_text(raw, path, number).rstrip("\r\n")
+        if text.strip():
+            items.append(parse_json(text, f"{path}, line {number}"))
+            line_numbers.append(number)
     return Rows(items, lambda index: f"{path}, line {line_numbers[index]}")
+
+
+def numbered_lines(path: Path, part: Part | None = None) -> Iterator[tuple[int, int, bytes]]:
+    """A JSON Lines file's lines (the part's only, given one): each line's 1-based number, the byte offset
+    of its end, and its bytes, line 1 without the byte order mark that may open the file (json.loads
+    refuses it)."""
+    start, stop, first = (0, None, 1) if part is None else (part.byte_start, part.byte_stop, part.first_line)
+    with path.open("rb") as handle:
+        handle.seek(start)
+        end = start
+        for number, raw in enumerate(handle, start=first):
+            if stop is not None and end >= stop:
+                return
+            end += len(raw)
+            yield number, end, raw.removeprefix(b"\xef\xbb\xbf") if number == 1 else raw
+
+
+def is_blank_line(raw: bytes) -> bool:
+    """Whether a JSON Lines line holds no row (as `read_json_lines` decides, without parsing it)."""
+    return not raw.decode("utf-8", "replace").strip()
 
 
 def utf8_text(raw: bytes, path: Path, line: int | None = None) -> str:

@@ -64,6 +64,11 @@ def samples_in_shard(index: int, num_samples: int, shard_size: int) -> int:
     return min(shard_size, num_samples - index * shard_size)
 
 
+def part_id(index: int) -> str:
+    """`000003`, the {part} wildcard of tokenization part 3."""
+    return f"{index:0{PART_DIGITS}d}"
+
+
 def draft_vocab_width(draft_vocab_size: int | None, target_vocab_size: int) -> int:
     """Ids in the draft vocabulary: `draft_vocab_size`, or the whole target vocabulary for null or a larger size."""
     return target_vocab_size if draft_vocab_size is None else min(draft_vocab_size, target_vocab_size)
@@ -123,12 +128,19 @@ def names_local_path(name: str) -> bool:
 RESULTS_DIR = "results"
 RUN_DIR = f"{RESULTS_DIR}/{{run}}"
 CACHE_DIR = f"{RUN_DIR}/shards"
-# The tokenize, select_vocab and plan rules' outputs; each is recorded as written (products.py).
+# Tokenization runs as one job per part of the conversations (data_parts.py): the index fixes the parts,
+# each part is a tokenized store of its rows, and the run's store joins them.
+TOKENIZED_PARTS = f"{RUN_DIR}/tokenized"
+TOKENIZE_INDEX = f"{TOKENIZED_PARTS}/index.json"
+TOKENIZED_PART = f"{TOKENIZED_PARTS}/part-{{part}}.h5"
+PART_DIGITS = 6
+PART_ID = rf"\d{{{PART_DIGITS}}}"
+# The index, tokenize, select_vocab and plan rules' outputs; each is recorded as written (products.py).
 TOKENIZED = f"{RUN_DIR}/tokenized.h5"
 VOCAB_SELECTION = f"{RUN_DIR}/vocab_selection.pt"
 VOCAB_COUNTS = f"{RUN_DIR}/vocab_counts.npy"
 PLAN = f"{RUN_DIR}/plan.json"
-PRODUCTS = (TOKENIZED, VOCAB_SELECTION, VOCAB_COUNTS, PLAN)
+PRODUCTS = (TOKENIZE_INDEX, TOKENIZED, VOCAB_SELECTION, VOCAB_COUNTS, PLAN)
 # A shard's verification record.
 VERIFIED = f"{RUN_DIR}/verified/shard-{{shard}}.json"
 # Each shard job's stats, per format (the shard rules' outputs beside the shard).
@@ -170,12 +182,11 @@ def applied_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 # What loading the target takes; the target_embeddings rule receives only these.
 TARGET_SETTINGS = ("target_model", "revision", "trust_remote_code")
+# What chooses and orders the conversations; the index rule also receives tokenize_part_size.
+DATA_SETTINGS = ("input_data", "data_revision", "split", "shuffle_seed")
 TOKENIZE_SETTINGS = (
     *TARGET_SETTINGS,
-    "input_data",
-    "data_revision",
-    "split",
-    "shuffle_seed",
+    *DATA_SETTINGS,
     "seq_length",
     "mask_reasoning_content",
     "mask_generation_prompt",

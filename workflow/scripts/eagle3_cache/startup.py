@@ -8,6 +8,7 @@ that every config case is a unit test.
 from __future__ import annotations
 
 import contextlib
+import glob
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import yaml
 
 from .errors import CacheConfigError
 from .hub import check_run_sources
-from .layout import PRODUCTS
+from .layout import PART_DIGITS, PRODUCTS, TOKENIZED_PART
 from .preflight import check_device, check_run, ignored_settings_note
 from .products import damage, set_aside, settle
 
@@ -110,8 +111,12 @@ def set_aside_damaged_products(runs: Iterable[str]) -> tuple[list[str], list[str
 
 
 def run_products(runs: Iterable[str]) -> list[str]:
-    """Every run's products (layout.PRODUCTS)."""
-    return [pattern.format(run=run) for run in runs for pattern in PRODUCTS]
+    """Every run's products (layout.PRODUCTS) and the tokenized parts it has."""
+    products = [pattern.format(run=run) for run in runs for pattern in PRODUCTS]
+    any_part = "[0-9]" * PART_DIGITS
+    return products + [
+        part for run in runs for part in sorted(glob.glob(TOKENIZED_PART.format(run=run, part=any_part)))
+    ]
 
 
 def settle_products(runs: Iterable[str]) -> None:

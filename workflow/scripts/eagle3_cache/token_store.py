@@ -7,7 +7,13 @@ Layout (N samples, S = seq_length):
                                 `length` positions, so it is rebuilt rather than stored
   num_supervised  int32 [N]     loss_mask sum
   truncated       bool  [N]     whether the render was longer than S
-  attrs           the TokenizedHeader fields; special_token_ids and source as JSON text
+  supervised_counts int64 [V]   how often each id in [0, V) sits at a loss-masked position (V = target_vocab_size)
+  attrs           the TokenizedHeader fields; special_token_ids and source as JSON text; `unsupervised`, the
+                  first NAMED_UNSUPERVISED samples without a supervised token, named with why (JSON)
+
+Tokenization writes one store per part of the data (data_parts.py); the run's store joins them: its
+input_ids and loss_mask are HDF5 virtual datasets over the parts' (named relative to it), its small
+arrays are copied and its counts summed. Readers see one store either way.
 
 Only the row blocks are torch tensors, and only their readers import torch, so that reading the
 header and statistics (as the disk plan does) stays light.
@@ -19,6 +25,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import h5py
@@ -30,11 +37,16 @@ from .errors import CacheConfigError
 if TYPE_CHECKING:
     import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # Rows per HDF5 chunk: small enough that reading a few scattered rows stays cheap.
 CHUNK_ROWS = 16
 WRITE_ROWS = 256
 JSON_ATTRS = ("special_token_ids", "source")
+# The row arrays a joined store reads from its parts; the per-sample statistics are copied.
+ROW_ARRAYS = {"input_ids": np.int32, "loss_mask": np.uint8}
+SAMPLE_ARRAYS = ("lengths", "num_supervised", "truncated")
+# Samples without supervision named in a store; the rest are counted.
+NAMED_UNSUPERVISED = 10
 
 
 @dataclass(frozen=True)
@@ -45,10 +57,16 @@ class TokenizedSample:
     loss_mask: np.ndarray  # [seq_length] uint8
     length: int
     truncated: bool
+    where: str = ""  # how messages name the sample
 
     @property
     def num_supervised(self) -> int:
         return int(self.loss_mask.sum())
+
+    def unsupervised_note(self) -> str:
+        """`chats.jsonl, line 3 (why nothing of it is supervised)`."""
+        why = "cut at seq_length before its first assistant token" if self.truncated else "nothing supervised"
+        return f"{self.where} ({why})"
 
 
 @dataclass(frozen=True)
@@ -105,6 +123,11 @@ class TokenizedInfo(TokenizedHeader):
     lengths: np.ndarray
     num_supervised: np.ndarray
     truncated: np.ndarray
+    unsupervised: tuple[str, ...]  # the first NAMED_UNSUPERVISED samples without supervision, named
+
+    @property
+    def header(self) -> TokenizedHeader:
+        return TokenizedHeader(**{field.name: getattr(self, field.name) for field in fields(TokenizedHeader)})
 
 
 def write_tokenized(
@@ -115,7 +138,7 @@ def write_tokenized(
         raise CacheConfigError(f"{path}: no samples to tokenize; check input_data and split")
     with atomic_output(path) as tmp, h5py.File(tmp, "w") as store:
         write_header(store, header)
-        writer = _RowWriter(store, num_samples, header.seq_length)
+        writer = _RowWriter(store, num_samples, header.seq_length, header.target_vocab_size)
         for sample in samples:
             writer.add(sample)
         writer.finish()
@@ -131,9 +154,12 @@ def write_header(store: h5py.File, header: TokenizedHeader) -> None:
 class _RowWriter:
     """Creates the datasets and fills them WRITE_ROWS rows at a time, so RAM stays bounded."""
 
-    def __init__(self, store: h5py.File, num_samples: int, seq_length: int) -> None:
+    def __init__(self, store: h5py.File, num_samples: int, seq_length: int, vocab_size: int) -> None:
         chunks = (min(CHUNK_ROWS, num_samples), seq_length)
+        self.store = store
         self.num_samples = num_samples
+        self.counts = np.zeros(vocab_size, dtype=np.int64)
+        self.unsupervised: list[str] = []
         self.input_ids = store.create_dataset(
             "input_ids", (num_samples, seq_length), np.int32, chunks=chunks, compression="gzip"
         )
@@ -155,8 +181,13 @@ class _RowWriter:
 
     def flush(self) -> None:
         rows = slice(self.written, self.written + len(self.pending))
-        self.input_ids[rows] = np.stack([s.input_ids for s in self.pending])
-        self.loss_mask[rows] = np.stack([s.loss_mask for s in self.pending])
+        input_ids = np.stack([s.input_ids for s in self.pending])
+        loss_mask = np.stack([s.loss_mask for s in self.pending])
+        self.input_ids[rows] = input_ids
+        self.loss_mask[rows] = loss_mask
+        self.counts += supervised_counts(input_ids, loss_mask, len(self.counts))
+        unsupervised = [s.unsupervised_note() for s in self.pending if s.num_supervised == 0]
+        self.unsupervised += unsupervised[: NAMED_UNSUPERVISED - len(self.unsupervised)]
         self.lengths[rows] = [s.length for s in self.pending]
         self.num_supervised[rows] = [s.num_supervised for s in self.pending]
         self.truncated[rows] = [s.truncated for s in self.pending]
@@ -168,6 +199,53 @@ class _RowWriter:
             self.flush()
         if self.written != self.num_samples:
             raise ValueError(f"got {self.written} samples, {self.num_samples} were announced")
+        self.store.create_dataset("supervised_counts", data=self.counts)
+        self.store.attrs["unsupervised"] = json.dumps(self.unsupervised)
+
+
+def supervised_counts(input_ids: np.ndarray, loss_mask: np.ndarray, vocab_size: int) -> np.ndarray:
+    """int64 [vocab_size]: how often each id sits at a loss-masked position; ids outside [0, vocab_size)
+    are not counted, as in Automodel."""
+    supervised = input_ids[loss_mask.astype(bool)]
+    supervised = supervised[(supervised >= 0) & (supervised < vocab_size)]
+    return np.bincount(supervised, minlength=vocab_size).astype(np.int64)
+
+
+def join_stores(path: str | os.PathLike, parts: Sequence[str | os.PathLike]) -> TokenizedInfo:
+    """The store at `path` (atomically) that reads the `parts`' rows in order, without copying them; its info."""
+    infos = [read_tokenized_info(part) for part in parts]
+    for part, info in zip(parts, infos, strict=True):
+        if info.header != infos[0].header:
+            raise CacheConfigError(
+                f"{part}: tokenized with other settings or another tokenizer than {parts[0]}; delete the "
+                "parts and run the workflow again"
+            )
+    num_samples = sum(info.num_samples for info in infos)
+    seq_length = infos[0].seq_length
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as store:
+        write_header(store, infos[0].header)
+        for name, dtype in ROW_ARRAYS.items():
+            layout = h5py.VirtualLayout((num_samples, seq_length), dtype)
+            start = 0
+            for part, info in zip(parts, infos, strict=True):
+                source = os.path.relpath(part, Path(path).parent)
+                layout[start : start + info.num_samples] = h5py.VirtualSource(
+                    source, name, shape=(info.num_samples, seq_length)
+                )
+                start += info.num_samples
+            store.create_virtual_dataset(name, layout)
+        for name in SAMPLE_ARRAYS:
+            store.create_dataset(name, data=np.concatenate([getattr(info, name) for info in infos]))
+        store.create_dataset("supervised_counts", data=sum(read_supervised_counts(part) for part in parts))
+        named = [note for info in infos for note in info.unsupervised][:NAMED_UNSUPERVISED]
+        store.attrs["unsupervised"] = json.dumps(named)
+    return read_tokenized_info(path)
+
+
+def read_supervised_counts(path: str | os.PathLike) -> np.ndarray:
+    """The store's supervised_counts (see the module docstring)."""
+    with open_store(path) as store:
+        return store["supervised_counts"][:]
 
 
 def read_tokenized_info(path: str | os.PathLike) -> TokenizedInfo:
@@ -180,6 +258,7 @@ def read_tokenized_info(path: str | os.PathLike) -> TokenizedInfo:
             lengths=store["lengths"][:].astype(np.int64),
             num_supervised=store["num_supervised"][:].astype(np.int64),
             truncated=store["truncated"][:],
+            unsupervised=tuple(json.loads(store.attrs["unsupervised"])),
         )
 
 
@@ -247,4 +326,17 @@ def open_store(path: str | os.PathLike) -> h5py.File:
         raise CacheConfigError(
             f"{path}: not a tokenized store of format {FORMAT_VERSION}; delete it and rerun the tokenize rule"
         )
+    if missing := missing_parts(store, Path(path).parent):
+        store.close()
+        raise CacheConfigError(
+            f"{path}: its part {missing[0]} is missing (HDF5 would read zeros for it); run the workflow again, "
+            "which tokenizes that part again"
+        )
     return store
+
+
+def missing_parts(store: h5py.File, folder: Path) -> list[str]:
+    """The part files a joined store reads its rows from (relative to `folder`, its own) that do not exist."""
+    dataset = store["input_ids"]
+    sources = dataset.virtual_sources() if dataset.is_virtual else []
+    return [source.file_name for source in sources if not (folder / source.file_name).is_file()]

@@ -16,11 +16,10 @@ from .errors import CacheConfigError
 from .hub import loading
 from .layout import applied_settings
 from .preflight import check_model_config
+from .supervision import log_supervision
 from .token_store import TokenizedHeader, TokenizedSample, read_tokenized_info, write_tokenized
 
 PROGRESS_EVERY = 1000
-# Samples without supervision named in the warning; the rest are counted.
-NAMED_UNSUPERVISED = 10
 log = logging.getLogger(__name__)
 
 
@@ -97,15 +96,9 @@ def write_tokenized_store(
     if rows is None:
         rows = checked_rows(input_data, split, shuffle_seed, data_revision)
     log.info("Tokenizing %d samples from %s at seq_length %d", len(rows), input_data, seq_length)
-    unsupervised: list[str] = []
-    samples = watched(iter_conversations(rows), chat, unsupervised)
+    samples = watched(iter_conversations(rows), chat)
     write_tokenized(output, header, with_progress(samples, len(rows)), len(rows))
-    if len(unsupervised) == len(rows):
-        Path(output).unlink()
-        raise CacheConfigError(no_supervision_error(header, unsupervised))
-    log_summary(output)
-    if unsupervised:
-        log.warning(unsupervised_warning(unsupervised, seq_length))
+    log_supervision(read_tokenized_info(output))
 
 
 def target_vocab_size(config: PretrainedConfig, target_model: str) -> int:
@@ -116,51 +109,17 @@ def target_vocab_size(config: PretrainedConfig, target_model: str) -> int:
     return int(vocab_size)
 
 
-def watched(
-    conversations: Iterable[Conversation], chat: ChatTokenizer, unsupervised: list[str]
-) -> Iterator[TokenizedSample]:
-    """Each conversation tokenized; each left without a supervised token is named in `unsupervised`, with why."""
+def watched(conversations: Iterable[Conversation], chat: ChatTokenizer) -> Iterator[TokenizedSample]:
+    """Each conversation tokenized; a chat template that fails on one names it."""
     for conversation in conversations:
         try:
-            sample = chat(conversation)
+            yield chat(conversation)
         except jinja2.TemplateError as error:
             raise CacheConfigError(
                 f"{conversation.where}: the chat template of target_model {chat.tokenizer.name_or_path!r} failed "
                 f"on it ({type(error).__name__}: {error}); fix or remove the sample, or use a template that "
                 "renders it"
             ) from error
-        if sample.num_supervised == 0:
-            why = "cut at seq_length before its first assistant token" if sample.truncated else "nothing supervised"
-            unsupervised.append(f"{conversation.where} ({why})")
-        yield sample
-
-
-def unsupervised_warning(unsupervised: list[str], seq_length: int) -> str:
-    """One line naming the first samples without supervision."""
-    return (
-        f"{len(unsupervised)} samples have no supervised token, so nothing trains on them (kept, as Automodel "
-        f"does): {first_named(unsupervised)}. Raise seq_length (now {seq_length}), shorten what precedes their "
-        "assistant turns, or remove them"
-    )
-
-
-def first_named(unsupervised: list[str]) -> str:
-    """The first NAMED_UNSUPERVISED samples without supervision, and how many more there are."""
-    more = len(unsupervised) - NAMED_UNSUPERVISED
-    return "; ".join(unsupervised[:NAMED_UNSUPERVISED]) + (f"; and {more} more" if more > 0 else "")
-
-
-def no_supervision_error(header: TokenizedHeader, unsupervised: list[str]) -> str:
-    """One line for data of which no sample has a supervised token: the cache would train nothing."""
-    masks = ", ".join(
-        f"{name} {getattr(header, name)}" for name in ("mask_reasoning_content", "mask_generation_prompt")
-    )
-    return (
-        f"input_data {header.source['input_data']!r}: none of its {len(unsupervised)} samples has a supervised token "
-        f"at seq_length {header.seq_length} ({masks}), so the cache would train nothing: "
-        f"{first_named(unsupervised)}. Raise seq_length, shorten what precedes the assistant "
-        "turns, or turn off a masking setting that removes them"
-    )
 
 
 def with_progress(samples: Iterable[TokenizedSample], total: int) -> Iterator[TokenizedSample]:
@@ -168,14 +127,3 @@ def with_progress(samples: Iterable[TokenizedSample], total: int) -> Iterator[To
         if done % PROGRESS_EVERY == 0:
             log.info("tokenized %d / %d samples", done, total)
         yield sample
-
-
-def log_summary(path: str | Path) -> None:
-    info = read_tokenized_info(path)
-    log.info(
-        "%d samples, %d truncated, %d supervised tokens, %d content tokens",
-        info.num_samples,
-        int(info.truncated.sum()),
-        int(info.num_supervised.sum()),
-        int(info.lengths.sum()),
-    )

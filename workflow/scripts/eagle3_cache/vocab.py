@@ -13,23 +13,7 @@ from .atomic import atomic_output, torch_save_atomic
 from .errors import CacheConfigError
 from .layout import draft_vocab_width
 from .preflight import check_draft_vocab_size
-from .token_store import iter_token_blocks, read_tokenized_info
-
-# Rows per read while counting; bounds RAM to a few such blocks of int64 [rows, seq_length].
-COUNT_BLOCK_ROWS = 256
-
-
-def count_supervised_tokens(path_h5: str | os.PathLike, vocab_size: int) -> np.ndarray:
-    """int64 [vocab_size]: how often each id sits at a loss-masked position (unshifted ids).
-
-    Ids outside [0, vocab_size) are ignored, as in Automodel.
-    """
-    counts = torch.zeros(vocab_size, dtype=torch.int64)
-    for block in iter_token_blocks(path_h5, COUNT_BLOCK_ROWS):
-        supervised = block.input_ids[block.loss_mask.bool()]
-        supervised = supervised[(supervised >= 0) & (supervised < vocab_size)]
-        counts += torch.bincount(supervised, minlength=vocab_size)
-    return counts.numpy()
+from .token_store import read_supervised_counts, read_tokenized_info
 
 
 def select_draft_vocab(
@@ -95,7 +79,8 @@ def store_vocab_selection(tokenized: str | os.PathLike, draft_vocab_size: int | 
     """
     info = read_tokenized_info(tokenized)
     check_draft_vocab_size(draft_vocab_size, info.target_vocab_size)
-    counts = count_supervised_tokens(tokenized, info.target_vocab_size)
+    # Counted as tokenization wrote the rows (token_store.supervised_counts), summed over its parts.
+    counts = read_supervised_counts(tokenized)
     selected = select_draft_vocab(counts, info.special_token_ids, draft_vocab_size, info.target_vocab_size)
     return VocabSelection(selected, counts)
 
