@@ -224,7 +224,7 @@ def run_tokenize_jobs(workdir: Path, config: dict, run: str) -> Path:
         output = {"part": layout.TOKENIZED_PART}
         job(
             "tokenize_conversations.py",
-            f"tokenize/part-{part}.log",
+            f"tokenize_part-{part}.log",
             output,
             tokenize_params,
             {"index": str(index)},

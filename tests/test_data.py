@@ -494,7 +494,7 @@ def test_tokenize_rule_script_names_the_line_of_a_bad_sample_in_one_line(tmp_pat
     printed = run_failing_tokenize_script(capsys, tmp_path, target_model=str(model_dir), input_data=str(data_path))
     assert f"Error: {data_path}, line 2 has no assistant turn" in printed
     assert "Traceback" not in printed
-    assert "Traceback" in (tmp_path / "logs" / "r" / "tokenize" / "part-000000.log").read_text()
+    assert "Traceback" in (tmp_path / "logs" / "r" / "tokenize_part-000000.log").read_text()
     assert not list((tmp_path / "results" / "r" / "tokenized").glob("*.h5*"))
 
 

@@ -16,7 +16,9 @@ from eagle3_cache.logs import logged_wall_split
 from helpers import RUN
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "workflow" / "scripts"
-WALL_SPLIT = re.compile(r" started \d+\.\d\ds after process start \(imports\), work \d+\.\d\ds$", re.MULTILINE)
+WALL_SPLIT = re.compile(
+    r" started \d+\.\d\ds after process start \(imports\), work \d+\.\d\ds, peak RSS \d+ MB$", re.MULTILINE
+)
 
 
 def test_the_process_age_counts_what_ran_before_the_script(tmp_path):
@@ -36,9 +38,9 @@ def test_the_wall_split_is_logged_even_when_the_work_fails(caplog):
         with logged_wall_split(log):
             time.sleep(0.05)
             raise RuntimeError("the work failed")
-    pattern = r"started (\d+\.\d\d)s after process start \(imports\), work (\d+\.\d\d)s"
+    pattern = r"started (\d+\.\d\d)s after process start \(imports\), work (\d+\.\d\d)s, peak RSS (\d+) MB"
     match = re.fullmatch(pattern, caplog.messages[-1])
-    assert match and float(match[1]) > 0 and float(match[2]) >= 0.05
+    assert match and float(match[1]) > 0 and float(match[2]) >= 0.05 and int(match[3]) > 10
 
 
 def test_without_proc_the_split_says_what_it_cannot_tell(caplog, monkeypatch):
@@ -46,7 +48,7 @@ def test_without_proc_the_split_says_what_it_cannot_tell(caplog, monkeypatch):
     with caplog.at_level(logging.INFO, logger="eagle3_cache"):
         with logged_wall_split(logging.getLogger("eagle3_cache.test")):
             pass
-    assert caplog.messages[-1].startswith("work 0.00s (process start unknown")
+    assert re.match(r"work 0\.00s, peak RSS \d+ MB \(process start unknown", caplog.messages[-1])
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ rule tokenize_part:
     output:
         part=layout.TOKENIZED_PART,
     log:
-        "logs/{run}/tokenize/part-{part}.log",
+        "logs/{run}/tokenize_part-{part}.log",
     conda:
         "../../envs/eagle3-cache.yaml"
     params:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import sys
 import time
 from collections.abc import Iterator
@@ -49,8 +50,13 @@ def logged_wall_split(log: logging.Logger) -> Iterator[None]:
     try:
         yield
     finally:
-        work = time.monotonic() - started
+        work, peak = time.monotonic() - started, peak_rss_mb()
         if startup is None:
-            log.info("work %.2fs (process start unknown: no /proc on this system)", work)
+            log.info("work %.2fs, peak RSS %.0f MB (process start unknown: no /proc on this system)", work, peak)
         else:
-            log.info("started %.2fs after process start (imports), work %.2fs", startup, work)
+            log.info("started %.2fs after process start (imports), work %.2fs, peak RSS %.0f MB", startup, work, peak)
+
+
+def peak_rss_mb() -> float:
+    """The most resident memory this process has held, in MB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
