@@ -13,10 +13,10 @@ from eagle3_cache.cache_rows import CacheSpec, compute_cache_batch
 from eagle3_cache.errors import CacheConfigError, ShardScanError
 from eagle3_cache.layout import shard_file_name
 from eagle3_cache.pipeline import ShardJob, compute_shard, forward_batches, forward_budget, run_shard_job
-from eagle3_cache.provenance import file_sha256
 from eagle3_cache.scan_summary import ScanSummary
 from eagle3_cache.shard_format import read_shard_rows
 from eagle3_cache.shard_layout import ShardLayout
+from eagle3_cache.sparse_digest import file_digest
 from eagle3_cache.target import resolve_aux_layer_ids
 from eagle3_cache.token_store import TokenBlock
 from helpers import fail_second_forward, random_token_block, write_token_store
@@ -129,7 +129,7 @@ def test_stats_count_real_and_computed_tokens(tiny_llama, store, tmp_path):
     assert result.padded_tokens == 4 * SEQ
     assert (result.positions_per_forward.budget, result.positions_per_forward.forwards) == (2 * SEQ, 2)
     assert (result.positions_per_forward.mean, result.positions_per_forward.max) == ((40 + 30) / 2, 40)
-    assert result.sha256 == file_sha256(path) and result.bytes == path.stat().st_size
+    assert result.digest == file_digest(path) and result.bytes == path.stat().st_size
     assert {"read", "forward", "distribution", "copy", "write"} <= result.seconds.keys()
 
 

@@ -21,6 +21,7 @@ import yaml
 from eagle3_cache.cache_dir import check_cache
 from eagle3_cache.layout import EMBEDDINGS_FILE, MANIFEST_FILE, VALIDATION_JSON
 from eagle3_cache.provenance import ids_fingerprint
+from eagle3_cache.sparse_digest import file_digest
 from helpers import (
     AFTER_SHARDS,
     LOCAL_RUN,
@@ -176,13 +177,13 @@ def manifest_over_other_shards(workdir: Path) -> list[str]:
     problems = []
     for shard in sorted(cache_dir(workdir).glob("shard-*.safetensors")):
         record = records.get(shard.name)
-        if record is None or digest(shard) != record["sha256"]:
+        if record is None or file_digest(shard) != record["digest"]:
             problems.append(f"{shard.name} is not the shard the manifest records")
             continue
         stats = run_dir(workdir) / "shard_stats" / shard.with_suffix(".json").name
         if stats.exists():
             recorded = json.loads(stats.read_text())
-            if recorded["sha256"] == record["sha256"] and recorded["selected_token_ids_sha256"] != vocabulary:
+            if recorded["digest"] == record["digest"] and recorded["selected_token_ids_sha256"] != vocabulary:
                 problems.append(f"{shard.name} was computed with another draft vocabulary than the manifest's")
     return problems
 

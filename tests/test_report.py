@@ -25,9 +25,9 @@ import torch
 from eagle3_cache.cache_dir import read_manifest
 from eagle3_cache.layout import MANIFEST_FILE, shard_file_name
 from eagle3_cache.parity import parity_sample_indices
-from eagle3_cache.provenance import file_sha256
 from eagle3_cache.report_html import render_html
 from eagle3_cache.shard_format import SAFETENSORS_DTYPES, read_shard_rows
+from eagle3_cache.sparse_digest import file_digest
 from eagle3_cache.validation import coverage_curve, failed_path
 from helpers import (
     TinyCache,
@@ -124,8 +124,8 @@ def rerecord_hashes(cache: TinyCache) -> None:
     would do it."""
     manifest = read_manifest(cache.cache_dir)
     for record, stats_path in zip(manifest["shards"], cache.stats, strict=True):
-        record["sha256"] = file_sha256(cache.cache_dir / record["file"])
-        stats_path.write_text(json.dumps({**json.loads(stats_path.read_text()), "sha256": record["sha256"]}))
+        record["digest"] = file_digest(cache.cache_dir / record["file"])
+        stats_path.write_text(json.dumps({**json.loads(stats_path.read_text()), "digest": record["digest"]}))
     (cache.cache_dir / MANIFEST_FILE).write_text(json.dumps(manifest))
 
 
@@ -171,7 +171,7 @@ def test_flipped_bytes_fail_the_checksum(cache, target_model):
     shard.write_bytes(bytes(data))
     report = validate(cache, target_model, num_samples=0)
     assert "integrity" in failed(report)
-    assert any("sha256" in line and shard.name in line for line in report.check("integrity").details)
+    assert any("digest" in line and shard.name in line for line in report.check("integrity").details)
 
 
 def test_a_value_beyond_tolerance_fails_live_parity(cache, target_model):

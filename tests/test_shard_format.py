@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from eagle3_cache.atomic import atomic_directory, torch_save_atomic, write_json_atomic
-from eagle3_cache.cache_dir import check_cache
+from eagle3_cache.cache_dir import FORMAT_VERSION, check_cache
 from eagle3_cache.layout import EMBEDDINGS_FILE, num_shards, samples_in_shard, shard_file_name
 from eagle3_cache.shard_format import TORCH_DTYPES, ShardWriter, read_shard_rows, write_target_embeddings
 from eagle3_cache.shard_layout import ShardLayout
@@ -133,10 +133,10 @@ def write_cache(cache_dir, num_samples=5, shard_size=2):
                 for name, values in rows.items():
                     writer.write_row(sample, name, values[sample])
             digest = writer.commit()
-        records.append({"file": shard_file_name(index), "num_samples": count, "bytes": writer.size, "sha256": digest})
+        records.append({"file": shard_file_name(index), "num_samples": count, "bytes": writer.size, "digest": digest})
     write_target_embeddings(cache_dir / "target_embeddings.safetensors", torch.zeros(7, 3))
     manifest = {
-        "format_version": 2,
+        "format_version": FORMAT_VERSION,
         "target_model": "tiny",
         "target_vocab_size": 7,
         "draft_vocab_size": 5,
@@ -175,7 +175,7 @@ def test_the_checker_names_each_kind_of_damage(tmp_path):
     (cache / (shard_file_name(0) + ".tmp")).write_bytes(b"partial")
     (cache / shard_file_name(7)).write_bytes(b"stale")
     problems = {str(p) for p in check_cache(cache)}
-    assert f"{shard_file_name(1)}: sha256 differs from the manifest (corrupted or replaced)" in problems
+    assert f"{shard_file_name(1)}: digest differs from the manifest (corrupted or replaced)" in problems
     assert f"{shard_file_name(2)}: missing" in problems
     assert f"{shard_file_name(0)}.tmp: stray or temporary file" in problems
     assert f"{shard_file_name(7)}: not in the manifest (stale?)" in problems

@@ -262,7 +262,7 @@ def test_a_finished_cache_is_intact_and_its_manifest_records_every_file(specforg
     assert manifest["lm_head_key"] == "lm_head.weight" and manifest["hidden_size"] == 32
     assert manifest["num_files"] == len(PARITY_ROWS)
     assert [(s["directory"], s["num_files"]) for s in manifest["shards"]] == [("shard-000000", 4), ("shard-000001", 2)]
-    assert all(len(f["sha256"]) == 64 for s in manifest["shards"] for f in s["files"])
+    assert all(len(f["digest"]) == 64 for s in manifest["shards"] for f in s["files"])
 
 
 def test_the_checker_names_each_damaged_file(cache_copy):
@@ -291,7 +291,7 @@ def test_the_checker_finds_a_replaced_file_and_mapping(cache_copy, specforge_cac
     write_vocab_mapping(cache_copy / VOCAB_MAPPING_FILE, torch.arange(64), 370)
     problems = [str(p) for p in check_specforge_cache(cache_copy)]
     assert problems[0] == (
-        "shard-000000/sample-000000001.ckpt: sha256 differs from the one recorded when it was written (changed on disk)"
+        "shard-000000/sample-000000001.ckpt: digest differs from the one recorded when it was written (changed on disk)"
     )
     assert problems[1].startswith("vocab_mapping.pt: d2t differs from the manifest's selected_token_ids")
     assert problems[-1] == "vocab_mapping.pt: sha256 differs from the manifest (corrupted or replaced)"

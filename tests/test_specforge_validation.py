@@ -11,10 +11,10 @@ from eagle3_cache.cache_dir import read_manifest
 from eagle3_cache.disk_plan import plan_cache
 from eagle3_cache.layout import MANIFEST_FILE
 from eagle3_cache.parity import parity_sample_indices
-from eagle3_cache.provenance import file_sha256
 from eagle3_cache.report_html import render_html
 from eagle3_cache.shard_layout import ShardLayout
-from eagle3_cache.specforge_cache import records_sha256
+from eagle3_cache.sparse_digest import file_digest
+from eagle3_cache.specforge_cache import records_digest
 from eagle3_cache.specforge_format import read_sample_file, serialized
 from eagle3_cache.specforge_layout import sample_file_name
 from eagle3_cache.specforge_sizes import specforge_files_bytes
@@ -61,10 +61,10 @@ def rewrite_sample(cache: TinyCache, sample: int, change) -> None:
     stored = {key: value.clone() for key, value in read_sample_file(path).items()}
     change(stored)
     path.write_bytes(serialized(stored))
-    stats["files"][row].update(bytes=path.stat().st_size, sha256=file_sha256(path))
-    stats.update(bytes=sum(f["bytes"] for f in stats["files"]), sha256=records_sha256(stats["files"]))
+    stats["files"][row].update(bytes=path.stat().st_size, digest=file_digest(path))
+    stats.update(bytes=sum(f["bytes"] for f in stats["files"]), digest=records_digest(stats["files"]))
     cache.stats[shard].write_text(json.dumps(stats))
-    manifest["shards"][shard].update(files=stats["files"], bytes=stats["bytes"], sha256=stats["sha256"])
+    manifest["shards"][shard].update(files=stats["files"], bytes=stats["bytes"], digest=stats["digest"])
     (cache.cache_dir / MANIFEST_FILE).write_text(json.dumps(manifest))
 
 

@@ -161,7 +161,7 @@ def test_5_a_flipped_bit_in_a_sample_file_is_reported_taken_out_and_rebuilt(work
     # Only a run that verifies again can see it: the scrub.
     reported = snakemake(workdir, "--forcerun", "verify_shard", check=False)
     assert reported.returncode != 0
-    assert f"{shard_dir_name(2)}: failed verification: {sample.name}: sha256 differs" in reported.stdout
+    assert f"{shard_dir_name(2)}: failed verification: {sample.name}: digest differs" in reported.stdout
     assert not shard_dir(workdir, 2).exists() and not (cache_dir(workdir) / MANIFEST_FILE).exists()
     assert not (workdir / "results" / RUN / "validation.json").exists()
 

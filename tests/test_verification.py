@@ -34,7 +34,7 @@ def test_a_clean_shard_passes_with_the_scan_its_job_recorded(cache):
         stats = json.loads(stats_path.read_text())
         result = verified_shard(cache, index)
         assert result.failures == []
-        assert (result.sha256, result.bytes) == (stats["sha256"], stats["bytes"])
+        assert (result.digest, result.bytes) == (stats["digest"], stats["bytes"])
         # The scan of the rows in memory before the write and of the file read back agree to the last count.
         assert result.scan == stats["scan"]
 
@@ -101,7 +101,7 @@ def test_a_clean_shard_directory_passes_with_the_scan_its_job_recorded(specforge
         stats = json.loads(stats_path.read_text())
         result = verified_shard(specforge_cache, index)
         assert result.failures == []
-        assert (result.file, result.sha256, result.bytes) == (shard_dir_name(index), stats["sha256"], stats["bytes"])
+        assert (result.file, result.digest, result.bytes) == (shard_dir_name(index), stats["digest"], stats["bytes"])
         scan = ScanSummary.from_json(result.scan)
         assert scan.samples == stats["num_samples"] and scan.findings == []
 
@@ -115,7 +115,7 @@ def test_a_bit_flipped_in_any_sample_file_is_caught(specforge_cache, seed):
     data[offset] ^= 1 << rng.randrange(8)
     path.write_bytes(bytes(data))
     [problem] = verified_shard(specforge_cache, 1).failures
-    assert problem == f"{path.name}: sha256 differs from the one recorded when it was written (changed on disk)"
+    assert problem == f"{path.name}: digest differs from the one recorded when it was written (changed on disk)"
 
 
 def test_a_missing_a_stray_and_a_truncated_file_are_each_named(specforge_cache):

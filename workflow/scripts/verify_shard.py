@@ -30,4 +30,4 @@ with reported_errors(), logged_wall_split(log):
     if result.failures:
         sys.exit(take_out_of_cache(shard, result.failures))
     write_json_atomic(snakemake.output.verified, result.to_json())
-    log.info("%s: verified, %.1f MB in %.2fs, sha256 %s", shard.name, result.bytes / 1e6, result.seconds, result.sha256)
+    log.info("%s: verified, %.1f MB in %.2fs, digest %s", shard.name, result.bytes / 1e6, result.seconds, result.digest)

@@ -17,9 +17,10 @@ from typing import Any
 
 from .atomic import temp_path_for
 from .layout import EMBEDDINGS_FILE, MANIFEST_FILE, SHARD_NAME, num_shards, samples_in_shard, shard_file_name
-from .provenance import file_sha256
 from .shard_layout import ShardLayout, stored_safetensors_header
+from .sparse_digest import file_digest
 
+# The manifest's format_version: Automodel's reader accepts only this one.
 FORMAT_VERSION = 2
 
 
@@ -172,7 +173,7 @@ def leftover_temp_files(cache_dir: str | os.PathLike) -> list[Path]:
 
 
 def shard_content_problems(cache_dir: Path, manifest: Mapping[str, Any], verify_hashes: bool) -> list[CacheProblem]:
-    """Each present shard's keys, shapes, dtypes and sha256 against its layout and the manifest's record."""
+    """Each present shard's keys, shapes, dtypes and digest against its layout and the manifest's record."""
     problems = []
     layout = ShardLayout.from_manifest(manifest)
     for record in manifest.get("shards", []):
@@ -180,8 +181,8 @@ def shard_content_problems(cache_dir: Path, manifest: Mapping[str, Any], verify_
         if not path.exists():
             continue
         problems += shard_layout_problems(path, layout, int(record["num_samples"]))
-        if verify_hashes and file_sha256(path) != record["sha256"]:
-            problems.append(CacheProblem(path.name, "sha256 differs from the manifest (corrupted or replaced)"))
+        if verify_hashes and file_digest(path) != record["digest"]:
+            problems.append(CacheProblem(path.name, "digest differs from the manifest (corrupted or replaced)"))
     return problems
 
 
@@ -206,6 +207,6 @@ def verification_problems(manifest: Mapping[str, Any], records: Sequence[Mapping
             problems.append(CacheProblem(name, "no verification record"))
         elif record["problems"]:
             problems += [CacheProblem(name, problem) for problem in record["problems"]]
-        elif (record["sha256"], record["bytes"]) != (shard["sha256"], shard["bytes"]):
+        elif (record["digest"], record["bytes"]) != (shard["digest"], shard["bytes"]):
             problems.append(CacheProblem(name, "the verified bytes are not the ones the manifest records"))
     return problems

@@ -32,6 +32,7 @@ from .layout import (
     shard_file_name,
 )
 from .provenance import ids_fingerprint, package_versions, producer, settings_fingerprint
+from .sparse_digest import ALGORITHM as DIGEST_ALGORITHM
 from .token_store import TokenizedInfo
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,7 @@ def provenance_fields(settings: Mapping[str, Any], stats: Sequence[Mapping[str, 
         "chat_template_sha256": info.chat_template_hash,
         "input_sha256": {name: settings[name] for name in INPUT_DIGESTS},
         "settings_fingerprint": settings_fingerprint(settings),
+        "shard_digest": DIGEST_ALGORITHM,
         "producer": producer(),
         "packages": package_versions(),
         "shards": [
@@ -152,7 +154,7 @@ def provenance_fields(settings: Mapping[str, Any], stats: Sequence[Mapping[str, 
                 "file": shard_file_name(s["shard"]),
                 "num_samples": s["num_samples"],
                 "bytes": s["bytes"],
-                "sha256": s["sha256"],
+                "digest": s["digest"],
             }
             for s in stats
         ],

@@ -198,7 +198,7 @@ class ShardResult:
     num_samples: int
     first_sample: int
     bytes: int
-    sha256: str
+    digest: str  # sparse_digest's
     real_tokens: int
     computed_tokens: int
     padded_tokens: int
@@ -273,8 +273,8 @@ def compute_shard(model: nn.Module, spec: CacheSpec, layout: ShardLayout, job: S
     with ShardWriter(job.shard_path, layout, job.shard_samples) as writer:
         streamed = stream_rows(model, spec, layout, job, block, functools.partial(write_batch_rows, writer), timer)
         with timer.phase("commit"):
-            sha256 = writer.commit()
-    return ShardResult(bytes=writer.size, sha256=sha256, **streamed.result_fields(job, block, layout.seq_length, timer))
+            digest = writer.commit()
+    return ShardResult(bytes=writer.size, digest=digest, **streamed.result_fields(job, block, layout.seq_length, timer))
 
 
 def stream_rows(

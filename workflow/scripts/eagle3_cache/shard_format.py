@@ -23,7 +23,6 @@ import torch
 from safetensors import safe_open
 
 from .atomic import atomic_output
-from .provenance import file_sha256
 from .shard_layout import (
     CACHE_DTYPES,
     EMBEDDINGS_DTYPE,
@@ -31,6 +30,7 @@ from .shard_layout import (
     ShardLayout,
     safetensors_header,
 )
+from .sparse_digest import file_digest
 
 SAFETENSORS_DTYPES = {
     torch.int64: "I64",
@@ -95,10 +95,11 @@ class ShardWriter:
         os.pwrite(self.fd, tensor_bytes(values), offset)
 
     def commit(self) -> str:
-        """Make the shard durable under its final name; returns its sha256."""
+        """Make the shard durable under its final name; returns its digest (sparse_digest: its padding, left as
+        holes, is not read)."""
         os.fsync(self.fd)
         os.close(self.fd)
-        digest = file_sha256(self.tmp)
+        digest = file_digest(self.tmp)
         self._output.__exit__(None, None, None)
         return digest
 

@@ -1,5 +1,5 @@
 """What a shard is on disk, for the commit point: its files' names, sizes, inodes and mtimes, and the
-sha256 of their bytes.
+digest of their bytes (sparse_digest).
 
 A verification record keeps both, taken as the verification read the shard. The commit point
 compares the files' stat with the record, which reads nothing; a shard whose files differ (replaced
@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from .atomic import write_json_atomic
-from .provenance import file_sha256
+from .sparse_digest import file_digest
 
 
 def shard_files(path: Path) -> list[Path]:
@@ -50,7 +50,7 @@ def files_sha256(named_digests: Iterable[tuple[str, str]]) -> str:
 def content_sha256(path: Path) -> str | None:
     """`files_sha256` of the shard's files as they are now, each read; None when it is missing."""
     try:
-        return files_sha256((file.name, file_sha256(file)) for file in shard_files(path))
+        return files_sha256((file.name, file_digest(file)) for file in shard_files(path))
     except FileNotFoundError:
         return None
 

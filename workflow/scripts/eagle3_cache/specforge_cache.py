@@ -2,7 +2,7 @@
 the directory against it that open no sample file. No torch.
 
 `manifest.json` is ours (SpecForge ignores it): the shared fields of the Automodel manifest, the shard
-directories, and a size and sha256 per sample file, which the checks hold the directory to; the checker
+directories, and a size and digest per sample file, which the checks hold the directory to; the checker
 that reads every file is `specforge_verification.check_specforge_cache`.
 """
 
@@ -51,8 +51,8 @@ REQUIRED_MANIFEST_KEYS = (
 AUTOMODEL_ONLY_KEYS = ("format_version", "target_probs_topk")
 
 
-def records_sha256(files: Sequence[Mapping[str, Any]]) -> str:
-    """One digest for a shard directory: of its file records (names, sizes and sha256s) in order."""
+def records_digest(files: Sequence[Mapping[str, Any]]) -> str:
+    """One digest for a shard directory: of its file records (names, sizes and digests) in order."""
     return hashlib.sha256(json.dumps(list(files), sort_keys=True).encode()).hexdigest()
 
 
@@ -70,7 +70,7 @@ def shard_record(stats: Mapping[str, Any]) -> dict[str, Any]:
         "num_samples": stats["num_samples"],
         "num_files": len(stats["files"]),
         "bytes": stats["bytes"],
-        "sha256": stats["sha256"],
+        "digest": stats["digest"],
         "files": stats["files"],
     }
 
@@ -79,7 +79,7 @@ def specforge_manifest(
     cache_dir: Path, stats: Sequence[Mapping[str, Any]], checked: Mapping[str, Any]
 ) -> dict[str, Any]:
     """Our manifest of a specforge cache, from the one `checked_manifest` gave for its shards' stats: the
-    shard directories, file counts and a sha256 per file; files of the other format are removed.
+    shard directories, file counts and a digest per file; files of the other format are removed.
 
     Shards built under the other format fail `checked_manifest`: `format` is one of the settings their
     fingerprint covers.

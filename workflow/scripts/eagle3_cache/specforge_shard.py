@@ -7,7 +7,6 @@ a half-written shard there), and renamed onto its final name whole.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -20,7 +19,8 @@ from .cache_rows import CacheBatch, CacheSpec
 from .errors import CacheConfigError
 from .pipeline import ShardJob, ShardResult, stream_rows
 from .shard_layout import ShardLayout
-from .specforge_cache import records_sha256
+from .sparse_digest import bytes_digest
+from .specforge_cache import records_digest
 from .specforge_format import TARGET_REPR, lm_head_key, sample_tensors, serialized
 from .specforge_layout import sample_file_name, staging_dir_for
 from .target import hidden_size
@@ -78,7 +78,7 @@ class ShardDirectoryWriter:
                 "file": name,
                 "num_tokens": length,
                 "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
+                "digest": bytes_digest(data),
             }
 
     def commit(self) -> list[dict[str, Any]]:
@@ -131,7 +131,7 @@ def compute_specforge_shard(
             files = writer.commit()
     return SpecForgeShardResult(
         bytes=sum(f["bytes"] for f in files),
-        sha256=records_sha256(files),
+        digest=records_digest(files),
         **streamed.result_fields(job, block, layout.seq_length, timer),
         hidden_size=hidden_size(model),
         lm_head_key=lm_head_key(model),

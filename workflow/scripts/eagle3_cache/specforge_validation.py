@@ -2,7 +2,7 @@
 the other jobs wrote (no sample file is opened).
 
 - integrity: the directory listing against the manifest (`specforge_cache`), the vocabulary mapping,
-  and each shard directory's verification record (`specforge_verification`: sizes, sha256, keys,
+  and each shard directory's verification record (`specforge_verification`: sizes, digests, keys,
   shapes, dtypes); a note when a local target directory is one SpecForge's target head would reject;
 - numerically sane: no NaN or Inf in either hidden state, tokens and loss masks as tokenized, as the
   verification jobs found them;
@@ -71,7 +71,7 @@ def integrity_check(cache_dir: Path, verified: Sequence[Mapping[str, Any]]) -> C
         return CheckResult("integrity", False, problems_summary(problems), figures, details=problems)
     summary = (
         f"all {figures['sample_files']} sample files in {figures['shard_directories']} shard directories present "
-        "and verified on disk: sizes, sha256, keys, shapes and dtypes as recorded; vocabulary mapping as selected"
+        "and verified on disk: sizes, digests, keys, shapes and dtypes as recorded; vocabulary mapping as selected"
     )
     return CheckResult("integrity", True, summary, figures, details=target_notes(manifest))
 

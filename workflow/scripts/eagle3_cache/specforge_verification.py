@@ -1,15 +1,14 @@
 """Verification of one committed specforge shard directory, one sample file at a time.
 
 The `verify_shard` rule runs it for a specforge run, as `verification.verify_committed_shard` for an
-Automodel one. Each sample file is read once: its bytes go through sha256 against the record its
-shard job wrote, then are loaded as SpecForge loads them and checked for keys, shapes, dtypes, NaN or
+Automodel one. Each sample file is read once: its bytes' digest (`sparse_digest`) goes against the record
+its shard job wrote, then they are loaded as SpecForge loads them and checked for keys, shapes, dtypes, NaN or
 Inf in the hidden states, and tokens and loss mask equal to the tokenized row. Memory holds one
 sample file, whatever the shard size.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Mapping
@@ -25,12 +24,13 @@ from .layout import samples_in_shard, shard_index
 from .manifest import RECORD_REMEDY
 from .scan_summary import ScanSummary
 from .shard_stat import files_sha256, stat_sha256
+from .sparse_digest import bytes_digest
 from .specforge_cache import (
     SNAKEMAKE_TIMESTAMP,
     cache_entry_problems,
     manifest_record_problems,
     mapping_problems,
-    records_sha256,
+    records_digest,
     sample_paths,
 )
 from .specforge_format import nonfinite_values, read_sample_file, sample_problems
@@ -39,12 +39,12 @@ from .verification import ShardVerification
 
 
 def sample_file_problems(data: bytes, record: Mapping[str, Any], hidden_size: int) -> tuple[list[str], dict | None]:
-    """One sample file's bytes against its record (size, sha256) and the layout SpecForge reads; and the sample,
+    """One sample file's bytes against its record (size, digest) and the layout SpecForge reads; and the sample,
     when it is readable and laid out as it should be."""
     if len(data) != record["bytes"]:
         return [f"{len(data)} bytes, its shard job wrote {record['bytes']} (truncated or overwritten?)"], None
-    if hashlib.sha256(data).hexdigest() != record["sha256"]:
-        return ["sha256 differs from the one recorded when it was written (changed on disk)"], None
+    if bytes_digest(data) != record["digest"]:
+        return ["digest differs from the one recorded when it was written (changed on disk)"], None
     try:
         stored = read_sample_file(record["file"], data)
     except CacheConfigError as error:
@@ -91,12 +91,12 @@ def verify_specforge_shard(
         if stored is not None:
             scan_sample(scan, stored, first_sample + row, token_rows(tokens, [row]))
         problems += [f"{record['file']}: {problem}" for problem in found]
-    # With no problem, every file's size and sha256 are its record's: the records' digest is the bytes'.
-    sha256 = records_sha256(records) if not problems else ""
-    content = files_sha256((record["file"], record["sha256"]) for record in records) if not problems else None
+    # With no problem, every file's size and digest are its record's: the records' digest is the bytes'.
+    digest = records_digest(records) if not problems else ""
+    content = files_sha256((record["file"], record["digest"]) for record in records) if not problems else None
     seconds = time.perf_counter() - started
     return ShardVerification(
-        shard_index(shard_dir), shard_dir.name, total, sha256, problems, scan.to_json(), seconds, stat, content
+        shard_index(shard_dir), shard_dir.name, total, digest, problems, scan.to_json(), seconds, stat, content
     )
 
 

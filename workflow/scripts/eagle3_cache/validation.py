@@ -1,7 +1,7 @@
 """Validation of a finished cache: the eight checks, and the report they write.
 
 The report job aggregates what other jobs found where the data was: each shard's verification
-record (`verified/*.json`: size, header, sha256 and the numeric scan, read back from disk), the
+record (`verified/*.json`: size, header, digest and the numeric scan, read back from disk), the
 live parity job's `parity.json`, the shard stats, the disk plan and the tokenized store's
 statistics. It opens no shard and needs no GPU.
 
@@ -78,7 +78,7 @@ def integrity_check(cache_dir: Path, verified: Sequence[Mapping[str, Any]]) -> C
         return CheckResult("integrity", False, problems_summary(problems), figures, details=problems)
     summary = (
         f"all {len(verified)} shards present and verified on disk: sizes, headers, keys, shapes, dtypes "
-        "and sha256 as recorded"
+        "and digests as recorded"
     )
     return CheckResult("integrity", True, summary, figures)
 

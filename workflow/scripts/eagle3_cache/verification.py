@@ -1,8 +1,9 @@
-"""Verification of one committed shard, in one read: size, header, keys, shapes, dtypes, sha256 and the numeric scan.
+"""Verification of one committed shard, in one read: size, header, keys, shapes, dtypes, digest and the numeric scan.
 
 The `verify_shard` rule runs it, one CPU job per shard, on the file as it is on disk (a specforge
 shard directory: `specforge_verification`). The file is
-read once, front to back: every byte goes through sha256, and each field's rows go through
+read once, front to back, its holes (padding) skipped: every byte read goes through the digest
+(`sparse_digest`), and each field's rows go through
 `scan.ShardScan` as they pass, a bounded block at a time. A shard that fails is taken out of the
 cache (the manifest retired first), so the next run rebuilds it; one that passes gets a record in
 `verified/`, which is all the report reads of it.
@@ -10,14 +11,13 @@ cache (the manifest retired first), so the next run rebuilds it; one that passes
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 
@@ -30,6 +30,7 @@ from .scan_summary import ScanSummary
 from .shard_format import DTYPES, TORCH_DTYPES
 from .shard_layout import FieldSpec, ShardLayout, safetensors_header
 from .shard_stat import files_sha256, stat_sha256
+from .sparse_digest import SparseReader
 from .token_store import TokenBlock, read_token_block, read_tokenized_info
 from .vocab_selection import read_vocab_selection
 
@@ -43,13 +44,13 @@ READ_BUDGET_BYTES = 64 << 20
 class ShardVerification:
     """What verifying one shard found; its JSON is the shard's record in `verified/`.
 
-    `problems` are the file's (size, header, sha256); the numeric scan's are in `scan`.
+    `problems` are the file's (size, header, digest); the numeric scan's are in `scan`.
     """
 
     shard: int
     file: str
     bytes: int
-    sha256: str
+    digest: str  # sparse_digest's
     problems: list[str]
     scan: dict[str, Any]
     seconds: float
@@ -68,61 +69,66 @@ class ShardVerification:
 
 
 def field_blocks(
-    handle: IO[bytes], spec: FieldSpec, num_samples: int, digest: hashlib._Hash
+    reader: SparseReader, offset: int, spec: FieldSpec, num_samples: int
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """`(first row, [rows, ...] values)` of one field, read in order from `handle` and hashed on the way."""
+    """`(first row, [rows, ...] values)` of one field, which starts at byte `offset`, read in order (its holes
+    unread) and digested on the way."""
     rows = max(1, READ_BUDGET_BYTES // spec.sample_bytes)
     # Bool bytes are read as uint8: a damaged byte may be neither 0 nor 1.
     dtype = torch.uint8 if spec.dtype == "BOOL" else TORCH_DTYPES[spec.dtype]
     for start in range(0, num_samples, rows):
         count = min(rows, num_samples - start)
         buffer = bytearray(count * spec.sample_bytes)
-        if handle.readinto(buffer) != len(buffer):
-            raise EOFError(f"{spec.name}: the file ends inside rows {start}..{start + count - 1}")
-        digest.update(buffer)
+        try:
+            reader.read_into(buffer, offset + start * spec.sample_bytes)
+        except EOFError as error:
+            raise EOFError(f"{spec.name}: rows {start}..{start + count - 1}: {error}") from error
         yield start, torch.frombuffer(buffer, dtype=dtype).view(count, *spec.sample_shape)
 
 
 def read_and_scan(path: Path, layout: ShardLayout, num_samples: int, scan: ShardScan) -> tuple[str, list[str]]:
-    """The file's sha256 and its header's problems, reading it once; each field's rows are scanned as they pass.
+    """The file's digest (sparse_digest) and its header's problems, reading its data once; each field's rows are
+    scanned as they pass.
 
     Our writer lays the fields out in layout order, so a header equal to the layout's, byte for
     byte, fixes every field's offset. A header that differs is described instead, and the data
-    left unread.
+    left unread. Padding the writer left as holes is not read: it is zeros.
     """
     header, _ = safetensors_header(layout, num_samples)
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        stored_header = handle.read(len(header))
+    with open(path, "rb", buffering=0) as handle:
+        reader = SparseReader(handle.fileno())
+        stored_header = bytearray(len(header))
+        reader.read_into(stored_header, 0)
         if stored_header != header:
             problems = [problem.problem for problem in shard_layout_problems(path, layout, num_samples)]
             return "", problems or ["header bytes differ from its layout's (data offsets or metadata)"]
-        digest.update(stored_header)
+        offset = len(header)
         for spec in layout.fields():
-            for start, values in field_blocks(handle, spec, num_samples, digest):
+            for start, values in field_blocks(reader, offset, spec, num_samples):
                 scan.add(spec.name, torch.arange(start, start + values.shape[0]), values)
-    return digest.hexdigest(), []
+            offset += num_samples * spec.sample_bytes
+    return reader.hexdigest(), []
 
 
 def verify_shard(
-    path: Path, layout: ShardLayout, *, first_sample: int, tokens: TokenBlock, recorded_sha256: str
+    path: Path, layout: ShardLayout, *, first_sample: int, tokens: TokenBlock, recorded_digest: str
 ) -> ShardVerification:
-    """Everything wrong with a committed shard: against its layout, its tokenized rows, the sha256 recorded at write."""
+    """Everything wrong with a committed shard: against its layout, its tokenized rows, the digest recorded at write."""
     started, stat = time.perf_counter(), stat_sha256(path)
     num_samples = tokens.input_ids.shape[0]
     scan = ShardScan(first_sample, tokens, layout.draft_vocab_size, DTYPES[layout.dtype])
     size, expected_size = path.stat().st_size, layout.shard_bytes(num_samples)
-    sha256, problems = "", []
+    digest, problems = "", []
     if size != expected_size:
         problems.append(f"{size} bytes, its layout takes {expected_size} (truncated or overwritten?)")
     else:
-        sha256, problems = read_and_scan(path, layout, num_samples, scan)
-    if not problems and sha256 != recorded_sha256:
-        problems.append("sha256 differs from the one recorded when it was written (changed on disk)")
+        digest, problems = read_and_scan(path, layout, num_samples, scan)
+    if not problems and digest != recorded_digest:
+        problems.append("digest differs from the one recorded when it was written (changed on disk)")
     seconds = time.perf_counter() - started
-    content = files_sha256([(path.name, sha256)]) if sha256 else None
+    content = files_sha256([(path.name, digest)]) if digest else None
     return ShardVerification(
-        shard_index(path), path.name, size, sha256, problems, scan.summary.to_json(), seconds, stat, content
+        shard_index(path), path.name, size, digest, problems, scan.summary.to_json(), seconds, stat, content
     )
 
 
@@ -143,7 +149,7 @@ def verify_committed_shard(
     first = index * shard_size
     count = samples_in_shard(index, read_tokenized_info(tokenized_path).num_samples, shard_size)
     tokens = read_token_block(tokenized_path, first, first + count)
-    return verify_shard(shard_path, layout, first_sample=first, tokens=tokens, recorded_sha256=stats["sha256"])
+    return verify_shard(shard_path, layout, first_sample=first, tokens=tokens, recorded_digest=stats["digest"])
 
 
 def take_out_of_cache(shard_path: Path, problems: Sequence[str]) -> str:
