@@ -4,13 +4,16 @@ truncation is caught, and a shard that fails is taken out of a cache the trainer
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
 
+from eagle3_cache import verification
 from eagle3_cache.layout import MANIFEST_FILE, shard_dir_name, shard_file_name
 from eagle3_cache.manifest import retire_commit
 from eagle3_cache.scan_summary import ScanSummary
+from eagle3_cache.token_store import read_tokenized_info
 from eagle3_cache.verification import take_out_of_cache
 from helpers import PARITY_ROWS, TinyCache, build_tiny_cache, verified_shard
 
@@ -29,7 +32,9 @@ def cache(built_cache, tmp_path) -> TinyCache:
     return built_cache.copied_to(tmp_path)
 
 
-def test_a_clean_shard_passes_with_the_scan_its_job_recorded(cache):
+@pytest.mark.parametrize("read_budget", [verification.READ_BUDGET_BYTES, 1], ids=["all-rows", "one-row"])
+def test_a_clean_shard_passes_with_the_scan_its_job_recorded(cache, monkeypatch, read_budget):
+    monkeypatch.setattr(verification, "READ_BUDGET_BYTES", read_budget)
     for index, stats_path in enumerate(cache.stats):
         stats = json.loads(stats_path.read_text())
         result = verified_shard(cache, index)
@@ -49,6 +54,28 @@ def test_a_bit_flipped_anywhere_is_caught(cache, seed):
     data[offset] ^= 1 << rng.randrange(8)
     shard.write_bytes(bytes(data))
     assert verified_shard(cache, 1).failures, f"a flip at byte {offset} of {len(data)} went unnoticed"
+
+
+@pytest.mark.parametrize("rows_read_at_once", ["all", "one"])
+def test_a_byte_written_into_a_shards_padding_hole_is_caught(cache, monkeypatch, rows_read_at_once):
+    if rows_read_at_once == "one":
+        # Then the row is read up to its own length, and its padding only where it holds data.
+        monkeypatch.setattr(verification, "READ_BUDGET_BYTES", 1)
+    lengths = read_tokenized_info(cache.tokenized).lengths
+    sample = int(lengths.argmin())
+    assert lengths[sample] < cache.settings["seq_length"]
+    index, row = divmod(sample, cache.settings["shard_size"])
+    shard = cache.cache_dir / shard_file_name(index)
+    # The last byte of that sample's target_probs row: padding, which the writer left as a hole.
+    header_bytes = int.from_bytes(shard.read_bytes()[:8], "little")
+    header = json.loads(shard.read_bytes()[8 : 8 + header_bytes])
+    begin, end = header["target_probs"]["data_offsets"]
+    row_bytes = (end - begin) // header["target_probs"]["shape"][0]
+    with open(shard, "r+b") as handle:
+        os.pwrite(handle.fileno(), b"\x01", 8 + header_bytes + begin + (row + 1) * row_bytes - 1)
+    failures = verified_shard(cache, index).failures
+    padding = f"target_probs: 1 padding positions (attention_mask 0) holding nonzero values, first in sample {sample}"
+    assert padding in failures and any("digest differs" in line for line in failures), failures
 
 
 def test_a_truncated_shard_is_caught_by_its_size(cache):

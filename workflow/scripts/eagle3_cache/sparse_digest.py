@@ -111,7 +111,21 @@ class SparseReader:
         self.extents = list(data_extents(fd, self.size))
         self.digest = BlockDigest(self.size)
 
-    def read_into(self, buffer: bytearray, offset: int) -> None:
+    def data_parts(self, start: int, stop: int) -> Iterator[tuple[int, memoryview]]:
+        """The data in [start, stop) (holes skipped), at most READ_BYTES at a time: each part's offset and bytes,
+        digested on the way."""
+        buffer = None
+        for extent_start, extent_stop in self.extents:
+            low, high = max(start, extent_start), min(stop, extent_stop)
+            for offset in range(low, high, READ_BYTES):
+                buffer = buffer or bytearray(min(READ_BYTES, stop - start))
+                part = memoryview(buffer)[: min(READ_BYTES, high - offset)]
+                if os.preadv(self.fd, [part], offset) != len(part):
+                    raise EOFError(f"the file ends inside [{offset}, {offset + len(part)})")
+                self.digest.update(offset, part)
+                yield offset, part
+
+    def read_into(self, buffer: bytearray | memoryview, offset: int) -> None:
         """The file's bytes at [offset, offset + len(buffer)) into `buffer`, which must hold zeros: holes are
         left as they are. Raises EOFError past the file's end."""
         stop = offset + len(buffer)

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .atomic import read_json_file
@@ -28,7 +29,7 @@ from .manifest import RECORD_REMEDY, retire_commit
 from .scan import ShardScan
 from .scan_summary import ScanSummary
 from .shard_format import DTYPES, TORCH_DTYPES
-from .shard_layout import FieldSpec, ShardLayout, safetensors_header
+from .shard_layout import TOKEN_FIELDS, FieldSpec, ShardLayout, safetensors_header
 from .shard_stat import files_sha256, stat_sha256
 from .sparse_digest import SparseReader
 from .token_store import TokenBlock, read_token_block, read_tokenized_info
@@ -69,21 +70,46 @@ class ShardVerification:
 
 
 def field_blocks(
-    reader: SparseReader, offset: int, spec: FieldSpec, num_samples: int
+    reader: SparseReader, offset: int, spec: FieldSpec, lengths: torch.Tensor | None, scan: ShardScan
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """`(first row, [rows, ...] values)` of one field, which starts at byte `offset`, read in order (its holes
-    unread) and digested on the way."""
+    """`(first row, [rows, width, ...] values)` of one field, which starts at byte `offset`, read in row order
+    and digested on the way.
+
+    A computed field (`lengths` given: the writer wrote each row's first `lengths[i]` positions) is read up
+    to its block's longest row; the rest of each row, padding, is not read where it is a hole and only
+    checked for zeros where it holds data. Token fields (`lengths` None) are read whole.
+    """
     rows = max(1, READ_BUDGET_BYTES // spec.sample_bytes)
+    num_samples, seq_length = scan.content.shape
     # Bool bytes are read as uint8: a damaged byte may be neither 0 nor 1.
     dtype = torch.uint8 if spec.dtype == "BOOL" else TORCH_DTYPES[spec.dtype]
     for start in range(0, num_samples, rows):
         count = min(rows, num_samples - start)
-        buffer = bytearray(count * spec.sample_bytes)
-        try:
-            reader.read_into(buffer, offset + start * spec.sample_bytes)
-        except EOFError as error:
-            raise EOFError(f"{spec.name}: rows {start}..{start + count - 1}: {error}") from error
-        yield start, torch.frombuffer(buffer, dtype=dtype).view(count, *spec.sample_shape)
+        width = seq_length if lengths is None else max(1, int(lengths[start : start + count].max()))
+        row_bytes = width * spec.position_bytes
+        buffer = bytearray(count * row_bytes)
+        for i in range(count):
+            row_start = offset + (start + i) * spec.sample_bytes
+            try:
+                reader.read_into(memoryview(buffer)[i * row_bytes : (i + 1) * row_bytes], row_start)
+            except EOFError as error:
+                raise EOFError(f"{spec.name}: row {start + i}: {error}") from error
+            if width < seq_length:
+                record_nonzero_padding(reader, row_start, row_start + row_bytes, spec, scan, start + i)
+        yield start, torch.frombuffer(buffer, dtype=dtype).view(count, width, *spec.sample_shape[1:])
+
+
+def record_nonzero_padding(
+    reader: SparseReader, row_start: int, padding_start: int, spec: FieldSpec, scan: ShardScan, row: int
+) -> None:
+    """Count the positions of a row's padding (from `padding_start`) that hold a nonzero byte: only its data is
+    read, holes being zeros."""
+    positions: set[int] = set()
+    for part_start, part in reader.data_parts(padding_start, row_start + spec.sample_bytes):
+        nonzero = np.flatnonzero(np.frombuffer(part, dtype=np.uint8))
+        positions.update(((part_start - row_start + nonzero) // spec.position_bytes).tolist())
+    if positions:
+        scan.summary.record("padding", spec.name, len(positions), scan.first_sample + row)
 
 
 def read_and_scan(path: Path, layout: ShardLayout, num_samples: int, scan: ShardScan) -> tuple[str, list[str]]:
@@ -95,6 +121,7 @@ def read_and_scan(path: Path, layout: ShardLayout, num_samples: int, scan: Shard
     left unread. Padding the writer left as holes is not read: it is zeros.
     """
     header, _ = safetensors_header(layout, num_samples)
+    lengths = scan.content.sum(dim=1)
     with open(path, "rb", buffering=0) as handle:
         reader = SparseReader(handle.fileno())
         stored_header = bytearray(len(header))
@@ -104,7 +131,8 @@ def read_and_scan(path: Path, layout: ShardLayout, num_samples: int, scan: Shard
             return "", problems or ["header bytes differ from its layout's (data offsets or metadata)"]
         offset = len(header)
         for spec in layout.fields():
-            for start, values in field_blocks(reader, offset, spec, num_samples):
+            field_lengths = None if spec.name in TOKEN_FIELDS else lengths
+            for start, values in field_blocks(reader, offset, spec, field_lengths, scan):
                 scan.add(spec.name, torch.arange(start, start + values.shape[0]), values)
             offset += num_samples * spec.sample_bytes
     return reader.hexdigest(), []
