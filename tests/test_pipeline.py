@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from eagle3_cache import CACHE_SEMANTICS_VERSION
+from eagle3_cache import CACHE_SEMANTICS_VERSION, pipeline
 from eagle3_cache.cache_rows import CacheSpec, compute_cache_batch
 from eagle3_cache.errors import CacheConfigError, ShardScanError
 from eagle3_cache.layout import shard_file_name
@@ -171,8 +171,13 @@ def test_the_budget_changes_stored_values_only_by_fp32_rounding(tiny_llama, stor
                 assert torch.equal(stored[name], values), name
 
 
-def test_a_shard_job_records_positions_per_forward(tiny_llama_dir, store, tmp_path):
+def test_a_shard_job_records_positions_per_forward_and_frees_its_gpus_before_the_commit(
+    tiny_llama_dir, store, tmp_path, monkeypatch
+):
     store_path, _ = store
+    events = []
+    commit = pipeline.ShardWriter.commit
+    monkeypatch.setattr(pipeline.ShardWriter, "commit", lambda writer: events.append("commit") or commit(writer))
     from eagle3_cache.vocab import write_vocab_selection
 
     selection = tmp_path / "vocab_selection.pt"
@@ -202,7 +207,9 @@ def test_a_shard_job_records_positions_per_forward(tiny_llama_dir, store, tmp_pa
         num_gpus=1,
         shard_path=tmp_path / shard_file_name(0),
         stats_path=tmp_path / "stats.json",
+        release_gpus=lambda: events.append("release"),
     )
+    assert events == ["release", "commit"]
     # Shard 0 holds lengths 14, 20, 13, 19: (20, 19) at width 20; 14 would be padded by 5, so (14, 13) at 15.
     assert stats["positions_per_forward"] == {"budget": 60, "forwards": 2, "mean": 35.0, "max": 40}
     assert stats["cuda_peak_bytes"] is None
@@ -256,3 +263,10 @@ def test_the_stats_record_the_scan_of_the_rows_written(tiny_llama, store, tmp_pa
     # Each row supervises the second half of its content (helpers.random_token_block); the shift keeps it whole.
     assert scan.supervised_positions == sum(length - length // 2 for length in LENGTHS[8:])
     assert 0 < scan.max_probability_sum_error <= scan.probability_sum_tolerance
+
+
+def test_freeing_a_gpu_target_leaves_no_weight_on_the_device_and_ends_the_lease(tiny_llama):
+    released = []
+    pipeline.free_devices(tiny_llama, torch.device("cuda"), lambda: released.append(True))
+    assert released == [True]
+    assert {parameter.device.type for parameter in tiny_llama.parameters()} == {"meta"}

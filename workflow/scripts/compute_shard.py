@@ -1,5 +1,6 @@
 """Rule script: compute one shard of a run's cache on a leased GPU (or the CPU)."""
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -27,7 +28,8 @@ torch.set_num_threads(snakemake.threads)
 
 with reported_errors(), logged_wall_split(log):
     retire_commit(Path(snakemake.output.shard).parent, f"shard {shard_index:06d} is being computed")
-    with lease_gpus(snakemake.config["gpus_per_job"], device=snakemake.config["device"]) as gpus:
+    with contextlib.ExitStack() as lease:
+        gpus = lease.enter_context(lease_gpus(snakemake.config["gpus_per_job"], device=snakemake.config["device"]))
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         log.info("shard %06d: GPUs %s (CUDA_VISIBLE_DEVICES=%s)", shard_index, gpus, visible)
         stats = run_shard_job(
@@ -43,6 +45,7 @@ with reported_errors(), logged_wall_split(log):
             stats_path=snakemake.output.stats,
             compute=COMPUTE[snakemake.params.format],
             start_seconds=start_seconds,
+            release_gpus=lease.close,
         )
 
     phases = ", ".join(f"{name} {seconds:.2f}s" for name, seconds in sorted(stats["seconds"].items()))

@@ -219,6 +219,8 @@ class ShardJob:
     shard_path: str | Path
     # Positions per forward; None: what a padded batch of `batch_size` rows holds.
     tokens_per_forward: int | None = None
+    # Called once the forwards are done, before the commit: frees the job's GPU for the next job.
+    forwards_done: Callable[[], None] = lambda: None
 
     @property
     def first_sample(self) -> int:
@@ -272,6 +274,7 @@ def compute_shard(model: nn.Module, spec: CacheSpec, layout: ShardLayout, job: S
         block = job.read_tokens()
     with ShardWriter(job.shard_path, layout, job.shard_samples) as writer:
         streamed = stream_rows(model, spec, layout, job, block, functools.partial(write_batch_rows, writer), timer)
+        job.forwards_done()
         with timer.phase("commit"):
             digest = writer.commit()
     return ShardResult(bytes=writer.size, digest=digest, **streamed.result_fields(job, block, layout.seq_length, timer))
@@ -343,13 +346,15 @@ def run_shard_job(
     tokens_per_forward: int | None = None,
     compute: ShardComputer = compute_shard,
     start_seconds: float | None = None,
+    release_gpus: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
     """What a shard job does once it holds its devices: load the target, write the shard and its stats.
 
     `settings` are the shard rule's params; `batch_size` and `tokens_per_forward` are not among them,
     since they change speed and memory only. `compute` writes the shard in its output format;
-    `start_seconds`, the process's start and imports, is recorded beside the load. Returns the stats
-    written to `stats_path`.
+    `start_seconds`, the process's start and imports, is recorded beside the load. Once the forwards are
+    done, the target leaves the GPU and `release_gpus` ends the job's lease, so that the commit's disk work
+    holds no GPU. Returns the stats written to `stats_path`.
     """
     started = time.perf_counter()
     model = load_target(
@@ -380,7 +385,11 @@ def run_shard_job(
         batch_size,
         shard_path,
         tokens_per_forward,
+        forwards_done=functools.partial(free_devices, model, device, release_gpus),
     )
+    identity = model_identity(settings["target_model"], settings["revision"], model)
+    # Read before the lease ends, which restores the variable.
+    visible_devices = os.environ.get("CUDA_VISIBLE_DEVICES")
     result = compute(model, spec, layout, job)
     result.seconds["load"] = load_seconds
     if start_seconds is not None:
@@ -394,10 +403,10 @@ def run_shard_job(
         "target_vocab_size": spec.target_vocab_size,
         "selected_token_ids_sha256": ids_fingerprint(spec.selected_token_ids.tolist()),
         "settings_fingerprint": settings_fingerprint(settings),
-        "model_identity": model_identity(settings["target_model"], settings["revision"], model),
+        "model_identity": identity,
         "device": str(device),
         "compute_dtype": str(computes_in).removeprefix("torch."),
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "cuda_visible_devices": visible_devices,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "host": socket.gethostname(),
         "batch_size": batch_size,
@@ -405,6 +414,15 @@ def run_shard_job(
     }
     write_json_atomic(stats_path, stats)
     return stats
+
+
+def free_devices(model: nn.Module, device: torch.device, release_gpus: Callable[[], None]) -> None:
+    """Take the target's weights off the GPU (no copy: they become meta tensors) and return the memory, then
+    end the job's lease; on the CPU only the lease (none) ends."""
+    if device.type == "cuda":
+        model.to_empty(device="meta")
+        torch.cuda.empty_cache()
+    release_gpus()
 
 
 def shard_spec_and_layout(

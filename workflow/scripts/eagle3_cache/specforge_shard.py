@@ -127,6 +127,7 @@ def compute_specforge_shard(
         block = job.read_tokens()
     with ShardDirectoryWriter(job.shard_path, block, job.first_sample) as writer:
         streamed = stream_rows(model, spec, layout, job, block, writer.write_batch, timer)
+        job.forwards_done()
         with timer.phase("commit"):
             files = writer.commit()
     return SpecForgeShardResult(
