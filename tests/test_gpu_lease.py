@@ -6,6 +6,7 @@ import ctypes
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 
 from eagle3_cache import gpu_lease
 from eagle3_cache.errors import CacheConfigError
-from eagle3_cache.gpu_lease import lease_gpus, visible_gpu_ids
+from eagle3_cache.gpu_lease import cuda_devices_problem, lease_gpus, visible_gpu_ids
 
 SCRIPTS_DIR = Path(__file__).resolve().parents[1] / "workflow" / "scripts"
 
@@ -231,3 +232,25 @@ def test_more_gpus_per_job_than_present_is_an_error(tmp_path, no_slurm):
     with pytest.raises(CacheConfigError, match="only 2 GPU"):
         with lease_gpus(3, tmp_path, candidates=["0", "1"]):
             pass
+
+
+@pytest.mark.parametrize(
+    ("leased", "visible", "cuda_uuids", "problem"),
+    [
+        (["2"], "2", ["GPU-b"], None),
+        (
+            ["0", "1"],
+            "0,1",
+            ["GPU-a", "GPU-b", "GPU-c", "GPU-d"],
+            r"CUDA sees 4 GPU\(s\) but this job leased 2 \(0,1\): CUDA started before",
+        ),
+        (["GPU-a"], "GPU-a", ["GPU-b"], r"cuda:0 is GPU-b, but this job leased GPU-a"),
+        (["GPU-a"], "GPU-a", ["GPU-a"], None),
+        # SLURM_JOB_GPUS alone: the lease set no variable, so there is nothing to hold CUDA to.
+        (["0", "1"], None, ["GPU-a", "GPU-b", "GPU-c"], None),
+    ],
+    ids=["index", "cuda-started-first", "uuid-mismatch", "uuid", "slurm-job-gpus"],
+)
+def test_the_gpus_cuda_gives_a_job_are_held_to_its_lease(leased, visible, cuda_uuids, problem):
+    found = cuda_devices_problem(leased, visible, cuda_uuids)
+    assert found is None if problem is None else re.search(problem, found), found

@@ -45,6 +45,7 @@ with reported_errors(), logged_wall_split(log):
             stats_path=snakemake.output.stats,
             compute=COMPUTE[snakemake.params.format],
             start_seconds=start_seconds,
+            leased_gpus=gpus,
             release_gpus=lease.close,
         )
 

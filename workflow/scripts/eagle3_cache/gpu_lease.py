@@ -229,3 +229,31 @@ def wait_for_lease(
         time.sleep(poll_s)
         leased = try_lease(count, candidates, lock_dir, stack)
     return leased
+
+
+def cuda_devices_problem(leased: Sequence[str], visible: str | None, cuda_uuids: Sequence[str]) -> str | None:
+    """What is wrong with the GPUs CUDA gave this job (`cuda_uuids`, cuda:0 first) against its lease, which set
+    CUDA_VISIBLE_DEVICES (now `visible`); None when they are the leased ones as far as can be told, or when
+    the lease set nothing (SLURM's assignment used as it is). CUDA started before the lease sees every GPU
+    instead of the leased ones; a lease of UUIDs is compared one by one."""
+    if visible != ",".join(leased):
+        return None
+    if len(cuda_uuids) != len(leased):
+        return (
+            f"CUDA sees {len(cuda_uuids)} GPU(s) but this job leased {len(leased)} ({visible}): CUDA started "
+            "before the lease set CUDA_VISIBLE_DEVICES, so this job could run on another job's GPU. Report it as a "
+            "bug of eagle3-cache, with the job's log"
+        )
+    for index, (gpu, uuid) in enumerate(zip(leased, cuda_uuids, strict=True)):
+        if gpu.startswith("GPU-") and gpu != uuid:
+            return f"cuda:{index} is {uuid}, but this job leased {gpu}; report it as a bug of eagle3-cache"
+    return None
+
+
+def checked_cuda_devices(leased: Sequence[str]) -> list[str]:
+    """After CUDA has started: the UUIDs of the GPUs this job runs on (cuda:0 first), refused unless they are
+    its lease's (`cuda_devices_problem`)."""
+    uuids = [f"GPU-{torch.cuda.get_device_properties(index).uuid}" for index in range(torch.cuda.device_count())]
+    if problem := cuda_devices_problem(leased, os.environ.get("CUDA_VISIBLE_DEVICES"), uuids):
+        raise CacheConfigError(problem)
+    return uuids

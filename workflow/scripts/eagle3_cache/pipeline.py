@@ -27,6 +27,7 @@ from torch import nn
 from .atomic import write_json_atomic
 from .cache_rows import CacheBatch, CacheSpec, compute_cache_batch, forward_width
 from .errors import CacheConfigError, ShardScanError
+from .gpu_lease import checked_cuda_devices
 from .layout import samples_in_shard
 from .provenance import ids_fingerprint, settings_fingerprint
 from .scan import ShardScan
@@ -346,13 +347,15 @@ def run_shard_job(
     tokens_per_forward: int | None = None,
     compute: ShardComputer = compute_shard,
     start_seconds: float | None = None,
+    leased_gpus: Sequence[str] = (),
     release_gpus: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
     """What a shard job does once it holds its devices: load the target, write the shard and its stats.
 
     `settings` are the shard rule's params; `batch_size` and `tokens_per_forward` are not among them,
     since they change speed and memory only. `compute` writes the shard in its output format;
-    `start_seconds`, the process's start and imports, is recorded beside the load. Once the forwards are
+    `start_seconds`, the process's start and imports, is recorded beside the load. On CUDA, the GPUs the
+    target landed on must be the `leased_gpus` (`gpu_lease.checked_cuda_devices`). Once the forwards are
     done, the target leaves the GPU and `release_gpus` ends the job's lease, so that the commit's disk work
     holds no GPU. Returns the stats written to `stats_path`.
     """
@@ -366,6 +369,7 @@ def run_shard_job(
         num_gpus=num_gpus,
     )
     load_seconds = time.perf_counter() - started
+    gpu_uuids = checked_cuda_devices(leased_gpus) if device.type == "cuda" else []
     computes_in = next(model.parameters()).dtype
     log.info("loaded %s on %s in %.1fs, computing in %s", settings["target_model"], device, load_seconds, computes_in)
     info = read_tokenized_info(tokenized_path)
@@ -407,6 +411,7 @@ def run_shard_job(
         "device": str(device),
         "compute_dtype": str(computes_in).removeprefix("torch."),
         "cuda_visible_devices": visible_devices,
+        "gpu_uuids": gpu_uuids,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "host": socket.gethostname(),
         "batch_size": batch_size,
