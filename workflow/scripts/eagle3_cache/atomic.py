@@ -71,6 +71,15 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def fsync_file(path: str | os.PathLike) -> None:
+    """Make a file's bytes durable."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def fsync_directory(path: str | os.PathLike) -> None:
     """Make the entries added to or removed from a directory durable, in the order they were made."""
     descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

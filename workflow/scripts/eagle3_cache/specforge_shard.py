@@ -6,6 +6,7 @@ a half-written shard there), and renamed onto its final name whole.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 import shutil
@@ -15,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from .atomic import fsync_directory, fsync_file
 from .cache_rows import CacheBatch, CacheSpec
 from .errors import CacheConfigError
 from .pipeline import ShardJob, ShardResult, stream_rows
@@ -27,22 +29,9 @@ from .target import hidden_size
 from .timing import PhaseTimer
 from .token_store import TokenBlock
 
-
-def write_durably(path: Path, data: bytes) -> None:
-    """Write `data` to a new file and fsync it."""
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (created or renamed files) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# Threads writing, digesting and, at the commit, fsyncing sample files: each mostly waits on memory or disk,
+# with the GIL released, beside the next sample's serialization (which holds it).
+WRITE_THREADS = 4
 
 
 class ShardDirectoryWriter:
@@ -58,11 +47,13 @@ class ShardDirectoryWriter:
         self.block = block
         self.first_sample = first_sample
         self.files: dict[int, dict[str, Any]] = {}
+        self.pool = concurrent.futures.ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="sample-writer")
         shutil.rmtree(self.staging, ignore_errors=True)
         self.staging.mkdir(parents=True)
 
     def write_batch(self, batch: CacheBatch, rows: list[int]) -> None:
         """Write one file per row of a host batch computed with `target_repr=TARGET_REPR`."""
+        pending: dict[int, concurrent.futures.Future] = {}
         for i, row in enumerate(rows):
             length = int(batch.lengths[i])
             sample = sample_tensors(
@@ -73,26 +64,32 @@ class ShardDirectoryWriter:
             )
             name = sample_file_name(self.first_sample + row)
             data = serialized(sample)
-            write_durably(self.staging / name, data)
-            self.files[row] = {
-                "file": name,
-                "num_tokens": length,
-                "bytes": len(data),
-                "digest": bytes_digest(data),
-            }
+            # Digest and write release the GIL: they run beside the next sample's serialization.
+            pending[row] = self.pool.submit(self.stored_record, name, length, data)
+        self.files.update({row: future.result() for row, future in pending.items()})
+
+    def stored_record(self, name: str, length: int, data: bytes) -> dict[str, Any]:
+        """The file written (made durable at the commit, all at once: the kernel writes it back meanwhile)
+        and its record."""
+        (self.staging / name).write_bytes(data)
+        return {"file": name, "num_tokens": length, "bytes": len(data), "digest": bytes_digest(data)}
 
     def commit(self) -> list[dict[str, Any]]:
-        """Rename the staging directory onto the shard's name; returns the file records in sample order."""
-        fsync_dir(self.staging)
+        """Make the sample files durable, then rename the staging directory onto the shard's name; returns the
+        file records in sample order."""
+        list(self.pool.map(fsync_file, (self.staging / record["file"] for record in self.files.values())))
+        self.pool.shutdown()
+        fsync_directory(self.staging)
         if self.path.exists():
             shutil.rmtree(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.staging, self.path)
-        fsync_dir(self.path.parent)
+        fsync_directory(self.path.parent)
         return [self.files[row] for row in sorted(self.files)]
 
     def abort(self) -> None:
         """Drop the staging directory; the shard's name is never touched."""
+        self.pool.shutdown(cancel_futures=True)
         shutil.rmtree(self.staging, ignore_errors=True)
 
     def __enter__(self) -> ShardDirectoryWriter:
