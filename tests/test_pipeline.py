@@ -212,7 +212,7 @@ def test_a_shard_job_records_positions_per_forward_and_frees_its_gpus_before_the
     assert events == ["release", "commit"]
     # Shard 0 holds lengths 14, 20, 13, 19: (20, 19) at width 20; 14 would be padded by 5, so (14, 13) at 15.
     assert stats["positions_per_forward"] == {"budget": 60, "forwards": 2, "mean": 35.0, "max": 40}
-    assert stats["cuda_peak_bytes"] is None
+    assert stats["cuda_memory"] == []
     assert json.loads((tmp_path / "stats.json").read_text())["positions_per_forward"]["forwards"] == 2
 
 

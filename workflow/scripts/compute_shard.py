@@ -68,5 +68,10 @@ with reported_errors(), logged_wall_split(log):
         forwards["mean"],
         forwards["max"],
         forwards["budget"],
-        "n/a" if stats["cuda_peak_bytes"] is None else f"{stats['cuda_peak_bytes'] / 2**30:.1f} GiB",
+        ", ".join(
+            f"cuda:{gpu['device']} {gpu['peak_allocated_bytes'] / 2**30:.1f} GiB allocated, "
+            f"{gpu['peak_reserved_bytes'] / 2**30:.1f} GiB reserved"
+            for gpu in stats["cuda_memory"]
+        )
+        or "n/a",
     )

@@ -415,10 +415,23 @@ def run_shard_job(
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "host": socket.gethostname(),
         "batch_size": batch_size,
-        "cuda_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "cuda_memory": cuda_memory_peaks() if device.type == "cuda" else [],
     }
     write_json_atomic(stats_path, stats)
     return stats
+
+
+def cuda_memory_peaks() -> list[dict[str, int]]:
+    """Per GPU of this job: the most memory its tensors held (allocated) and the most torch's allocator held
+    from the driver (reserved, what other processes could not use)."""
+    return [
+        {
+            "device": index,
+            "peak_allocated_bytes": torch.cuda.max_memory_allocated(index),
+            "peak_reserved_bytes": torch.cuda.max_memory_reserved(index),
+        }
+        for index in range(torch.cuda.device_count())
+    ]
 
 
 def free_devices(model: nn.Module, device: torch.device, release_gpus: Callable[[], None]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -99,6 +100,10 @@ def load_target(
     computes_in = compute_dtype(device, dtype)
     if device.type == "cpu" and (warning := emulated_cpu_dtype_warning(computes_in, cpu_flags())):
         log.warning(warning)
+    if device.type == "cuda":
+        # Read once, as CUDA's allocator starts: forwards of varying widths then grow and shrink segments
+        # instead of fragmenting fixed ones.
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if device.type != "cuda":
         device_map = None
     elif num_gpus > 1:
