@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from eagle3_cache import cache_rows
 from eagle3_cache.cache_rows import (
     CacheSpec,
     captured_layer_outputs,
@@ -12,7 +13,7 @@ from eagle3_cache.cache_rows import (
     forward_width,
     shifted_left,
     stored_distribution,
-    with_last_slot,
+    stored_distribution_fields,
 )
 from eagle3_cache.shard_format import reconstruct_target_probs
 from eagle3_cache.target import resolve_aux_layer_ids
@@ -165,14 +166,20 @@ def test_captured_layer_outputs_are_the_hidden_states_after_each_layer(tiny_llam
 
 
 @pytest.mark.parametrize("topk", [0, 4])
-def test_the_appended_last_slot_is_unsupervised_and_uniform(tiny_llama, topk):
+@pytest.mark.parametrize(
+    "block_bytes", [cache_rows.DISTRIBUTION_BLOCK_BYTES, 4 * 8 * 2, 4 * 8], ids=["whole", "rows", "positions"]
+)
+def test_the_stored_distribution_is_each_positions_softmax_in_bounded_blocks_then_the_last_slot(
+    tiny_llama, monkeypatch, topk, block_bytes
+):
+    monkeypatch.setattr(cache_rows, "DISTRIBUTION_BLOCK_BYTES", block_bytes)
     spec = spec_for(tiny_llama, draft_vocab=8, topk=topk)
-    probs = torch.softmax(torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(3)), dim=-1)
-    fields = {"position_mask": torch.ones((2, 3, 1), dtype=torch.bool), **stored_distribution(probs, spec)}
-    rows = with_last_slot(fields, spec)
+    logits = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    rows = stored_distribution_fields(logits, torch.ones((2, 3, 1), dtype=torch.bool), spec)
     assert rows["position_mask"].shape == (2, 4, 1) and not rows["position_mask"][:, -1].any()
-    for name, values in fields.items():
+    whole = stored_distribution(torch.softmax(logits.float(), dim=-1), spec)
+    for name, values in whole.items():
         assert torch.equal(rows[name][:, :3], values), name
     width = topk or spec.draft_vocab_size
     last = rows["target_probs_values" if spec.stores_topk else "target_probs"][:, -1]
-    torch.testing.assert_close(last, torch.full((2, width), 1 / width))
+    torch.testing.assert_close(last, torch.full((2, width), 1 / width).to(last.dtype))

@@ -19,7 +19,7 @@ from eagle3_cache.shard_layout import ShardLayout
 from eagle3_cache.sparse_digest import file_digest
 from eagle3_cache.target import resolve_aux_layer_ids
 from eagle3_cache.token_store import TokenBlock
-from helpers import fail_second_forward, random_token_block, write_token_store
+from helpers import fail_second_forward, random_token_block, tiny_llama_config, write_token_store
 
 SEQ = 20
 # 11 samples: shards of 4, 4 and a partial 3, each with rows close enough in length to share a forward.
@@ -265,8 +265,11 @@ def test_the_stats_record_the_scan_of_the_rows_written(tiny_llama, store, tmp_pa
     assert 0 < scan.max_probability_sum_error <= scan.probability_sum_tolerance
 
 
-def test_freeing_a_gpu_target_leaves_no_weight_on_the_device_and_ends_the_lease(tiny_llama):
+def test_freeing_a_gpu_target_leaves_no_weight_on_the_device_and_ends_the_lease():
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(tiny_llama_config())  # its own: the session's tiny_llama must keep its weights
     released = []
-    pipeline.free_devices(tiny_llama, torch.device("cuda"), lambda: released.append(True))
+    pipeline.free_devices(model, torch.device("cuda"), lambda: released.append(True))
     assert released == [True]
-    assert {parameter.device.type for parameter in tiny_llama.parameters()} == {"meta"}
+    assert {parameter.device.type for parameter in model.parameters()} == {"meta"}

@@ -33,7 +33,7 @@ from eagle3_cache.cache_rows import (
     CacheSpec,
     captured_layer_outputs,
     compute_cache_batch,
-    draft_distribution_from_hidden,
+    draft_logits_from_hidden,
     forward_width,
     plain_output_head,
     shifted_left,
@@ -118,7 +118,8 @@ def packed_cache_rows(model, spec: CacheSpec, tokens: TokenBlock, row_length: in
     for p in placements:
         next_hidden[p.row, p.start : p.start + p.length - 1] = hidden[p.row, p.start + 1 : p.start + p.length]
         loss_mask[p.row, p.start : p.start + p.length - 1] = shifted_loss_mask[p.sample, : p.length - 1]
-    probs, position_mask = draft_distribution_from_hidden(next_hidden, head, loss_mask, spec)
+    logits, position_mask = draft_logits_from_hidden(next_hidden, head, loss_mask, spec)
+    probs = torch.softmax(logits.float(), dim=-1)
     fields = {}
     for p in placements:
         content = slice(p.start, p.start + min(p.length, int(lengths[p.sample])))

@@ -28,6 +28,8 @@ TOP1_CHUNK_ROWS = 512
 # What a cache row carries about the target's prediction: Automodel's draft-vocabulary distribution,
 # or SpecForge's final post-norm hidden state (its trainer applies lm_head itself).
 TARGET_REPRS = ("distribution", "hidden_state")
+# The fp32 softmax temporaries of one forward's distribution step, at most.
+DISTRIBUTION_BLOCK_BYTES = 256 << 20
 
 
 @contextlib.contextmanager
@@ -144,19 +146,18 @@ def selected_token_mask(selected: torch.Tensor, vocab_size: int) -> torch.Tensor
     return mask
 
 
-def draft_distribution(
+def draft_logits(
     logits: torch.Tensor, shifted_loss_mask: torch.Tensor, spec: CacheSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(target_probs, position_mask)` from next-token logits `[n, W, V]`, never a full-vocab fp32 copy.
+    """`(draft-vocab logits, position_mask)` from next-token logits `[n, W, V]`, in the compute dtype.
 
-    The argmax runs over the full vocabulary in the compute dtype; only the draft-vocab columns are
-    upcast for the softmax.
+    The argmax runs over the full vocabulary; only the draft-vocab columns are kept, for the softmax
+    (`stored_distribution_fields`).
     """
     selected = spec.selected_token_ids.to(logits.device)
     selected_mask = selected_token_mask(selected, logits.shape[-1])
     position_mask = (selected_mask[logits.argmax(dim=-1)] & shifted_loss_mask.bool()).unsqueeze(-1)
-    probs = torch.softmax(logits.index_select(-1, selected).float(), dim=-1)
-    return probs, position_mask
+    return logits.index_select(-1, selected), position_mask
 
 
 def plain_output_head(model: nn.Module) -> nn.Linear | None:
@@ -170,10 +171,10 @@ def plain_output_head(model: nn.Module) -> nn.Linear | None:
     return head if known and isinstance(head, nn.Linear) and head.bias is None else None
 
 
-def draft_distribution_from_hidden(
+def draft_logits_from_hidden(
     hidden: torch.Tensor, head: nn.Linear, shifted_loss_mask: torch.Tensor, spec: CacheSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`draft_distribution(head(hidden))`, computing only the logits it needs.
+    """`draft_logits(head(hidden))`, computing only the logits it needs.
 
     The draft-vocab logits come from the head's selected rows; the full-vocabulary top-1 is
     needed only at supervised positions, a bounded number of rows at a time.
@@ -181,14 +182,55 @@ def draft_distribution_from_hidden(
     weight = head.weight
     hidden = hidden.to(weight.device)
     selected = spec.selected_token_ids.to(weight.device)
-    probs = torch.softmax(F.linear(hidden, weight[selected]).float(), dim=-1)
+    logits = F.linear(hidden, weight[selected])
     supervised = shifted_loss_mask.to(weight.device).bool()
     selected_mask = selected_token_mask(selected, weight.shape[0])
     top1 = [F.linear(rows, weight).argmax(dim=-1) for rows in hidden[supervised].split(TOP1_CHUNK_ROWS)]
     position_mask = torch.zeros_like(supervised)
     if top1:
         position_mask[supervised] = selected_mask[torch.cat(top1)]
-    return probs, position_mask.unsqueeze(-1)
+    return logits, position_mask.unsqueeze(-1)
+
+
+def stored_distribution_fields(
+    logits: torch.Tensor, position_mask: torch.Tensor, spec: CacheSpec
+) -> dict[str, torch.Tensor]:
+    """The distribution fields of a forward of width W from its draft-vocab next-token logits and position
+    mask (`[n, W - 1, ...]`): each position's softmax in fp32, stored as the cache stores it, then position
+    W - 1, which has no next-token logits. In a full-length row it is the last slot, where the
+    straightforward computation shifts in zero logits: no supervision and a uniform distribution. In a
+    shorter batch it lies past every row's content and is never stored.
+
+    The softmax runs on a bounded block of positions at a time, written into the stored fields, so the fp32
+    temporaries never exceed DISTRIBUTION_BLOCK_BYTES whatever the forward's size: at 65,536 positions and
+    a 32,000-id draft vocabulary, a softmax of the whole forward would hold 17 GB of them.
+    """
+    n, positions, vocab = logits.shape
+    tail = last_slot_distribution(spec, logits.device)
+    fields = {
+        name: torch.empty((n, positions + 1, values.shape[-1]), dtype=values.dtype, device=logits.device)
+        for name, values in tail.items()
+    }
+    rows, columns = distribution_block(n, positions, vocab)
+    for row in range(0, n, rows):
+        for column in range(0, positions, columns):
+            block = (slice(row, row + rows), slice(column, column + columns))
+            probs = torch.softmax(logits[block].float(), dim=-1)
+            for name, values in stored_distribution(probs, spec).items():
+                fields[name][block] = values
+    for name, values in tail.items():
+        fields[name][:, positions:] = values
+    fields["position_mask"] = torch.cat([position_mask, position_mask.new_zeros((n, 1, 1))], dim=1)
+    return fields
+
+
+def distribution_block(rows: int, positions: int, vocab: int) -> tuple[int, int]:
+    """(rows, positions) of the softmax's blocks: whole rows while they fit DISTRIBUTION_BLOCK_BYTES of fp32,
+    else part of one row."""
+    fitting = max(1, DISTRIBUTION_BLOCK_BYTES // (4 * vocab))
+    if fitting < positions:
+        return 1, fitting
+    return max(1, fitting // max(1, positions)), positions
 
 
 def stored_distribution(probs: torch.Tensor, spec: CacheSpec) -> dict[str, torch.Tensor]:
@@ -244,10 +286,10 @@ def compute_cache_batch(
             next_token = outputs[:, 1:width]
             loss_mask = shifted_loss_mask[:, : width - 1].to(outputs.device)
             if head is None:
-                probs, position_mask = draft_distribution(next_token, loss_mask, spec)
+                logits, position_mask = draft_logits(next_token, loss_mask, spec)
             else:
-                probs, position_mask = draft_distribution_from_hidden(next_token, head, loss_mask, spec)
-            computed.update(with_last_slot({"position_mask": position_mask, **stored_distribution(probs, spec)}, spec))
+                logits, position_mask = draft_logits_from_hidden(next_token, head, loss_mask, spec)
+            computed.update(stored_distribution_fields(logits, position_mask, spec))
     return CacheBatch(
         input_ids=shifted_left(tokens.input_ids),
         attention_mask=tokens.attention_mask.clone(),
@@ -255,17 +297,3 @@ def compute_cache_batch(
         computed={name: values.to(device) for name, values in computed.items()},
         lengths=lengths,
     )
-
-
-def with_last_slot(fields: dict[str, torch.Tensor], spec: CacheSpec) -> dict[str, torch.Tensor]:
-    """Append position W - 1, which has no next-token logits.
-
-    In a full-length row it is the last slot, where the straightforward computation shifts in zero
-    logits: no supervision and a uniform distribution. In a shorter batch it lies past every row's
-    content and is never stored.
-    """
-    n = fields["position_mask"].shape[0]
-    device = fields["position_mask"].device
-    tail = {"position_mask": torch.zeros((n, 1, 1), dtype=torch.bool, device=device)}
-    tail.update({name: values.expand(n, 1, -1) for name, values in last_slot_distribution(spec, device).items()})
-    return {name: torch.cat([values, tail[name]], dim=1) for name, values in fields.items()}
