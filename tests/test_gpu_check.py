@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -25,7 +26,9 @@ def test_tiny_check_runs_every_step_and_the_second_lease_waits_for_the_first(tin
     report = json.loads((out / "gpu-check.json").read_text())
     assert code == 0, {name: step["summary"] for name, step in report["steps"].items()}
     assert list(report["steps"]) == ["floor", "parity", "leases"]
-    assert "of the floor" in report["steps"]["floor"]["summary"]
+    floor = report["steps"]["floor"]
+    assert "of the floor" in floor["summary"] and floor["run"]["load_seconds"] > 0
+    assert re.search(r"model load [\d.]+s \(page cache to GPU\): shard_size >= \d+ keeps it under 5%", floor["summary"])
     parity = report["steps"]["parity"]
     assert (
         parity["parity"]["identical"] and parity["runs"]["device"]["samples"] == parity["runs"]["cpu"]["samples"] == 8

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 from dataclasses import asdict
@@ -15,6 +16,9 @@ import torch
 from .measure import MIB, tokens_per_s
 from .ours import compute_our_shards
 from .workload import Workload, run_child, workload_of
+
+# The most of a shard job's time the model load should take, for the shard size the floor prints.
+LOAD_SHARE = 0.05
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig
@@ -29,16 +33,52 @@ def run_floor(job: dict) -> dict:
     workload = Workload(**job["workload"])
     device = resolve_device(workload.device)
     config = llama_config(job["tiny"])
+    load_seconds = measured_load(config, Path(job["output"]).parent / "checkpoint", device)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype(device)).eval()
     return {
         **compute_our_shards(model, workload, job),
+        "load_seconds": load_seconds,
         "matmul_flops_per_s": matmul_rate(device, compute_dtype(device), size=512 if job["tiny"] else 8192),
         "disk_bytes_per_s": disk_write_rate(Path(job["output"]), (64 if job["tiny"] else 4096) * MIB),
         "linear_params": sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)),
         "attention_width": config.num_attention_heads * config.head_dim,
         "num_layers": config.num_hidden_layers,
     }
+
+
+def measured_load(config: LlamaConfig, directory: Path, device: torch.device) -> float:
+    """Seconds a shard job takes to load a checkpoint of `config` (`eagle3_cache.target.load_target`) onto
+    `device`, from bf16 safetensors whose weights are holes: read at page-cache speed, with no disk, as a
+    checkpoint the previous shard job left in the page cache."""
+    from transformers import AutoModelForCausalLM
+
+    from eagle3_cache.target import load_target
+    from tools.dry_run_reads import write_sparse_safetensors
+
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(directory)
+    with torch.device("meta"):
+        shapes = {
+            name: list(tensor.shape) for name, tensor in AutoModelForCausalLM.from_config(config).state_dict().items()
+        }
+    write_sparse_safetensors(directory / "model.safetensors", shapes)
+    started = time.perf_counter()
+    model = load_target(str(directory), revision=None, trust_remote_code=False, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return seconds
+
+
+def shard_size_for_load_share(run: dict, share: float) -> int:
+    """The smallest shard_size at which the model load is at most `share` of a shard job's load and forwards,
+    at the run's real tokens/s and real tokens per sample."""
+    tokens_per_sample = run["real_tokens"] / run["samples"]
+    return math.ceil((1 - share) / share * run["load_seconds"] * tokens_per_s(run) / tokens_per_sample)
 
 
 def llama_config(tiny: bool) -> LlamaConfig:
@@ -195,3 +235,7 @@ def print_floor(workload: Workload, run: dict, floors: dict[str, float], flops: 
     )
     print("ours, phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(run["phases"].items())))
     print(f"peak RSS {run['peak_rss_mib']:.0f} MiB{gpu_memory}")
+    print(
+        f"model load (page cache to {workload.device}) {run['load_seconds']:.1f}s: shard_size >= "
+        f"{shard_size_for_load_share(run, LOAD_SHARE)} keeps it under {LOAD_SHARE:.0%} of a shard job"
+    )
