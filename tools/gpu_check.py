@@ -37,7 +37,7 @@ import torch
 from tools.benchmark.cli import checked, with_mode_defaults
 from tools.benchmark.cli import parser as benchmark_parser
 from tools.benchmark.compare import shard_parity
-from tools.benchmark.gpu_floor import LOAD_SHARE, gpu_floor, shard_size_for_load_share
+from tools.benchmark.gpu_floor import LOAD_SHARE, budget_lines, gpu_floor, shard_size_for_load_share
 from tools.benchmark.leases import lease_verdict
 from tools.benchmark.measure import tokens_per_s
 from tools.benchmark.workload import DEMO_CONVERSATIONS, Workload, prepared_jobs, run_child, workload_from
@@ -80,7 +80,7 @@ def floor_step(args: argparse.Namespace, work: Path) -> dict:
             f"(matmul {run['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s, disk {run['disk_bytes_per_s'] / 1e9:.3g} GB/s): "
             f"{floor_seconds / run['seconds']:.1%} of the floor; model load {run['load_seconds']:.1f}s "
             f"(page cache to GPU): shard_size >= {shard_size_for_load_share(run, LOAD_SHARE)} keeps it under "
-            f"{LOAD_SHARE:.0%} of a shard job"
+            f"{LOAD_SHARE:.0%} of a shard job; " + "; ".join(budget_lines(run))
         ),
         **report,
     }

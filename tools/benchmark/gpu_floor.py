@@ -19,6 +19,9 @@ from .workload import Workload, run_child, workload_of
 
 # The most of a shard job's time the model load should take, for the shard size the floor prints.
 LOAD_SHARE = 0.05
+# The forward budgets the floor runs: the default's (batch 4 x seq_length 2048) and config/README.md's
+# suggestion for an 80 GB GPU.
+FLOOR_BUDGETS = (8192, 65536)
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig
@@ -33,17 +36,39 @@ def run_floor(job: dict) -> dict:
     workload = Workload(**job["workload"])
     device = resolve_device(workload.device)
     config = llama_config(job["tiny"])
-    load_seconds = measured_load(config, Path(job["output"]).parent / "checkpoint", device)
+    output = Path(job["output"])
+    load_seconds = measured_load(config, output.parent / "checkpoint", device)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype(device)).eval()
+    # Untimed: the first forward picks kernels and grows the allocator's pool.
+    compute_our_shards(model, workload, {**job, "shards": [0], "output": str(output.parent / "warm-up")})
+    budgets = []
+    for budget in FLOOR_BUDGETS:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        run = compute_our_shards(
+            model, workload, {**job, "tokens_per_forward": budget, "output": str(output / str(budget))}
+        )
+        budgets.append({"tokens_per_forward": budget, **run, **memory_peaks(device)})
     return {
-        **compute_our_shards(model, workload, job),
+        **budgets[0],
+        "budgets": budgets,
         "load_seconds": load_seconds,
         "matmul_flops_per_s": matmul_rate(device, compute_dtype(device), size=512 if job["tiny"] else 8192),
         "disk_bytes_per_s": disk_write_rate(Path(job["output"]), (64 if job["tiny"] else 4096) * MIB),
         "linear_params": sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)),
         "attention_width": config.num_attention_heads * config.head_dim,
         "num_layers": config.num_hidden_layers,
+    }
+
+
+def memory_peaks(device: torch.device) -> dict[str, int]:
+    """The GPU's peak allocated and reserved bytes since the last reset; nothing on the CPU."""
+    if device.type != "cuda":
+        return {}
+    return {
+        "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+        "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
     }
 
 
@@ -72,6 +97,22 @@ def measured_load(config: LlamaConfig, directory: Path, device: torch.device) ->
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return seconds
+
+
+def budget_lines(run: dict) -> list[str]:
+    """One line per forward budget the floor ran: real tokens/s, and on a GPU its peak memory."""
+    lines = []
+    for budget in run["budgets"]:
+        memory = ""
+        if "peak_reserved_bytes" in budget:
+            memory = (
+                f", peak {budget['peak_allocated_bytes'] / 2**30:.1f} GiB allocated, "
+                f"{budget['peak_reserved_bytes'] / 2**30:.1f} GiB reserved"
+            )
+        lines.append(
+            f"tokens_per_forward {budget['tokens_per_forward']}: {tokens_per_s(budget):.4g} real tokens/s{memory}"
+        )
+    return lines
 
 
 def shard_size_for_load_share(run: dict, share: float) -> int:
@@ -235,6 +276,8 @@ def print_floor(workload: Workload, run: dict, floors: dict[str, float], flops: 
     )
     print("ours, phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(run["phases"].items())))
     print(f"peak RSS {run['peak_rss_mib']:.0f} MiB{gpu_memory}")
+    for line in budget_lines(run):
+        print(line)
     print(
         f"model load (page cache to {workload.device}) {run['load_seconds']:.1f}s: shard_size >= "
         f"{shard_size_for_load_share(run, LOAD_SHARE)} keeps it under {LOAD_SHARE:.0%} of a shard job"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import time
 
-from eagle3_cache.gpu_lease import lease_gpus
+import torch
+
+from eagle3_cache.gpu_lease import checked_cuda_devices, lease_gpus
 
 from .ours import run_ours
 
@@ -20,11 +22,14 @@ def run_leased(job: dict) -> dict:
         leased_at = time.time()
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         result = run_ours(job)
+        # Which physical GPUs CUDA gave it, held to the lease (a job's own check: gpu_lease).
+        uuids = checked_cuda_devices(gpus) if torch.cuda.is_initialized() else []
         # Read inside the lease: once it ends another job may take the GPU at once.
         done_at = time.time()
     return {
         **result,
         "gpus": gpus,
+        "gpu_uuids": uuids,
         "cuda_visible_devices": visible,
         "requested_at": requested_at,
         "leased_at": leased_at,
@@ -37,9 +42,11 @@ def lease_verdict(jobs: list[dict], gpu_count: int) -> dict:
     first, second = sorted(jobs, key=lambda job: job["leased_at"])
     waited = second["leased_at"] - second["requested_at"]
     if gpu_count >= 2:
-        passed = first["gpus"] != second["gpus"] and second["leased_at"] < first["done_at"]
+        distinct = first["gpus"] != second["gpus"] and first["gpu_uuids"] != second["gpu_uuids"]
+        passed = distinct and second["leased_at"] < first["done_at"]
         summary = (
-            f"two jobs ran side by side on GPUs {first['gpus']} and {second['gpus']}"
+            f"two jobs ran side by side on GPUs {first['gpus']} and {second['gpus']} "
+            f"({', '.join(first['gpu_uuids'] + second['gpu_uuids'])})"
             if passed
             else f"no distinct GPUs at once: {first['gpus']}, then {second['gpus']} after {waited:.1f}s"
         )

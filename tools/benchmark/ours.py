@@ -90,6 +90,7 @@ def compute_our_shards(model: torch.nn.Module, workload: Workload, job: dict) ->
                     shard_size=workload.shard_size,
                     batch_size=workload.batch_size,
                     shard_path=output / shard_file_name(index),
+                    tokens_per_forward=job.get("tokens_per_forward"),
                 ),
             )
             for index in shards

@@ -276,6 +276,9 @@ def compute_shard(model: nn.Module, spec: CacheSpec, layout: ShardLayout, job: S
     with ShardWriter(job.shard_path, layout, job.shard_samples) as writer:
         streamed = stream_rows(model, spec, layout, job, block, functools.partial(write_batch_rows, writer), timer)
         job.forwards_done()
+        # Timed apart: the disk catching up with the writes, then the digest and the rename.
+        with timer.phase("fsync"):
+            writer.sync()
         with timer.phase("commit"):
             digest = writer.commit()
     return ShardResult(bytes=writer.size, digest=digest, **streamed.result_fields(job, block, layout.seq_length, timer))

@@ -94,10 +94,14 @@ class ShardWriter:
         offset = self.data_start + self.offsets[field] + sample * spec.sample_bytes
         os.pwrite(self.fd, tensor_bytes(values), offset)
 
+    def sync(self) -> None:
+        """Wait until every byte written is on disk."""
+        os.fsync(self.fd)
+
     def commit(self) -> str:
         """Make the shard durable under its final name; returns its digest (sparse_digest: its padding, left as
         holes, is not read)."""
-        os.fsync(self.fd)
+        self.sync()
         os.close(self.fd)
         digest = file_digest(self.tmp)
         self._output.__exit__(None, None, None)
