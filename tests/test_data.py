@@ -33,6 +33,7 @@ from helpers import (
     numbered_rows,
     run_tokenize_jobs,
     tiny_llama_config,
+    tokenize_run_config,
     tokenize_to_store,
     write_jsonl,
 )
@@ -441,38 +442,26 @@ def test_a_file_that_is_not_a_store_is_refused(tmp_path):
 
 
 def tokenize_run(tmp_path: Path, run_settings: dict | None = None, **settings) -> Path:
-    """The tokenize rules' scripts on a run of `settings` (seq_length 32), in tmp_path; the run's store."""
-    run = {"seq_length": 32, "mask_reasoning_content": False, "mask_generation_prompt": False}
-    run |= {"revision": None, "data_revision": None, "trust_remote_code": False, "split": None, "shuffle_seed": 42}
-    run |= {"aux_layer_ids": None, "draft_vocab_size": None, **settings, **(run_settings or {})}
-    return run_tokenize_jobs(tmp_path, {"runs": {"r": run}}, "r")
+    """The tokenize rules' scripts on a run of `settings`, in tmp_path; the run's store."""
+    return run_tokenize_jobs(tmp_path, tokenize_run_config(**settings, **(run_settings or {})), "r")
 
 
-@pytest.fixture
-def model_dir(tmp_path, make_chat_tokenizer) -> Path:
-    """A local model folder holding the tiny tokenizer and a config whose vocab_size (384) exceeds it."""
-    path = tmp_path / "model"
-    make_chat_tokenizer().save_pretrained(path)
-    tiny_llama_config(vocab_size=384).save_pretrained(path)
-    return path
-
-
-def test_a_tokenizer_with_ids_past_the_vocabulary_is_refused_as_tokenization_starts(tmp_path, model_dir, capsys):
+def test_a_tokenizer_with_ids_past_the_vocabulary_is_refused_as_tokenization_starts(tmp_path, chat_model_dir, capsys):
     """What a hub model gets (a local one is refused earlier, from its files)."""
-    tiny_llama_config(vocab_size=100).save_pretrained(model_dir)
+    tiny_llama_config(vocab_size=100).save_pretrained(chat_model_dir)
     data_path = write_jsonl(tmp_path / "chats.jsonl", [{"messages": chat("Hi", "Yo")}])
-    printed = run_failing_tokenize_script(capsys, tmp_path, target_model=str(model_dir), input_data=str(data_path))
+    printed = run_failing_tokenize_script(capsys, tmp_path, target_model=str(chat_model_dir), input_data=str(data_path))
     expected = r"Error: target_model '.*': its tokenizer has ids up to \d+, but its config's vocab_size is 100"
     assert re.search(expected, printed)
 
 
-def test_tokenize_rule_script(tmp_path, model_dir):
+def test_tokenize_rule_script(tmp_path, chat_model_dir):
     rows = [
         {"messages": chat("Hello", "I am fine")},
         {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]},
     ]
     data_path = write_jsonl(tmp_path / "chats.jsonl", rows)
-    tokenized = tokenize_run(tmp_path, target_model=str(model_dir), input_data=str(data_path))
+    tokenized = tokenize_run(tmp_path, target_model=str(chat_model_dir), input_data=str(data_path))
     info = read_tokenized_info(tokenized)
     assert info.num_samples == 2 and info.target_vocab_size == 384
     # A JSON file is read whole: its split and shuffle_seed are not applied, and the store says so.
@@ -488,20 +477,20 @@ def run_failing_tokenize_script(capsys, tmp_path: Path, run_settings: dict | Non
     return capsys.readouterr().err + str(stopped.value.code)
 
 
-def test_tokenize_rule_script_names_the_line_of_a_bad_sample_in_one_line(tmp_path, model_dir, capsys):
+def test_tokenize_rule_script_names_the_line_of_a_bad_sample_in_one_line(tmp_path, chat_model_dir, capsys):
     rows = [{"messages": chat("Hi", "Yo")}, {"messages": [{"role": "user", "content": "Hi"}]}]
     data_path = write_jsonl(tmp_path / "chats.jsonl", rows)
-    printed = run_failing_tokenize_script(capsys, tmp_path, target_model=str(model_dir), input_data=str(data_path))
+    printed = run_failing_tokenize_script(capsys, tmp_path, target_model=str(chat_model_dir), input_data=str(data_path))
     assert f"Error: {data_path}, line 2 has no assistant turn" in printed
     assert "Traceback" not in printed
     assert "Traceback" in (tmp_path / "logs" / "r" / "tokenize_part-000000.log").read_text()
     assert not list((tmp_path / "results" / "r" / "tokenized").glob("*.h5*"))
 
 
-def test_tokenize_rule_script_checks_the_target_config_before_tokenizing(tmp_path, model_dir, capsys):
+def test_tokenize_rule_script_checks_the_target_config_before_tokenizing(tmp_path, chat_model_dir, capsys):
     data_path = write_jsonl(tmp_path / "chats.jsonl", [{"messages": chat("Hi", "Yo")}])
     printed = run_failing_tokenize_script(
-        capsys, tmp_path, {"aux_layer_ids": [1, 2, 30]}, target_model=str(model_dir), input_data=str(data_path)
+        capsys, tmp_path, {"aux_layer_ids": [1, 2, 30]}, target_model=str(chat_model_dir), input_data=str(data_path)
     )
     assert "aux_layer_ids must be 3 distinct layer ids in [0, 7]" in printed
 
@@ -594,5 +583,5 @@ def test_a_hub_dataset_is_read_at_its_data_revision(monkeypatch):
 
     monkeypatch.setattr(hf_datasets, "load_dataset", load_dataset)
     monkeypatch.setattr(data, "check_hub_access", lambda *args, **kwargs: None)
-    rows = data.checked_rows("org/chats", "train", None, data_revision="0123abc")
+    rows = data.checked(data.load_rows("org/chats", "train", None, data_revision="0123abc"), "org/chats")
     assert len(rows) == 1 and asked["path"] == "org/chats" and asked["revision"] == "0123abc"

@@ -14,7 +14,7 @@ from eagle3_cache.data import load_rows
 from eagle3_cache.data_parts import conversation_index, read_parts
 from eagle3_cache.errors import CacheConfigError
 from eagle3_cache.token_store import join_stores, read_token_block, read_tokenized_info
-from helpers import chat, run_tokenize_jobs, tokenize_to_store, write_jsonl
+from helpers import chat, run_tokenize_jobs, tokenize_run_config, tokenize_to_store, write_jsonl
 
 ROWS = [{"messages": chat(f"question {i}", f"answer {i} " * (i % 4 + 1))} for i in range(7)]
 
@@ -80,27 +80,16 @@ def test_an_empty_file_is_refused_by_the_index(tmp_path):
         conversation_index(str(path), None, None, None, 10)
 
 
-@pytest.fixture
-def tokenizer_dir(tmp_path, make_chat_tokenizer) -> Path:
-    from helpers import tiny_llama_config
-
-    path = tmp_path / "model"
-    make_chat_tokenizer().save_pretrained(path)
-    tiny_llama_config(vocab_size=384).save_pretrained(path)
-    return path
+def run_config(model_dir: Path, input_data: Path, part_size: int) -> dict:
+    return tokenize_run_config(
+        target_model=str(model_dir), input_data=str(input_data), tokenize_part_size=part_size, seq_length=24
+    )
 
 
-def run_config(tokenizer_dir: Path, input_data: Path, part_size: int) -> dict:
-    run = {"target_model": str(tokenizer_dir), "input_data": str(input_data), "tokenize_part_size": part_size}
-    run |= {"seq_length": 24, "mask_reasoning_content": False, "mask_generation_prompt": False}
-    run |= {"revision": None, "data_revision": None, "trust_remote_code": False, "split": None, "shuffle_seed": 42}
-    return {"runs": {"r": run | {"aux_layer_ids": None, "draft_vocab_size": None}}}
-
-
-def test_a_store_tokenized_in_parts_reads_as_the_store_tokenized_whole(tmp_path, tokenizer_dir, make_chat_tokenizer):
+def test_a_store_tokenized_in_parts_reads_as_the_store_tokenized_whole(tmp_path, chat_model_dir, make_chat_tokenizer):
     data = ragged_jsonl(tmp_path / "chats.jsonl")
     whole = tokenize_to_store(tmp_path / "whole.h5", make_chat_tokenizer(), data, 24, vocab_size=384, shuffle_seed=None)
-    joined = run_tokenize_jobs(tmp_path / "w", run_config(tokenizer_dir, data, 3), "r")
+    joined = run_tokenize_jobs(tmp_path / "w", run_config(chat_model_dir, data, 3), "r")
     assert len(list((joined.parent / "tokenized").glob("part-*.h5"))) == 3
     ours, theirs = read_tokenized_info(joined), read_tokenized_info(whole)
     assert ours.header == theirs.header
@@ -115,9 +104,9 @@ def test_a_store_tokenized_in_parts_reads_as_the_store_tokenized_whole(tmp_path,
         assert np.array_equal(store["supervised_counts"][:], single["supervised_counts"][:])
 
 
-def test_a_joined_store_refuses_to_read_zeros_for_a_missing_part(tmp_path, tokenizer_dir):
+def test_a_joined_store_refuses_to_read_zeros_for_a_missing_part(tmp_path, chat_model_dir):
     data = write_jsonl(tmp_path / "chats.jsonl", ROWS)
-    joined = run_tokenize_jobs(tmp_path / "w", run_config(tokenizer_dir, data, 4), "r")
+    joined = run_tokenize_jobs(tmp_path / "w", run_config(chat_model_dir, data, 4), "r")
     (joined.parent / "tokenized" / "part-000001.h5").unlink()
     with pytest.raises(CacheConfigError, match=r"its part tokenized/part-000001\.h5 is missing .* run the workflow"):
         read_tokenized_info(joined)

@@ -88,16 +88,9 @@ class Part:
     first_line: int | None = None
 
 
-def checked_rows(
-    input_data: str,
-    split: str | None,
-    shuffle_seed: int | None,
-    data_revision: str | None = None,
-    part: Part | None = None,
-) -> Rows:
-    """The rows (of `part` only, when given), every one checked to make a conversation, so that a bad row
-    stops the job before any work."""
-    rows = load_rows(input_data, split, shuffle_seed, data_revision, part)
+def checked(rows: Rows, input_data: str) -> Rows:
+    """`rows` (of `input_data`), every one checked to make a conversation, so that a bad row stops the job
+    before any work."""
     if not rows:
         raise CacheConfigError(f"input_data {input_data!r} holds no rows; check the file (or split)")
     for _ in iter_conversations(rows):

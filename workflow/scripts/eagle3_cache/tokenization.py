@@ -11,7 +11,7 @@ import jinja2
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from .chat import ChatTokenizer, chat_template_hash, special_token_ids, tokenizer_hash
-from .data import Conversation, Rows, checked_rows, iter_conversations
+from .data import Conversation, Rows, checked, iter_conversations, load_rows
 from .errors import CacheConfigError
 from .hub import loading
 from .layout import applied_settings
@@ -94,7 +94,7 @@ def write_tokenized_store(
         mask_generation_prompt=mask_generation_prompt,
     )
     if rows is None:
-        rows = checked_rows(input_data, split, shuffle_seed, data_revision)
+        rows = checked(load_rows(input_data, split, shuffle_seed, data_revision), input_data)
     log.info("Tokenizing %d samples from %s at seq_length %d", len(rows), input_data, seq_length)
     samples = watched(iter_conversations(rows), chat)
     write_tokenized(output, header, with_progress(samples, len(rows)), len(rows))
