@@ -465,7 +465,8 @@ SHARD_SIZE = 4
 NUM_SHARDS = 3
 # Tokenized in two parts, the second partial.
 TOKENIZE_PART_SIZE = 6
-TOKENIZATION = {"index_conversations", "tokenize_part-000000", "tokenize_part-000001", "tokenize"}
+TOKENIZE_PARTS = 2
+TOKENIZATION = {"index_conversations", "tokenize", *(f"tokenize_part-{index:06d}" for index in range(TOKENIZE_PARTS))}
 
 WORDS = (
     "the model reads every token and writes a short answer about rivers cities numbers "

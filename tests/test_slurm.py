@@ -27,6 +27,7 @@ from helpers import (
     HOLD_SHARD,
     NUM_SHARDS,
     RUN,
+    TOKENIZE_PARTS,
     assert_complete_cache,
     digest,
     new_workdir,
@@ -124,13 +125,14 @@ def test_every_shard_runs_as_its_own_sbatch_job_on_its_own_gpu(
     assert len({record.gpus for record in records}) > 1
 
 
-def test_validation_runs_a_cpu_job_per_shard_and_one_gpu_parity_job(
+def test_tokenization_and_validation_run_a_cpu_job_per_part_and_shard_and_one_gpu_parity_job(
     cluster: SlurmCluster, completed_on_cluster: Path
 ) -> None:
     requested = requested_tres(cluster)
+    parts = {f"rule_tokenize_part_wildcards_{RUN}_{index:06d}" for index in range(TOKENIZE_PARTS)}
     verify = {f"rule_verify_shard_wildcards_{RUN}_{index:06d}" for index in range(NUM_SHARDS)}
-    assert verify <= requested.keys(), sorted(requested)
-    assert all("gpu" not in requested[comment] for comment in verify), {c: requested[c] for c in verify}
+    assert parts | verify <= requested.keys(), sorted(requested)
+    assert all("gpu" not in requested[comment] for comment in parts | verify), {c: requested[c] for c in verify}
     assert "gpu" in requested[f"rule_parity_wildcards_{RUN}"]
     assert "gpu" not in requested[f"rule_validate_wildcards_{RUN}"]
 
