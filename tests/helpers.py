@@ -753,7 +753,7 @@ given = json.loads(open(sys.argv[1]).read())
 namespace = SimpleNamespace(
     **{key: Files(**value) for key, value in given.items() if key in ("input", "output")},
     wildcards=SimpleNamespace(**given.get("wildcards", {})),
-    params=Params(**given["params"]), log=given["log"], config=given.get("config", {}),
+    params=Params(**given["params"]), log=given["log"], config=given.get("config", {}), threads=given.get("threads", 1),
 )
 runpy.run_path(sys.argv[2], init_globals={"snakemake": namespace})
 print(json.dumps(sorted(name for name in sys.argv[3:] if name in sys.modules)))
@@ -810,6 +810,24 @@ def manifest_namespace(cache: TinyCache) -> SimpleNamespace:
         output=SimpleNamespace(manifest=str(cache.cache_dir / "manifest.json")),
         log=[str(cache.run_dir / "manifest.log")],
         params=Params(**cache.settings, cache_dir=str(cache.cache_dir)),
+    )
+
+
+def verify_namespace(cache: TinyCache, index: int, verified: Path) -> SimpleNamespace:
+    """The `snakemake` object the verify_shard rule gives verify_shard.py for shard `index` of a tiny cache."""
+    from eagle3_cache.layout import VERIFY_SETTINGS
+
+    return SimpleNamespace(
+        input=SimpleNamespace(
+            shard=str(cache.shard(index)),
+            stats=str(cache.stats[index]),
+            selection=str(cache.selection),
+            tokenized=str(cache.tokenized),
+        ),
+        output=SimpleNamespace(verified=str(verified)),
+        log=[str(verified.with_suffix(".log"))],
+        params=Params(**{name: cache.settings[name] for name in VERIFY_SETTINGS}),
+        wildcards=SimpleNamespace(run="tiny", shard=f"{index:06d}"),
     )
 
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from eagle3_cache import cache_rows
+from eagle3_cache.array_ops import shifted_left
 from eagle3_cache.cache_rows import (
     CacheSpec,
     captured_layer_outputs,
     compute_cache_batch,
     forward_width,
-    shifted_left,
     stored_distribution,
     stored_distribution_fields,
 )

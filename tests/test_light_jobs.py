@@ -20,6 +20,7 @@ from helpers import (
     run_script_alone,
     run_script_process,
     validate_namespace,
+    verify_namespace,
 )
 
 # Most of the random target's vocabulary, so that the report passes (as in test_report.py).
@@ -48,6 +49,14 @@ def test_the_manifest_job_imports_neither_and_commits_the_same_manifest(cache, t
     assert run_script_alone("write_manifest.py", manifest_namespace(cache), tmp_path) == []
     after = read_manifest(cache.cache_dir)
     assert after["shards"] == before["shards"] and after["selected_token_ids"] == before["selected_token_ids"]
+
+
+def test_the_verification_job_of_an_automodel_shard_imports_neither(cache, tmp_path):
+    """A specforge shard's sample files are read as SpecForge reads them, with torch."""
+    verified = tmp_path / "verified.json"
+    heavy = run_script_alone("verify_shard.py", verify_namespace(cache, 1, verified), tmp_path)
+    assert heavy == ([] if cache.settings["format"] == "automodel" else ["torch"])
+    assert json.loads(verified.read_text())["digest"] == json.loads(cache.stats[1].read_text())["digest"]
 
 
 def replaced_keeping_timestamps(path: Path, data: bytes) -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from eagle3_cache.array_ops import shifted_left
 from eagle3_cache.cache_rows import (
     CacheSpec,
     captured_layer_outputs,
@@ -36,7 +37,6 @@ from eagle3_cache.cache_rows import (
     draft_logits_from_hidden,
     forward_width,
     plain_output_head,
-    shifted_left,
 )
 from eagle3_cache.pipeline import forward_batches
 from eagle3_cache.target import load_target, resolve_aux_layer_ids, resolve_device

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .array_ops import shifted_left
 from .shard_format import DTYPES, compress_target_probs
 from .shard_layout import TOKEN_FIELDS, is_topk
 from .target import decoder_layers
@@ -119,13 +120,6 @@ class CacheBatch:
                 full[row, :length] = values[row, :length]
             fields[name] = full
         return fields
-
-
-def shifted_left(tensor: torch.Tensor) -> torch.Tensor:
-    """Shift a `[n, S]` tensor left by one along the sequence, with 0 in the last slot."""
-    shifted = torch.zeros_like(tensor)
-    shifted[:, :-1] = tensor[:, 1:]
-    return shifted
 
 
 def forward_width(lengths: torch.Tensor, seq_length: int, target_repr: str) -> int:

@@ -297,7 +297,7 @@ def stream_rows(
     finished batch scanned and handed to `write` on the writer thread; stops before the commit when the
     scan finds a problem."""
     budget = job.budget(layout.seq_length)
-    scan = ShardScan(job.first_sample, block, layout.draft_vocab_size, spec.cache_dtype)
+    scan = ShardScan(job.first_sample, block, layout.draft_vocab_size, layout.dtype)
     batches = forward_batches(block.attention_mask.sum(dim=1), layout.seq_length, budget, spec.target_repr)
     positions: list[int] = []
     started = time.perf_counter()

@@ -10,26 +10,28 @@ the first sample of each problem (`scan_summary`, where the report adds them up)
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
-
-from .cache_rows import CacheBatch, shifted_left
+from . import array_ops as ops
 from .scan_summary import ScanSummary
-from .token_store import TokenBlock
+from .shard_layout import CACHE_DTYPE_EPS
+
+if TYPE_CHECKING:
+    from .cache_rows import CacheBatch
+    from .token_store import TokenBlock
 
 DISTRIBUTION_FIELDS = ("target_probs", "target_probs_values")
 
 
-def probability_sum_tolerance(cache_dtype: torch.dtype) -> float:
-    """How far from 1 a stored distribution may sum.
+def probability_sum_tolerance(cache_dtype: str) -> float:
+    """How far from 1 a stored distribution (of the run's `dtype`) may sum.
 
     Rounding each probability to the cache dtype moves the sum by at most eps/2 (the values are
     positive and sum to 1); the fp32 softmax and the fp32 re-summation here add ~1e-6 even over a
     256k vocabulary.
     """
-    return torch.finfo(cache_dtype).eps + 1e-5
+    return CACHE_DTYPE_EPS[cache_dtype] + 1e-5
 
 
 class ShardScan:
@@ -37,32 +39,33 @@ class ShardScan:
 
     `tokens` are the shard's tokenized rows; ids and masks are compared with them (shifted as a
     shard stores them), and their attention and loss masks say which positions are content,
-    padding and supervised.
+    padding and supervised. Torch tensors (a shard job's) or numpy arrays (a verification's): the
+    values fed must be of the same library (`array_ops`).
     """
 
-    def __init__(self, first_sample: int, tokens: TokenBlock, draft_vocab_size: int, cache_dtype: torch.dtype):
+    def __init__(self, first_sample: int, tokens: TokenBlock, draft_vocab_size: int, cache_dtype: str):
         self.first_sample = first_sample
         self.expected = {
-            "input_ids": shifted_left(tokens.input_ids),
+            "input_ids": ops.shifted_left(tokens.input_ids),
             "attention_mask": tokens.attention_mask,
-            "loss_mask": shifted_left(tokens.loss_mask),
+            "loss_mask": ops.shifted_left(tokens.loss_mask),
         }
-        self.content = tokens.attention_mask.bool()
-        self.supervised = self.expected["loss_mask"].bool()
+        self.content = ops.as_bool(tokens.attention_mask)
+        self.supervised = ops.as_bool(self.expected["loss_mask"])
         self.draft_vocab_size = draft_vocab_size
         self.summary = ScanSummary(probability_sum_tolerance=probability_sum_tolerance(cache_dtype))
 
     def add_batch(self, batch: CacheBatch, rows: Sequence[int]) -> None:
         """A computed batch as the shard job writes it: full-width ids and masks, each computed row's content prefix."""
-        index = torch.tensor(rows)
+        index = ops.index_like(rows, self.content)
         for name, values in batch.full_width_fields.items():
             self.add(name, index, values)
         for name, values in batch.computed.items():
-            lengths = batch.lengths.to(values.device)
-            written = torch.arange(values.shape[1], device=values.device) < lengths[:, None]
-            self.add(name, index, values, written)
+            lengths = ops.on_device_of(batch.lengths, values)
+            positions = ops.on_device_of(ops.index_like(range(values.shape[1]), self.content), values)
+            self.add(name, index, values, positions < lengths[:, None])
 
-    def add(self, name: str, rows: torch.Tensor, values: torch.Tensor, written: torch.Tensor | None = None) -> None:
+    def add(self, name: str, rows: ops.Array, values: ops.Array, written: ops.Array | None = None) -> None:
         """Fold in field `name` of the shard's `rows`: `[len(rows), W, ...]` values for the first W positions.
 
         `written` (`[len(rows), W]`) marks the positions that reach the file; None means all of them.
@@ -71,35 +74,36 @@ class ShardScan:
         if name in self.expected:
             self.add_tokens(name, rows, values)
             return
-        width, device = values.shape[1], values.device
-        content = self.content[rows, :width].to(device)
+        width = values.shape[1]
+        content = ops.on_device_of(self.content[rows, :width], values)
         if written is None:
-            written = torch.ones_like(content)
+            written = ops.ones_like(content)
         self.add_extremes(name, rows, values, content, written)
         if name in DISTRIBUTION_FIELDS:
             self.add_sums(name, rows, values, content & written)
         elif name == "target_probs_indices":
             self.add_indices(name, rows, values, content & written)
         elif name == "position_mask":
-            marked = values.squeeze(-1).bool() & written
-            self.record("outside_loss", name, marked & ~self.supervised[rows, :width].to(device), rows)
+            marked = ops.as_bool(values.squeeze(-1)) & written
+            supervised = ops.on_device_of(self.supervised[rows, :width], values)
+            self.record("outside_loss", name, marked & ~supervised, rows)
             self.summary.in_draft_positions += int(marked.sum())
 
-    def add_tokens(self, name: str, rows: torch.Tensor, values: torch.Tensor) -> None:
+    def add_tokens(self, name: str, rows: ops.Array, values: ops.Array) -> None:
         """Ids and masks must be the tokenized rows; they also give the sample and supervision counts."""
-        unlike = rows[(values.cpu() != self.expected[name][rows]).any(dim=-1)]
+        unlike = rows[ops.any_last(ops.to_host(values) != self.expected[name][rows])]
         if len(unlike):
             samples = {self.first_sample + int(row) for row in unlike}
             self.summary.record("unlike_tokenized", name, len(samples), min(samples))
             self.summary.samples_unlike_tokenized = sorted({*self.summary.samples_unlike_tokenized, *samples})
         if name == "input_ids":
             self.summary.samples += values.shape[0]
-            self.summary.total_positions += values.numel()
+            self.summary.total_positions += values.shape[0] * values.shape[1]
         elif name == "loss_mask":
-            self.summary.supervised_positions += int(values.bool().sum())
+            self.summary.supervised_positions += int(ops.as_bool(values).sum())
 
     def add_extremes(
-        self, name: str, rows: torch.Tensor, values: torch.Tensor, content: torch.Tensor, written: torch.Tensor
+        self, name: str, rows: ops.Array, values: ops.Array, content: ops.Array, written: ops.Array
     ) -> None:
         """NaN/Inf where written, and padding positions that are not all zeros.
 
@@ -107,41 +111,41 @@ class ShardScan:
         reductions that cost a fraction of an elementwise `isfinite`; values are counted one by one
         only at the positions found bad.
         """
-        comparable = values.to(torch.uint8) if values.dtype == torch.bool else values
-        high, low = comparable.amax(dim=-1), comparable.amin(dim=-1)
+        comparable = ops.as_uint8(values) if ops.is_bool(values) else values
+        high, low = ops.max_last(comparable), ops.min_last(comparable)
         self.record("padding", name, written & ~content & ((high != 0) | (low != 0)), rows)
-        if values.is_floating_point():
-            bad = written & ~(torch.isfinite(high) & torch.isfinite(low))
+        if ops.is_floating(values):
+            bad = written & ~(ops.isfinite(high) & ops.isfinite(low))
             if bad.any():
-                count = int((~torch.isfinite(values[bad])).sum())
+                count = int((~ops.isfinite(values[bad])).sum())
                 self.summary.record("nonfinite", name, count, self.first_row(bad, rows))
 
-    def add_sums(self, name: str, rows: torch.Tensor, values: torch.Tensor, content: torch.Tensor) -> None:
+    def add_sums(self, name: str, rows: ops.Array, values: ops.Array, content: ops.Array) -> None:
         """Each content position's distribution must sum to 1 (top-k values: once renormalized, they do too)."""
-        error = (values.sum(dim=-1, dtype=torch.float32) - 1).abs()
+        error = abs(ops.float32_sum_last(values) - 1)
         if content.any():
-            worst = float(error[content].nan_to_num(math.inf).max())
+            worst = ops.worst(error[content])
             self.summary.max_probability_sum_error = max(self.summary.max_probability_sum_error, worst)
         self.record("sum", name, content & ~(error <= self.summary.probability_sum_tolerance), rows)
 
-    def add_indices(self, name: str, rows: torch.Tensor, values: torch.Tensor, content: torch.Tensor) -> None:
+    def add_indices(self, name: str, rows: ops.Array, values: ops.Array, content: ops.Array) -> None:
         """Top-k indices must be distinct and inside the draft vocabulary.
 
         Then summing the top-k values equals summing their reconstruction, so the sums need no
         `[n, S, draft vocab]` tensor.
         """
-        indices = values.sort(dim=-1).values
+        indices = ops.sort_last(values)
         valid = (indices[..., 0] >= 0) & (indices[..., -1] < self.draft_vocab_size)
-        valid &= (indices.diff(dim=-1) > 0).all(dim=-1)
+        valid &= ops.all_last(ops.diff_last(indices) > 0)
         self.record("topk_indices", name, content & ~valid, rows)
 
-    def record(self, kind: str, name: str, positions: torch.Tensor, rows: torch.Tensor) -> None:
+    def record(self, kind: str, name: str, positions: ops.Array, rows: ops.Array) -> None:
         """Count a problem at `positions` (`[len(rows), W]` bool), if any."""
         count = int(positions.sum())
         if count:
             self.summary.record(kind, name, count, self.first_row(positions, rows))
 
-    def first_row(self, positions: torch.Tensor, rows: torch.Tensor) -> int:
+    def first_row(self, positions: ops.Array, rows: ops.Array) -> int:
         """The first sample with a position set in `positions`."""
-        hit = positions.reshape(positions.shape[0], -1).any(dim=-1).cpu()
+        hit = ops.to_host(ops.any_last(positions.reshape(positions.shape[0], -1)))
         return self.first_sample + int(rows[hit].min())

@@ -23,6 +23,8 @@ NUM_AUX_LAYERS = 3
 ELEMENT_BYTES = {"I64": 8, "I32": 4, "BOOL": 1, "BF16": 2, "F16": 2, "F32": 4}
 # The config's `dtype` as a safetensors dtype.
 CACHE_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+# Their machine epsilon (torch.finfo(dtype).eps), for the scan's tolerance.
+CACHE_DTYPE_EPS = {"bf16": 2.0**-7, "fp16": 2.0**-10, "fp32": 2.0**-23}
 # `target_embeddings.safetensors`: one `[V, H]` tensor under this key, in this dtype.
 EMBEDDINGS_TENSOR = "weight"
 EMBEDDINGS_DTYPE = "F32"

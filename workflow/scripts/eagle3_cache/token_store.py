@@ -71,7 +71,8 @@ class TokenizedSample:
 
 @dataclass(frozen=True)
 class TokenBlock:
-    """Rows of the store as the target forward takes them: torch.int64 [n, S], unshifted."""
+    """Rows of the store as the target forward takes them: torch.int64 [n, S], unshifted (numpy int64 arrays
+    for the jobs that import no torch)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -269,13 +270,13 @@ def decode_attr(name: str, value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
-def read_token_block(path: str | os.PathLike, start: int, stop: int) -> TokenBlock:
-    """Rows [start, stop)."""
+def read_token_block(path: str | os.PathLike, start: int, stop: int, numpy: bool = False) -> TokenBlock:
+    """Rows [start, stop); as numpy arrays with `numpy` (for jobs that import no torch)."""
     with open_store(path) as store:
         num_samples = store["input_ids"].shape[0]
         if not 0 <= start <= stop <= num_samples:
             raise IndexError(f"{path}: rows [{start}, {stop}) outside [0, {num_samples})")
-        return block_from_store(store, slice(start, stop))
+        return arrays_from_store(store, slice(start, stop)) if numpy else block_from_store(store, slice(start, stop))
 
 
 def read_token_rows(path: str | os.PathLike, indices: Sequence[int]) -> TokenBlock:
@@ -302,16 +303,24 @@ def iter_token_blocks(path: str | os.PathLike, block_rows: int) -> Iterator[Toke
             yield block_from_store(store, slice(start, min(start + block_rows, num_samples)))
 
 
-def block_from_store(store: h5py.File, rows: slice | np.ndarray) -> TokenBlock:
-    import torch
-
-    input_ids = torch.from_numpy(store["input_ids"][rows].astype(np.int64))
-    lengths = torch.from_numpy(store["lengths"][rows].astype(np.int64))
-    positions = torch.arange(input_ids.shape[1])
+def arrays_from_store(store: h5py.File, rows: slice | np.ndarray) -> TokenBlock:
+    """The rows as int64 numpy arrays, the attention mask rebuilt from the lengths."""
+    input_ids = store["input_ids"][rows].astype(np.int64)
+    lengths = store["lengths"][rows].astype(np.int64)
     return TokenBlock(
         input_ids=input_ids,
-        attention_mask=(positions < lengths[:, None]).long(),
-        loss_mask=torch.from_numpy(store["loss_mask"][rows].astype(np.int64)),
+        attention_mask=(np.arange(input_ids.shape[1]) < lengths[:, None]).astype(np.int64),
+        loss_mask=store["loss_mask"][rows].astype(np.int64),
+    )
+
+
+def block_from_store(store: h5py.File, rows: slice | np.ndarray) -> TokenBlock:
+    """The rows as int64 torch tensors."""
+    import torch
+
+    arrays = arrays_from_store(store, rows)
+    return TokenBlock(
+        *(torch.from_numpy(getattr(arrays, name)) for name in ("input_ids", "attention_mask", "loss_mask"))
     )
 
 

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from .atomic import read_json_file
 from .cache_dir import shard_layout_problems
@@ -28,7 +27,6 @@ from .layout import MANIFEST_FILE, samples_in_shard, shard_index
 from .manifest import RECORD_REMEDY, retire_commit
 from .scan import ShardScan
 from .scan_summary import ScanSummary
-from .shard_format import DTYPES, TORCH_DTYPES
 from .shard_layout import TOKEN_FIELDS, FieldSpec, ShardLayout, safetensors_header
 from .shard_stat import files_sha256, stat_sha256
 from .sparse_digest import SparseReader
@@ -39,6 +37,16 @@ log = logging.getLogger(__name__)
 
 # How much of one field the verification holds in memory at once.
 READ_BUDGET_BYTES = 64 << 20
+# How a field's bytes are read, by safetensors dtype: bool bytes as uint8 (a damaged byte may be neither 0
+# nor 1), bf16 as its bits (numpy has no bf16; `float32_of_bf16` widens them exactly).
+NUMPY_DTYPES = {
+    "I64": np.int64,
+    "I32": np.int32,
+    "BOOL": np.uint8,
+    "BF16": np.uint16,
+    "F16": np.float16,
+    "F32": np.float32,
+}
 
 
 @dataclass(frozen=True)
@@ -70,8 +78,8 @@ class ShardVerification:
 
 
 def field_blocks(
-    reader: SparseReader, offset: int, spec: FieldSpec, lengths: torch.Tensor | None, scan: ShardScan
-) -> Iterator[tuple[int, torch.Tensor]]:
+    reader: SparseReader, offset: int, spec: FieldSpec, lengths: np.ndarray | None, scan: ShardScan
+) -> Iterator[tuple[int, np.ndarray]]:
     """`(first row, [rows, width, ...] values)` of one field, which starts at byte `offset`, read in row order
     and digested on the way.
 
@@ -81,8 +89,6 @@ def field_blocks(
     """
     rows = max(1, READ_BUDGET_BYTES // spec.sample_bytes)
     num_samples, seq_length = scan.content.shape
-    # Bool bytes are read as uint8: a damaged byte may be neither 0 nor 1.
-    dtype = torch.uint8 if spec.dtype == "BOOL" else TORCH_DTYPES[spec.dtype]
     for start in range(0, num_samples, rows):
         count = min(rows, num_samples - start)
         width = seq_length if lengths is None else max(1, int(lengths[start : start + count].max()))
@@ -96,7 +102,13 @@ def field_blocks(
                 raise EOFError(f"{spec.name}: row {start + i}: {error}") from error
             if width < seq_length:
                 record_nonzero_padding(reader, row_start, row_start + row_bytes, spec, scan, start + i)
-        yield start, torch.frombuffer(buffer, dtype=dtype).view(count, width, *spec.sample_shape[1:])
+        values = np.frombuffer(buffer, dtype=NUMPY_DTYPES[spec.dtype]).reshape(count, width, *spec.sample_shape[1:])
+        yield start, float32_of_bf16(values) if spec.dtype == "BF16" else values
+
+
+def float32_of_bf16(bits: np.ndarray) -> np.ndarray:
+    """bf16 values (their 16 bits) as float32, exactly: bf16 is float32's upper half."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def record_nonzero_padding(
@@ -121,7 +133,7 @@ def read_and_scan(path: Path, layout: ShardLayout, num_samples: int, scan: Shard
     left unread. Padding the writer left as holes is not read: it is zeros.
     """
     header, _ = safetensors_header(layout, num_samples)
-    lengths = scan.content.sum(dim=1)
+    lengths = scan.content.sum(axis=1)
     with open(path, "rb", buffering=0) as handle:
         reader = SparseReader(handle.fileno())
         stored_header = bytearray(len(header))
@@ -133,7 +145,7 @@ def read_and_scan(path: Path, layout: ShardLayout, num_samples: int, scan: Shard
         for spec in layout.fields():
             field_lengths = None if spec.name in TOKEN_FIELDS else lengths
             for start, values in field_blocks(reader, offset, spec, field_lengths, scan):
-                scan.add(spec.name, torch.arange(start, start + values.shape[0]), values)
+                scan.add(spec.name, np.arange(start, start + values.shape[0]), values)
             offset += num_samples * spec.sample_bytes
     return reader.hexdigest(), []
 
@@ -144,7 +156,7 @@ def verify_shard(
     """Everything wrong with a committed shard: against its layout, its tokenized rows, the digest recorded at write."""
     started, stat = time.perf_counter(), stat_sha256(path)
     num_samples = tokens.input_ids.shape[0]
-    scan = ShardScan(first_sample, tokens, layout.draft_vocab_size, DTYPES[layout.dtype])
+    scan = ShardScan(first_sample, tokens, layout.draft_vocab_size, layout.dtype)
     size, expected_size = path.stat().st_size, layout.shard_bytes(num_samples)
     digest, problems = "", []
     if size != expected_size:
@@ -176,7 +188,7 @@ def verify_committed_shard(
     index, shard_size = shard_index(shard_path), settings["shard_size"]
     first = index * shard_size
     count = samples_in_shard(index, read_tokenized_info(tokenized_path).num_samples, shard_size)
-    tokens = read_token_block(tokenized_path, first, first + count)
+    tokens = read_token_block(tokenized_path, first, first + count, numpy=True)
     return verify_shard(shard_path, layout, first_sample=first, tokens=tokens, recorded_digest=stats["digest"])
 
 
