@@ -14,6 +14,7 @@ No torch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -80,6 +81,13 @@ def record_product(path: str | os.PathLike, inputs: Sequence[str | os.PathLike],
         mtime_ns = old["mtime_ns"]
         os.utime(path, ns=(mtime_ns, mtime_ns))
     write_record(path, sha256, identity, mtime_ns)
+
+
+def inputs_identity(paths: Sequence[str | os.PathLike]) -> str:
+    """The identity of a product that is a function of the products at `paths` alone: their names and recorded
+    sha256s, in order (for a file whose own bytes are not reproducible, as the joined tokenized store's)."""
+    described = [(Path(path).name, (read_record(path) or {}).get("sha256") or file_sha256(path)) for path in paths]
+    return hashlib.sha256(json.dumps(described).encode()).hexdigest()
 
 
 def settle(paths: Sequence[str | os.PathLike]) -> None:
