@@ -163,3 +163,16 @@ def test_a_failed_shard_directory_is_taken_out_and_specforge_would_not_find_it(s
     take_out_of_cache(directory, ["sha256 differs"])
     assert not directory.exists() and not (specforge_cache.cache_dir / MANIFEST_FILE).exists()
     assert (specforge_cache.shard(0)).is_dir()
+
+
+def test_the_scan_refuses_values_of_another_library_than_its_tokens():
+    import numpy as np
+    import torch
+
+    from eagle3_cache.scan import ShardScan
+    from eagle3_cache.token_store import TokenBlock
+
+    rows = np.ones((2, 4), dtype=np.int64)
+    scan = ShardScan(0, TokenBlock(rows, rows, rows), draft_vocab_size=8, cache_dtype="bf16")
+    with pytest.raises(TypeError, match="input_ids: the scan's tokens and values must be arrays of one library"):
+        scan.add("input_ids", np.arange(2), torch.ones((2, 4), dtype=torch.long))

@@ -63,7 +63,12 @@ def written_shard(path: Path, layout: ShardLayout, samples: int, length: int) ->
                 writer.write_row(sample, name, values)
                 written += values.numel() * values.element_size()
         digest = writer.commit()
-    return tokens, digest, written
+    # As the verification job reads them: numpy arrays.
+    return (
+        TokenBlock(*(getattr(tokens, name).numpy() for name in ("input_ids", "attention_mask", "loss_mask"))),
+        digest,
+        written,
+    )
 
 
 def main() -> None:

@@ -71,6 +71,8 @@ class ShardScan:
         `written` (`[len(rows), W]`) marks the positions that reach the file; None means all of them.
         Positions past W, and unwritten ones, are zeros in the file.
         """
+        if ops.is_numpy(values) != ops.is_numpy(self.content):
+            raise TypeError(f"{name}: the scan's tokens and values must be arrays of one library (array_ops)")
         if name in self.expected:
             self.add_tokens(name, rows, values)
             return
