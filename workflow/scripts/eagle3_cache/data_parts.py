@@ -15,10 +15,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_json_atomic
 from .data import Part, is_blank_line, load_rows, numbered_lines
 from .errors import CacheConfigError
-from .layout import JSON_LINES_SUFFIXES, is_json_file
+from .layout import JSON_LINES_SUFFIXES
 
 
 def conversation_index(
@@ -29,7 +28,7 @@ def conversation_index(
     part_size: int,
 ) -> dict[str, Any]:
     """The index: the sample count, the part size, and each part."""
-    if is_json_file(input_data) and Path(input_data).suffix.lower() in JSON_LINES_SUFFIXES:
+    if Path(input_data).suffix.lower() in JSON_LINES_SUFFIXES:
         parts = json_lines_parts(Path(input_data), part_size)
     else:
         parts = row_range_parts(len(load_rows(input_data, split, shuffle_seed, data_revision)), part_size)
@@ -61,10 +60,6 @@ def json_lines_parts(path: Path, part_size: int) -> list[Part]:
 def row_range_parts(num_rows: int, part_size: int) -> list[Part]:
     """Parts of `num_rows` rows in order, `part_size` each but the last."""
     return [Part(start, min(part_size, num_rows - start)) for start in range(0, num_rows, part_size)]
-
-
-def write_index(path: str | os.PathLike, index: dict[str, Any]) -> None:
-    write_json_atomic(path, index)
 
 
 def read_parts(path: str | os.PathLike) -> list[Part]:
