@@ -46,21 +46,21 @@ class BlockDigest:
             if index != self.index:
                 self.finish_block()
                 if within == 0 and take == BLOCK:
-                    self.add_block(index, data[:BLOCK])
+                    self.hash_block(index, data[:BLOCK])
                     offset, data = offset + take, data[take:]
                     continue
                 self.index = index
             self.block[within : within + take] = data[:take]
             offset, data = offset + take, data[take:]
 
-    def add_block(self, index: int, block: bytes | bytearray | memoryview) -> None:
+    def hash_block(self, index: int, block: bytes | bytearray | memoryview) -> None:
         if block != ZERO_BLOCK:
             self.hash.update(index.to_bytes(8, "little"))
             self.hash.update(block)
 
     def finish_block(self) -> None:
         if self.index is not None:
-            self.add_block(self.index, self.block)
+            self.hash_block(self.index, self.block)
             self.block[:] = ZERO_BLOCK
             self.index = None
 
