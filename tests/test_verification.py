@@ -176,3 +176,13 @@ def test_the_scan_refuses_values_of_another_library_than_its_tokens():
     scan = ShardScan(0, TokenBlock(rows, rows, rows), draft_vocab_size=8, cache_dtype="bf16")
     with pytest.raises(TypeError, match="input_ids: the scan's tokens and values must be arrays of one library"):
         scan.add("input_ids", np.arange(2), torch.ones((2, 4), dtype=torch.long))
+
+
+def test_a_shard_record_from_before_digests_is_refused_in_one_line(cache):
+    from eagle3_cache.errors import CacheConfigError
+
+    stats = json.loads(cache.stats[0].read_text())
+    stats["sha256"] = stats.pop("digest")
+    cache.stats[0].write_text(json.dumps(stats))
+    with pytest.raises(CacheConfigError, match=r"written by an older eagle3-cache \(it has no digest\); delete it"):
+        verified_shard(cache, 0)

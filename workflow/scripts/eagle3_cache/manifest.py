@@ -72,8 +72,15 @@ RECORD_REMEDY = "delete it and run the workflow again, which rewrites it (a shar
 
 def read_shard_stats(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     """Per-shard JSON records (the shard stats, the verification records), in shard order."""
-    stats = [read_json_file(p, RECORD_REMEDY) for p in paths]
-    return sorted(stats, key=lambda s: s["shard"])
+    return sorted(map(read_shard_record, paths), key=lambda s: s["shard"])
+
+
+def read_shard_record(path: str | Path) -> dict[str, Any]:
+    """A shard's stats or verification record; one written before shards had a `digest` is refused in one line."""
+    record = read_json_file(path, RECORD_REMEDY)
+    if "digest" not in record:
+        raise CacheConfigError(f"{path} was written by an older eagle3-cache (it has no digest); {RECORD_REMEDY}")
+    return record
 
 
 def inconsistent_shards(

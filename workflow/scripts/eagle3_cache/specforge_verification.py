@@ -17,11 +17,10 @@ from typing import Any
 
 import torch
 
-from .atomic import read_json_file
 from .cache_dir import CacheProblem, readable_manifest
 from .errors import CacheConfigError
 from .layout import samples_in_shard, shard_index
-from .manifest import RECORD_REMEDY
+from .manifest import read_shard_record
 from .scan_summary import ScanSummary
 from .shard_stat import files_sha256, stat_sha256
 from .sparse_digest import bytes_digest
@@ -108,7 +107,7 @@ def verify_committed_specforge_shard(
     Its arguments are `verify_committed_shard`'s, so the job calls either; the draft vocabulary
     (`selection_path`) shapes nothing a specforge file holds.
     """
-    stats = read_json_file(stats_path, RECORD_REMEDY)
+    stats = read_shard_record(stats_path)
     index, shard_size = shard_index(shard_dir), settings["shard_size"]
     first = index * shard_size
     count = samples_in_shard(index, read_tokenized_info(tokenized_path).num_samples, shard_size)

@@ -21,10 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import read_json_file
 from .cache_dir import shard_layout_problems
 from .layout import MANIFEST_FILE, samples_in_shard, shard_index
-from .manifest import RECORD_REMEDY, retire_commit
+from .manifest import read_shard_record, retire_commit
 from .scan import ShardScan
 from .scan_summary import ScanSummary
 from .shard_layout import TOKEN_FIELDS, FieldSpec, ShardLayout, safetensors_header
@@ -176,7 +175,7 @@ def verify_committed_shard(
     shard_path: Path, *, stats_path: Path, selection_path: Path, tokenized_path: Path, settings: Mapping[str, Any]
 ) -> ShardVerification:
     """What the `verify_shard` job checks: the shard against the settings, its stats and its tokenized rows."""
-    stats = read_json_file(stats_path, RECORD_REMEDY)
+    stats = read_shard_record(stats_path)
     selected, _ = read_vocab_selection(selection_path)
     layout = ShardLayout(
         seq_length=settings["seq_length"],
