@@ -91,15 +91,10 @@ def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
 def file_digest(path: str | os.PathLike) -> str:
     """The digest of the file at `path` (see the module docstring), reading only its data."""
     with open(path, "rb", buffering=0) as handle:
-        fd = handle.fileno()
-        size = os.fstat(fd).st_size
-        digest = BlockDigest(size)
-        buffer = bytearray(READ_BYTES)
-        for start, stop in data_extents(fd, size):
-            for offset in range(start, stop, READ_BYTES):
-                count = os.preadv(fd, [memoryview(buffer)[: min(READ_BYTES, stop - offset)]], offset)
-                digest.update(offset, memoryview(buffer)[:count])
-        return digest.hexdigest()
+        reader = SparseReader(handle.fileno())
+        for _ in reader.data_parts(0, reader.size):
+            pass
+        return reader.hexdigest()
 
 
 class SparseReader:
